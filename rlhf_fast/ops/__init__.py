@@ -1,0 +1,1 @@
+"""Fused RLHF ops. See each function's docstring for shapes and formulas."""

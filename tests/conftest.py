@@ -1,0 +1,29 @@
+"""Test set-up shared by every test.
+
+TRITON_INTERPRET must be set before triton is first imported, so the Triton kernels run on the CPU
+(this is how CI tests them). Threads are capped so the suite behaves on a 2-core machine.
+"""
+
+import os
+
+if not os.environ.get("RLHF_FAST_GPU_TESTS"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

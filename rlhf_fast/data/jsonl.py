@@ -1,0 +1,213 @@
+"""JSONL data in the conventional formats, checked line by line before any training starts.
+
+- SFT:         {"prompt": str, "completion": str}  or  {"messages": [{"role": str, "content": str}, ...]}
+               (the last message is the assistant's answer, the ones before it the prompt)
+- preferences: {"prompt": str, "chosen": str, "rejected": str, "margin": float (optional)}
+- rankings:    {"prompt": str, "responses": [best, ..., worst]}  (K >= 2 strings)
+- PPO prompts: {"prompt": str}  or  {"messages": [...]}
+- PTX text:    {"text": str}
+
+A malformed line raises DataError naming the file and the line number. Encoding turns records into
+token-id examples (what the trainers consume) with the tokenizer's chat template when it has one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+
+class DataError(ValueError):
+    """Bad data file or line; the message names the file and line. The CLI exits with code 2."""
+
+
+def read_jsonl(path: str) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of `path`."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{no}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{no}: expected a JSON object, got {type(obj).__name__}")
+            out.append((no, obj))
+    if not out:
+        raise DataError(f"{path}: the file holds no records")
+    return out
+
+
+def _str(obj: dict, key: str, where: str, *, empty_ok: bool = False) -> str:
+    if key not in obj:
+        raise DataError(f"{where}: missing field {key!r} (fields present: {sorted(obj)})")
+    v = obj[key]
+    if not isinstance(v, str):
+        raise DataError(f"{where}: field {key!r} must be a string, got {type(v).__name__}")
+    if not empty_ok and not v:
+        raise DataError(f"{where}: field {key!r} is empty")
+    return v
+
+
+def _messages(obj: dict, where: str, *, last_assistant: bool) -> list[dict]:
+    msgs = obj["messages"]
+    if not isinstance(msgs, list) or not msgs:
+        raise DataError(f"{where}: 'messages' must be a non-empty list")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'")
+    if last_assistant:
+        if len(msgs) < 2 or msgs[-1]["role"] != "assistant":
+            raise DataError(f"{where}: the last message must be the assistant's answer, after at least one other")
+    elif msgs[-1]["role"] == "assistant":
+        raise DataError(f"{where}: a prompt's last message must not be the assistant's")
+    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+
+
+def load_sft(path: str) -> list[dict]:
+    """Records {"line", "prompt" (str or messages), "completion"} of an SFT file."""
+    out = []
+    for no, obj in read_jsonl(path):
+        where = f"{path}:{no}"
+        if "messages" in obj:
+            msgs = _messages(obj, where, last_assistant=True)
+            out.append({"line": no, "prompt": msgs[:-1], "completion": msgs[-1]["content"]})
+        else:
+            out.append({"line": no, "prompt": _str(obj, "prompt", where, empty_ok=True),
+                        "completion": _str(obj, "completion", where)})
+    return out
+
+
+def load_rankings(path: str) -> list[dict]:
+    """Records {"line", "prompt", "responses": [best, ..., worst], "margin"} of a preference or ranking file.
+
+    A pair {"prompt", "chosen", "rejected", "margin"?} becomes the ranking [chosen, rejected]."""
+    out = []
+    for no, obj in read_jsonl(path):
+        where = f"{path}:{no}"
+        prompt = _str(obj, "prompt", where, empty_ok=True)
+        margin = None
+        if "responses" in obj:
+            resp = obj["responses"]
+            if not isinstance(resp, list) or len(resp) < 2 or not all(isinstance(r, str) and r for r in resp):
+                raise DataError(f"{where}: 'responses' must be a list of at least 2 non-empty strings, best first")
+            if "margin" in obj:
+                raise DataError(f"{where}: 'margin' is only supported on chosen/rejected pairs")
+        elif "chosen" in obj or "rejected" in obj:
+            resp = [_str(obj, "chosen", where), _str(obj, "rejected", where)]
+            if "margin" in obj:
+                margin = obj["margin"]
+                if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+                    raise DataError(f"{where}: 'margin' must be a finite number, got {margin!r}")
+                margin = float(margin)
+        else:
+            raise DataError(f"{where}: expected 'chosen' and 'rejected', or 'responses' (fields present: {sorted(obj)})")
+        out.append({"line": no, "prompt": prompt, "responses": resp, "margin": margin})
+    return out
+
+
+def load_prompts(path: str) -> list[dict]:
+    """Records {"line", "prompt" (str or messages)} of a PPO prompt file."""
+    out = []
+    for no, obj in read_jsonl(path):
+        where = f"{path}:{no}"
+        if "messages" in obj:
+            out.append({"line": no, "prompt": _messages(obj, where, last_assistant=False)})
+        else:
+            out.append({"line": no, "prompt": _str(obj, "prompt", where)})
+    return out
+
+
+def load_texts(path: str) -> list[dict]:
+    """Records {"line", "text"} of a pretraining-text file (the PPO PTX term)."""
+    return [{"line": no, "text": _str(obj, "text", f"{path}:{no}")} for no, obj in read_jsonl(path)]
+
+
+# ----------------------------------------------------------------------------------------- encoding
+def _has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def encode_prompt(tokenizer, prompt: str | list[dict]) -> list[int]:
+    """Token ids of a prompt: through the chat template (with the generation prompt) when the tokenizer
+    has one, else the plain text with the tokenizer's usual special tokens (e.g. BOS)."""
+    if _has_chat_template(tokenizer):
+        msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if isinstance(prompt, list):
+        prompt = "".join(f"{m['role']}: {m['content']}\n" for m in prompt) + "assistant: "
+    return list(tokenizer(prompt)["input_ids"])
+
+
+def encode_response(tokenizer, text: str, *, eos: bool = True) -> list[int]:
+    """Token ids of a response, ending with EOS so the policy learns to stop."""
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if eos and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def _check_prompt(ids: list[int], max_length: int, where: str, room: int = 1) -> None:
+    if len(ids) + room > max_length:
+        raise DataError(f"{where}: the prompt has {len(ids)} tokens, too long for the context "
+                        f"max_length={max_length} (at least {room} response token(s) must fit)")
+
+
+def encode_sft(records: list[dict], tokenizer, max_length: int, source: str = "") -> list[dict]:
+    """{"prompt_ids", "completion_ids"} per record; completions are cut to fit max_length."""
+    out = []
+    for r in records:
+        p = encode_prompt(tokenizer, r["prompt"])
+        _check_prompt(p, max_length, f"{source}:{r['line']}")
+        c = encode_response(tokenizer, r["completion"])[: max_length - len(p)]
+        out.append({"prompt_ids": p, "completion_ids": c})
+    return out
+
+
+def encode_rankings(records: list[dict], tokenizer, max_length: int, source: str = "") -> list[dict]:
+    """{"prompt_ids", "response_ids": [best, ..., worst], "margin"} per record."""
+    out = []
+    for r in records:
+        p = encode_prompt(tokenizer, r["prompt"])
+        _check_prompt(p, max_length, f"{source}:{r['line']}")
+        resp = [encode_response(tokenizer, t)[: max_length - len(p)] for t in r["responses"]]
+        out.append({"prompt_ids": p, "response_ids": resp, "margin": r["margin"]})
+    return out
+
+
+def encode_prompts(records: list[dict], tokenizer, max_length: int, response_length: int,
+                   source: str = "") -> list[dict]:
+    """{"prompt_ids"} per record; prompt + response_length must fit the context."""
+    out = []
+    for r in records:
+        p = encode_prompt(tokenizer, r["prompt"])
+        _check_prompt(p, max_length, f"{source}:{r['line']}", room=response_length)
+        out.append({"prompt_ids": p})
+    return out
+
+
+def encode_texts(records: list[dict], tokenizer, max_length: int) -> list[dict]:
+    """{"input_ids"} per record, cut to max_length."""
+    out = []
+    for r in records:
+        ids = list(tokenizer(r["text"])["input_ids"])[:max_length]
+        if len(ids) >= 2:
+            out.append({"input_ids": ids})
+    return out
+
+
+def check_examples(examples: list[dict], keys: tuple[str, ...], what: str) -> None:
+    """Examples handed to a trainer directly (not from a file) must carry token-id lists under `keys`."""
+    if not examples:
+        raise DataError(f"{what}: no examples")
+    for i, ex in enumerate(examples[:1] + examples[-1:]):
+        for k in keys:
+            if k not in ex:
+                raise DataError(f"{what}: example {i} lacks {k!r} (has {sorted(ex)})")
+

@@ -1,0 +1,192 @@
+"""Generalised advantage estimation (Schulman et al. 2016), the KL-penalised PPO reward, and whitening.
+
+The torch backend is vectorised: the backward recursion last_t = a_t * last_{t+1} + b_t is an associative
+scan of affine maps, done here by recursive doubling in ceil(log2 T) vectorised steps (no loop over time).
+Native (csrc/, C++ on CPU, warp-parallel CUDA) and Triton (kernels/gae.py) backends compute the same scan.
+Outputs carry no gradient: they are targets.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_fast import _dispatch
+from rlhf_fast.ops import _checks
+from rlhf_fast.ops.kl import kl_terms
+
+
+def _reverse_affine_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x_t = a_t * x_{t+1} + b_t along dim 1 with x_T = 0, by recursive doubling."""
+    a, b = a.clone(), b.clone()
+    T = a.shape[1]
+    k = 1
+    while k < T:
+        # Compose each map with the one k steps later: (a, b)_t <- (a_t a_{t+k}, a_t b_{t+k} + b_t).
+        b[:, : T - k] = b[:, : T - k] + a[:, : T - k] * b[:, k:]
+        a[:, : T - k] = a[:, : T - k] * a[:, k:]
+        k *= 2
+    return b
+
+
+def _next_valid_values(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """For each t, the value at the next valid position after t (0 if none)."""
+    B, T = values.shape
+    idx = torch.arange(T, device=values.device).expand(B, T)
+    idx = torch.where(valid, idx, T)
+    suffix_min = torch.flip(torch.cummin(torch.flip(idx, [1]), dim=1).values, [1])  # first valid >= t
+    nxt = torch.cat([suffix_min[:, 1:], torch.full((B, 1), T, device=values.device, dtype=idx.dtype)], dim=1)
+    vpad = torch.cat([values, values.new_zeros(B, 1)], dim=1)
+    return vpad.gather(1, nxt)
+
+
+def torch_gae(rewards, values, valid, gamma, lam):
+    nv = _next_valid_values(values, valid)
+    delta = torch.where(valid, rewards + gamma * nv - values, 0.0)
+    a = torch.where(valid, torch.full_like(rewards, gamma * lam), 1.0)
+    adv = torch.where(valid, _reverse_affine_scan(a, delta), 0.0)
+    returns = torch.where(valid, adv + values, 0.0)
+    return adv, returns
+
+
+def _last_valid_index(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    T = valid.shape[1]
+    idx = torch.where(valid, torch.arange(T, device=valid.device), -1).max(dim=1).values
+    return idx.clamp(min=0), idx >= 0
+
+
+def torch_kl_penalized_rewards(logprobs, ref_logprobs, scores, valid, kl_coef, code):
+    kl = kl_terms(logprobs - ref_logprobs, code)
+    rewards = torch.where(valid, -kl_coef * kl, 0.0)
+    last, has = _last_valid_index(valid)
+    add = torch.where(has, scores, 0.0).to(rewards.dtype)
+    return rewards.scatter_add(1, last[:, None], add[:, None])
+
+
+def _prep(dtype, **xs):
+    return {k: v.detach().to(dtype).contiguous() for k, v in xs.items()}
+
+
+def _check_gae_args(gamma, lam):
+    _checks.unit_interval("gamma", gamma)
+    _checks.unit_interval("lam", lam)
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over (B, T) rows with holes in the mask.
+
+    Args:
+        rewards: (B, T) per-token rewards.
+        values: (B, T) critic values V(s_t).
+        mask: (B, T) 0/1 (float or bool); mask 0 marks a skipped position (padding, tool output).
+        gamma: discount in [0, 1].  lam: GAE lambda in [0, 1].
+
+    Per row, walking t from T-1 down to 0 with next_value = 0 and last = 0: where mask[t] = 1,
+    delta = r[t] + gamma * next_value - v[t], last = delta + gamma * lam * last, adv[t] = last,
+    next_value = v[t]; where mask[t] = 0, adv[t] = 0 and next_value, last carry through unchanged.
+
+    Returns:
+        (advantages, returns), (B, T) fp32 (float64 for float64 inputs), no gradient;
+        returns = (advantages + values) * mask (0 at masked positions).
+    """
+    _checks.floating("rewards", rewards)
+    _checks.floating("values", values)
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be 2-D (B, T), got shape {tuple(rewards.shape)}")
+    _checks.same_shape("rewards", rewards, values=values)
+    _checks.mask("mask", mask, rewards.shape)
+    _check_gae_args(gamma, lam)
+    device = _checks.same_device(rewards=rewards, values=values, mask=mask)
+    backend = _dispatch.select("gae", device)
+    dtype = _checks.compute_dtype(rewards, values)
+    if backend == "torch" or dtype == torch.float64:
+        x = _prep(dtype, rewards=rewards, values=values)
+        with torch.no_grad():
+            return torch_gae(x["rewards"], x["values"], mask != 0, float(gamma), float(lam))
+    x = _prep(torch.float32, rewards=rewards, values=values, mask=mask != 0)
+    if backend == "native":
+        return tuple(_dispatch.native_module().gae(x["rewards"], x["values"], x["mask"], float(gamma), float(lam)))
+    from rlhf_fast.kernels import gae as k
+
+    return k.gae_fwd(x["rewards"], x["values"], x["mask"], float(gamma), float(lam))
+
+
+def kl_penalized_gae(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, values: torch.Tensor,
+                     scores: torch.Tensor, mask: torch.Tensor, *, kl_coef: float, gamma: float = 1.0,
+                     lam: float = 0.95, estimator: str = "k1"
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The PPO experience step in one pass: KL-penalised per-token rewards, then GAE (InstructGPT, Ouyang
+    et al. 2022; Ziegler et al. 2019).
+
+    Args:
+        logprobs, ref_logprobs: (B, T) log-probs of the sampled tokens under the policy and the reference.
+        values: (B, T) critic values.  scores: (B,) reward-model scores of each sequence.
+        mask: (B, T) 0/1 over response tokens (holes allowed).
+        kl_coef: >= 0.  gamma, lam: in [0, 1].  estimator: "k1" | "k2" | "k3" | "abs" (see kl_penalty).
+
+    rewards[b, t] = -kl_coef * kl_penalty(logprobs, ref_logprobs)[b, t] * mask[b, t], plus scores[b] at the
+    last position of row b whose mask is 1; then GAE as in `gae`. A row with no valid token is all zeros.
+
+    Returns:
+        (advantages, returns, rewards), each (B, T) fp32 (float64 for float64 inputs), no gradient.
+    """
+    for name, x in (("logprobs", logprobs), ("ref_logprobs", ref_logprobs), ("values", values),
+                    ("scores", scores)):
+        _checks.floating(name, x)
+    if logprobs.dim() != 2:
+        raise ValueError(f"logprobs must be 2-D (B, T), got shape {tuple(logprobs.shape)}")
+    _checks.same_shape("logprobs", logprobs, ref_logprobs=ref_logprobs, values=values)
+    if scores.shape != logprobs.shape[:1]:
+        raise ValueError(f"scores must have shape ({logprobs.shape[0]},), got {tuple(scores.shape)}")
+    _checks.mask("mask", mask, logprobs.shape)
+    if not isinstance(kl_coef, (int, float)) or isinstance(kl_coef, bool):
+        raise TypeError(f"kl_coef must be a number, got {type(kl_coef).__name__}")
+    if not kl_coef >= 0:
+        raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+    _check_gae_args(gamma, lam)
+    code = _checks.estimator(estimator)
+    device = _checks.same_device(logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, scores=scores,
+                                 mask=mask)
+    backend = _dispatch.select("kl_penalized_gae", device)
+    dtype = _checks.compute_dtype(logprobs, ref_logprobs, values, scores)
+    if backend == "torch" or dtype == torch.float64:
+        x = _prep(dtype, lp=logprobs, ref=ref_logprobs, values=values, scores=scores)
+        valid = mask != 0
+        with torch.no_grad():
+            rewards = torch_kl_penalized_rewards(x["lp"], x["ref"], x["scores"], valid, float(kl_coef), code)
+            adv, ret = torch_gae(rewards, x["values"], valid, float(gamma), float(lam))
+        return adv, ret, rewards
+    x = _prep(torch.float32, lp=logprobs, ref=ref_logprobs, values=values, scores=scores, mask=mask != 0)
+    args = (x["lp"], x["ref"], x["values"], x["scores"], x["mask"], float(kl_coef), float(gamma), float(lam), code)
+    if backend == "native":
+        return tuple(_dispatch.native_module().kl_penalized_gae(*args))
+    from rlhf_fast.kernels import gae as k
+
+    return k.kl_penalized_gae_fwd(*args)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True,
+                  eps: float = 1e-8) -> torch.Tensor:
+    """Whiten x with the batch-wide mean and (unbiased) std over valid positions.
+
+    Args:
+        x: (B, T) (any shape) values, e.g. advantages.  mask: same shape, 0/1.
+        shift_mean: if False the mean is added back (only the scale changes).
+
+    Returns:
+        (x - mean) / sqrt(var + eps) (+ mean if not shift_mean) at valid positions, 0 at masked ones; fp32.
+        An all-zero mask gives zeros. Differentiable.
+    """
+    _checks.floating("x", x)
+    _checks.mask("mask", mask, x.shape)
+    dtype = _checks.compute_dtype(x)
+    valid = mask != 0
+    m = valid.to(dtype)
+    xv = torch.where(valid, x.to(dtype), 0.0)
+    n = m.sum()
+    mean = xv.sum() / n.clamp(min=1)
+    var = (torch.where(valid, xv - mean, 0.0) ** 2).sum() / (n - 1).clamp(min=1)
+    out = (xv - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(valid, out, 0.0)

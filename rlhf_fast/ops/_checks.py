@@ -48,10 +48,9 @@ def same_shape(ref_name: str, ref: torch.Tensor, **others: torch.Tensor) -> None
 def same_device(**xs: torch.Tensor | None) -> torch.device:
     devs = {name: x.device for name, x in xs.items() if x is not None}
     first = next(iter(devs.values()))
-    for name, d in devs.items():
-        if d != first:
-            listing = ", ".join(f"{n} on {v}" for n, v in devs.items())
-            raise ValueError(f"all tensors must be on one device, got {listing}")
+    if any(d != first for d in devs.values()):
+        listing = ", ".join(f"{n} on {v}" for n, v in devs.items())
+        raise ValueError(f"all tensors must be on one device, got {listing}")
     return first
 
 

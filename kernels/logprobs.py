@@ -1,0 +1,438 @@
+"""Triton kernels for token log-probabilities (and entropy) of a softmax over the vocabulary.
+
+Two entry points per direction:
+  linear_logprobs_fwd / _bwd: logits z = (hidden @ weight.T + bias) / temperature are never materialised for
+      all N tokens. The forward tiles over V with an online log-sum-exp; the backward recomputes the logits
+      tile by tile and materialises only the logit *gradient* for a chunk of C rows (C * V elements in the
+      input dtype, sized by CONFIG["chunk_bytes"]), which two GEMMs then turn into grad_hidden and grad_weight.
+  logits_logprobs_fwd / _bwd: the same for logits (N, V) the caller already holds.
+
+Launchers allocate outputs and pick grids; no autograd here (that lives in rlhf_fast/ops/logprobs.py).
+
+Numerics: every load is upcast to fp32 (or fed to tl.dot in its own dtype with an fp32 accumulator on GPU);
+the online statistics per row are m (running max), s = sum exp(z - m) and t = sum exp(z - m) (z - m), so
+lse = m + log s and entropy = log s - t / s are both differences of O(log V) numbers, not of O(|z|) ones.
+
+Flops (N tokens, H hidden, V vocabulary): forward 2NHV; backward 6NHV (2NHV to recompute the logits tile by
+tile, 2NHV for grad_hidden = G @ W, 2NHV for grad_weight = G^T @ hidden). Forward + backward = 8NHV, the
+1.33x-of-the-6NHV-GEMM-floor that the issue names as this op's own floor.
+
+Why the backward materialises G per chunk instead of fusing everything: grad_hidden needs a reduction over V
+and grad_weight one over N, while each logit tile needs a reduction over H. A single fused kernel must keep
+one of the two output accumulators on chip ((BLOCK_N, H) or (BLOCK_V, H) fp32: 2 MiB at H=4096, ten times an
+H100 SM's shared memory) or use fp32 atomics into grad_hidden/grad_weight for every (N tile, V tile) pair
+(V/BLOCK_V * N*H*4 bytes ~ 160 GB of atomic traffic at N=8192, H=4096, V=151936, BLOCK_V=128). Writing G for C
+rows once in bf16 and reading it twice costs 6 bytes per logit, about 2.5 ms of HBM time at that shape, against
+~56 ms of tensor-core work, and keeps every GEMM a plain, deterministic tiled GEMM (no atomics): grad_weight
+is accumulated in fp32 across chunks by a GEMM that adds into its fp32 output tile.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Launch configuration. The defaults are the GPU ones (H100, bf16): 128x128 fp32 accumulator tiles with
+# 8 warps and 3 pipeline stages are the usual Hopper GEMM shape for tl.dot; they are not measured here
+# (no GPU in the session that wrote this), bench/ should tune them. Tests shrink them (tl.dot needs >= 16).
+CONFIG = {
+    # fused logits tile (forward statistics and backward gradient tiles)
+    "block_n": 128,
+    "block_v": 128,
+    "block_h": 64,
+    "num_warps": 8,
+    "num_stages": 3,
+    # plain GEMMs (grad_hidden, grad_weight, PPO logits chunk)
+    "mm_block_m": 128,
+    "mm_block_n": 128,
+    "mm_block_k": 64,
+    "mm_group_m": 8,
+    # memory-bound row kernels on given logits
+    "row_block_n": 16,
+    "row_block_v": 256,
+    "row_num_warps": 4,
+    # bytes of (C, V) scratch per chunk in the backward (and the PPO forward): 512 MiB keeps the op within
+    # the issue's 1 GiB extra-memory goal at V = 151936.
+    "chunk_bytes": 512 << 20,
+    # programs to aim for when splitting V across programs in the forward (None: 4 x SM count on CUDA, 4 on CPU)
+    "target_programs": None,
+}
+
+# tl.dot accumulates in fp32; "ieee" keeps fp32 inputs exact fp32 (no silent TF32). bf16/fp16 ignore it.
+DOT_PRECISION = "ieee"
+
+_NEG_BIG = -1.0e30  # running-max start: finite, so exp(m_old - m_new) and (m_old - m_new) * 0 stay defined
+
+
+def _interpreting() -> bool:
+    # The interpreter cannot tl.dot bf16 tiles (numpy has no bf16), so there we upcast before the dot.
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------------------------- jit helpers
+
+
+@triton.jit
+def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w, inv_t,
+                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                 BLOCK_H: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    # z[rows, cols] = (hidden[rows] @ weight[cols].T + bias[cols]) * inv_t, fp32, reduced over H in BLOCK_H steps.
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+    for k0 in range(0, H, BLOCK_H):
+        ks = k0 + tl.arange(0, BLOCK_H)
+        k_mask = ks < H
+        h = tl.load(h_ptr + rows64[:, None] * stride_h + ks[None, :],
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_H)
+        w = tl.load(w_ptr + cols64[None, :] * stride_w + ks[:, None],
+                    mask=col_mask[None, :] & k_mask[:, None], other=0.0)  # (BLOCK_H, BLOCK_V) = W^T tile
+        if UPCAST:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(h, w, acc, input_precision=PREC)
+    if HAS_BIAS:
+        b = tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        acc += b[None, :]
+    return acc * inv_t
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _logprobs_partials_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, m_ptr, s_ptr, t_ptr, zt_ptr,
+                              N, V, H, stride_x, stride_w, inv_t, TILES_PER_SPLIT,
+                              LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, UPCAST: tl.constexpr,
+                              PREC: tl.constexpr):
+    # Program (row tile, V split): online (m, s, t) and the target logit over its share of the V tiles.
+    # x is hidden (N, H) when LINEAR, else logits (N, V). Outputs are (SPLITS, N) fp32.
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-1)
+    m = tl.full((BLOCK_N,), _NEG_BIG, dtype=tl.float32)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    t = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    zt = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    v_begin = split * TILES_PER_SPLIT * BLOCK_V
+    for i in range(0, TILES_PER_SPLIT):
+        cols = v_begin + i * BLOCK_V + tl.arange(0, BLOCK_V)
+        col_mask = cols < V
+        if LINEAR:
+            z = _logits_tile(x_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_x, stride_w,
+                             inv_t, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, PREC)
+        else:
+            offs = rows.to(tl.int64)[:, None] * stride_x + cols[None, :]
+            z = tl.load(x_ptr + offs, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+            z = z.to(tl.float32) * inv_t
+        z = tl.where(col_mask[None, :], z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        alpha = tl.exp(m - m_new)
+        e = tl.exp(z - m_new[:, None])
+        # sum e^(z - m_new) (z - m_new) = alpha * (t + (m - m_new) * s); -inf logits contribute 0, not NaN
+        ez = tl.where(z > float("-inf"), e * (z - m_new[:, None]), 0.0)
+        t = alpha * (t + (m - m_new) * s) + tl.sum(ez, axis=1)
+        s = alpha * s + tl.sum(e, axis=1)
+        zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
+        m = m_new
+    out = split * N + rows
+    tl.store(m_ptr + out, m, mask=row_mask)
+    tl.store(s_ptr + out, s, mask=row_mask)
+    tl.store(t_ptr + out, t, mask=row_mask)
+    tl.store(zt_ptr + out, zt, mask=row_mask)
+
+
+@triton.jit
+def _logprobs_combine_kernel(m_ptr, s_ptr, t_ptr, zt_ptr, tgt_ptr, lp_ptr, ent_ptr, lse_ptr, N, SPLITS,
+                             IGNORE, NEED_ENT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
+    # Merge the per-split statistics of each row: lse, logprob = z_target - lse, entropy = log S - T / S.
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    ks = tl.arange(0, BLOCK_S)
+    mask = row_mask[:, None] & (ks < SPLITS)[None, :]
+    offs = ks[None, :] * N + rows[:, None]
+    m = tl.load(m_ptr + offs, mask=mask, other=_NEG_BIG)
+    s = tl.load(s_ptr + offs, mask=mask, other=0.0)
+    zt = tl.sum(tl.load(zt_ptr + offs, mask=mask, other=0.0), axis=1)
+    m_all = tl.max(m, axis=1)
+    scale = tl.exp(m - m_all[:, None])
+    s_all = tl.sum(s * scale, axis=1)
+    lse = m_all + tl.log(s_all)
+    ignored = tl.load(tgt_ptr + rows, mask=row_mask, other=IGNORE) == IGNORE
+    tl.store(lse_ptr + rows, lse, mask=row_mask)
+    tl.store(lp_ptr + rows, tl.where(ignored, 0.0, zt - lse), mask=row_mask)
+    if NEED_ENT:
+        t = tl.load(t_ptr + offs, mask=mask, other=0.0)
+        t_all = tl.sum(scale * (t + (m - m_all[:, None]) * s), axis=1)
+        ent = tl.log(s_all) - t_all / s_all
+        tl.store(ent_ptr + rows, tl.where(ignored, 0.0, ent), mask=row_mask)
+
+
+@triton.jit
+def _logprobs_grad_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, g_ptr, gb_ptr,
+                          row0, n_rows, V, H, stride_x, stride_w, stride_g, inv_t, g_scale, IGNORE,
+                          LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ENT: tl.constexpr,
+                          BIAS_GRAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                          BLOCK_H: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    # G[r, j] = g_scale * (glp ([j == target] - p_j) - gent p_j (z_j - lse + entropy)) for the rows
+    # row0 .. row0 + n_rows (G is chunk-local: row r of G is row row0 + r of x). Ignored rows give 0.
+    # When BIAS_GRAD, also the fp32 column sums of this tile into gb[pid_n, cols] (deterministic, no atomics).
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    local = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_mask = local < n_rows
+    col_mask = cols < V
+    rows = row0 + local
+    if LINEAR:
+        z = _logits_tile(x_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_x, stride_w,
+                         inv_t, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, PREC)
+    else:
+        offs = rows.to(tl.int64)[:, None] * stride_x + cols[None, :]
+        z = tl.load(x_ptr + offs, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+        z = z.to(tl.float32) * inv_t
+    tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=IGNORE)
+    active = row_mask & (tgt != IGNORE)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    glp = tl.load(glp_ptr + rows, mask=row_mask, other=0.0)
+    p = tl.exp(z - lse[:, None])
+    g = tl.where(cols[None, :] == tgt[:, None], glp[:, None], 0.0) - p * glp[:, None]
+    if HAS_ENT:
+        ent = tl.load(ent_ptr + rows, mask=row_mask, other=0.0)
+        gent = tl.load(gent_ptr + rows, mask=row_mask, other=0.0)
+        d_ent = tl.where(z > float("-inf"), p * (z - lse[:, None] + ent[:, None]), 0.0)
+        g -= gent[:, None] * d_ent
+    g = tl.where(active[:, None] & col_mask[None, :], g * g_scale, 0.0)
+    g_offs = local.to(tl.int64)[:, None] * stride_g + cols[None, :]
+    tl.store(g_ptr + g_offs, g.to(g_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+    if BIAS_GRAD:
+        tl.store(gb_ptr + pid_n * V + cols, tl.sum(g, axis=0), mask=col_mask)
+
+
+@triton.jit
+def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                   stride_cm, stride_cn, scale, ACCUMULATE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   GROUP_M: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    # C (+)= (A @ B + bias[None, :]) * scale with an fp32 accumulator; A, B any strides (transposes are
+    # strides). Grouped program order so GROUP_M row tiles share each B column tile while it is in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = rm < M
+    n_mask = rn < N
+    rm64 = rm.to(tl.int64)
+    rn64 = rn.to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        k_mask = rk < K
+        a = tl.load(a_ptr + rm64[:, None] * stride_am + rk[None, :] * stride_ak,
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptr + rk[:, None] * stride_bk + rn64[None, :] * stride_bn,
+                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    acc = acc * scale
+    c_offs = rm64[:, None] * stride_cm + rn64[None, :] * stride_cn
+    c_mask = m_mask[:, None] & n_mask[None, :]
+    if ACCUMULATE:
+        acc += tl.load(c_ptr + c_offs, mask=c_mask, other=0.0).to(tl.float32)
+    tl.store(c_ptr + c_offs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, bias: torch.Tensor | None = None,
+           scale: float = 1.0, accumulate: bool = False) -> torch.Tensor:
+    """out (+)= (a @ b + bias) * scale, fp32 accumulation; a (M, K), b (K, N), out (M, N), any strides."""
+    M, K = a.shape
+    N = b.shape[1]
+    cfg = CONFIG
+    bm, bn, bk = cfg["mm_block_m"], cfg["mm_block_n"], cfg["mm_block_k"]
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    _matmul_kernel[grid](
+        a, b, out, bias if bias is not None else out, M, N, K, a.stride(0), a.stride(1), b.stride(0),
+        b.stride(1), out.stride(0), out.stride(1), scale, ACCUMULATE=accumulate, HAS_BIAS=bias is not None,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["mm_group_m"], UPCAST=_interpreting(),
+        PREC=DOT_PRECISION, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out
+
+
+def _target_programs(device: torch.device) -> int:
+    if CONFIG["target_programs"] is not None:
+        return CONFIG["target_programs"]
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def chunk_rows(N: int, V: int, bytes_per_logit: int, block_n: int) -> int:
+    """Rows per chunk so that the (C, V) scratch stays within CONFIG['chunk_bytes'] (a multiple of block_n)."""
+    c = CONFIG["chunk_bytes"] // max(1, V * bytes_per_logit)
+    c = max(block_n, c // block_n * block_n)
+    return min(c, triton.cdiv(N, block_n) * block_n)
+
+
+def logprobs_stats(x: torch.Tensor, weight: torch.Tensor | None, targets: torch.Tensor,
+                   bias: torch.Tensor | None, inv_t: float, ignore_index: int, need_entropy: bool,
+                   lp: torch.Tensor, ent: torch.Tensor | None, lse: torch.Tensor) -> None:
+    """Fill lp, ent, lse (N,) fp32 for the rows of x: hidden (N, H) when weight is given, else logits (N, V)."""
+    linear = weight is not None
+    N = x.shape[0]
+    if N == 0:
+        return
+    V = weight.shape[0] if linear else x.shape[1]
+    H = x.shape[1] if linear else 0
+    cfg = CONFIG
+    if linear:
+        bn, bv, warps = cfg["block_n"], cfg["block_v"], cfg["num_warps"]
+    else:
+        bn, bv, warps = cfg["row_block_n"], cfg["row_block_v"], cfg["row_num_warps"]
+    n_tiles = triton.cdiv(N, bn)
+    v_tiles = triton.cdiv(V, bv)
+    # Split V across programs only as far as needed to fill the device (each split re-reads the hidden tile).
+    splits = max(1, min(v_tiles, triton.cdiv(_target_programs(x.device), n_tiles)))
+    tiles_per_split = triton.cdiv(v_tiles, splits)
+    splits = triton.cdiv(v_tiles, tiles_per_split)
+    part = torch.empty(4, splits, N, device=x.device, dtype=torch.float32)  # m, s, t, z_target
+    _logprobs_partials_kernel[(n_tiles, splits)](
+        x, weight if linear else x, bias if bias is not None else x, targets, part[0], part[1], part[2],
+        part[3], N, V, H, x.stride(0), weight.stride(0) if linear else 0, inv_t, tiles_per_split,
+        LINEAR=linear, HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=cfg["block_h"],
+        UPCAST=_interpreting(), PREC=DOT_PRECISION, num_warps=warps,
+        num_stages=cfg["num_stages"] if linear else 1)
+    block_s = triton.next_power_of_2(splits)
+    block_rows = max(1, min(64, 4096 // block_s))
+    _logprobs_combine_kernel[(triton.cdiv(N, block_rows),)](
+        part[0], part[1], part[2], part[3], targets, lp, ent if ent is not None else lp, lse, N, splits,
+        ignore_index, NEED_ENT=need_entropy, BLOCK_N=block_rows, BLOCK_S=block_s, num_warps=4)
+
+
+def logprobs_grad(x: torch.Tensor, weight: torch.Tensor | None, targets: torch.Tensor,
+                  bias: torch.Tensor | None, lse: torch.Tensor, entropy: torch.Tensor | None,
+                  grad_logprobs: torch.Tensor, grad_entropy: torch.Tensor | None, inv_t: float,
+                  g_scale: float, ignore_index: int, row0: int, n_rows: int, g: torch.Tensor,
+                  gb_part: torch.Tensor | None) -> None:
+    """Write the logit gradient of rows row0 .. row0 + n_rows of x into g[:n_rows] (and bias partial sums)."""
+    linear = weight is not None
+    V = g.shape[1]
+    cfg = CONFIG
+    if linear:
+        bn, bv, warps = cfg["block_n"], cfg["block_v"], cfg["num_warps"]
+    else:
+        bn, bv, warps = cfg["row_block_n"], cfg["row_block_v"], cfg["row_num_warps"]
+    has_ent = grad_entropy is not None and entropy is not None
+    grid = (triton.cdiv(n_rows, bn), triton.cdiv(V, bv))
+    _logprobs_grad_kernel[grid](
+        x, weight if linear else x, bias if bias is not None else x, targets, lse,
+        entropy if has_ent else lse, grad_logprobs, grad_entropy if has_ent else grad_logprobs, g,
+        gb_part if gb_part is not None else lse, row0, n_rows, V, x.shape[1] if linear else 0, x.stride(0),
+        weight.stride(0) if linear else 0, g.stride(0), inv_t, g_scale, ignore_index, LINEAR=linear,
+        HAS_BIAS=bias is not None, HAS_ENT=has_ent, BIAS_GRAD=gb_part is not None, BLOCK_N=bn,
+        BLOCK_V=bv, BLOCK_H=cfg["block_h"], UPCAST=_interpreting(), PREC=DOT_PRECISION, num_warps=warps,
+        num_stages=cfg["num_stages"] if linear else 1)
+
+
+def grads_from_logit_grad(g: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, row0: int,
+                          grad_hidden: torch.Tensor, grad_weight: torch.Tensor | None) -> None:
+    """grad_hidden[rows] = G @ W; grad_weight += G^T @ hidden[rows] (fp32 accumulation across chunks)."""
+    n = g.shape[0]
+    matmul(g, weight, grad_hidden[row0:row0 + n])
+    if grad_weight is not None:
+        matmul(g.t(), hidden[row0:row0 + n], grad_weight, accumulate=True)
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+
+
+def linear_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                        bias: torch.Tensor | None, temperature: float, ignore_index: int,
+                        need_entropy: bool):
+    """Log-probs (and entropy) of targets under softmax((hidden @ weight.T + bias) / temperature).
+
+    hidden (N, H), weight (V, H), bias (V,) or None, all one float dtype; targets (N,) int64, each in [0, V)
+    or == ignore_index. Returns (logprobs (N,) fp32, entropy (N,) fp32 or None, lse (N,) fp32); ignored rows
+    give logprob 0 and entropy 0. 2NHV flops, O(N) extra memory.
+    """
+    N = hidden.shape[0]
+    lp = torch.empty(N, device=hidden.device, dtype=torch.float32)  # (N,)
+    ent = torch.empty_like(lp) if need_entropy else None  # (N,)
+    lse = torch.empty_like(lp)  # (N,)
+    logprobs_stats(hidden, weight, targets, bias, 1.0 / temperature, ignore_index, need_entropy, lp, ent, lse)
+    return lp, ent, lse
+
+
+def linear_logprobs_bwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                        bias: torch.Tensor | None, lse: torch.Tensor, entropy: torch.Tensor | None,
+                        grad_logprobs: torch.Tensor, grad_entropy: torch.Tensor | None, temperature: float,
+                        ignore_index: int, need_weight_grad: bool, need_bias_grad: bool):
+    """Gradients of sum(grad_logprobs * logprobs + grad_entropy * entropy) (see linear_logprobs_fwd).
+
+    lse, entropy (N,) fp32 from the forward; grad_logprobs, grad_entropy (N,) fp32 (grad_entropy None: no
+    entropy term). Returns (grad_hidden (N, H) in hidden.dtype, grad_weight (V, H) fp32 or None,
+    grad_bias (V,) fp32 or None). Recomputes the logits tile by tile; 6NHV flops; C * V scratch per chunk.
+    """
+    N, H = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    grad_hidden = torch.empty_like(hidden)  # (N, H)
+    grad_weight = torch.zeros(V, H, device=dev, dtype=torch.float32) if need_weight_grad else None
+    need_bias_grad = need_bias_grad and bias is not None
+    grad_bias = torch.zeros(V, device=dev, dtype=torch.float32) if need_bias_grad else None
+    if N == 0:
+        return grad_hidden, grad_weight, grad_bias
+    bn = CONFIG["block_n"]
+    C = chunk_rows(N, V, hidden.element_size(), bn)
+    g = torch.empty(C, V, device=dev, dtype=hidden.dtype)  # (C, V) logit gradient of one chunk
+    gb_part = torch.empty(C // bn, V, device=dev, dtype=torch.float32) if need_bias_grad else None
+    for row0 in range(0, N, C):
+        n = min(C, N - row0)
+        logprobs_grad(hidden, weight, targets, bias, lse, entropy, grad_logprobs, grad_entropy,
+                      1.0 / temperature, 1.0 / temperature, ignore_index, row0, n, g, gb_part)
+        grads_from_logit_grad(g[:n], hidden, weight, row0, grad_hidden, grad_weight)
+        if need_bias_grad:
+            grad_bias += gb_part[:triton.cdiv(n, bn)].sum(0)
+    return grad_hidden, grad_weight, grad_bias
+
+
+def logits_logprobs_fwd(logits: torch.Tensor, targets: torch.Tensor, temperature: float, ignore_index: int,
+                        need_entropy: bool):
+    """As linear_logprobs_fwd for logits (N, V) the caller holds: softmax(logits / temperature)."""
+    N = logits.shape[0]
+    lp = torch.empty(N, device=logits.device, dtype=torch.float32)  # (N,)
+    ent = torch.empty_like(lp) if need_entropy else None  # (N,)
+    lse = torch.empty_like(lp)  # (N,)
+    logprobs_stats(logits, None, targets, None, 1.0 / temperature, ignore_index, need_entropy, lp, ent, lse)
+    return lp, ent, lse
+
+
+def logits_logprobs_bwd(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+                        entropy: torch.Tensor | None, grad_logprobs: torch.Tensor,
+                        grad_entropy: torch.Tensor | None, temperature: float, ignore_index: int):
+    """grad_logits (N, V) in logits.dtype of sum(grad_logprobs * logprobs + grad_entropy * entropy)."""
+    N, V = logits.shape
+    grad_logits = torch.empty_like(logits)  # (N, V)
+    if N == 0:
+        return grad_logits
+    logprobs_grad(logits, None, targets, None, lse, entropy, grad_logprobs, grad_entropy, 1.0 / temperature,
+                  1.0 / temperature, ignore_index, 0, N, grad_logits, None)
+    return grad_logits

@@ -37,6 +37,13 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, agg: str) -> torch.Te
     return (torch.where(mask != 0, per_token, 0.0) * w).sum()
 
 
+def masked_inputs(mask: torch.Tensor, dtype: torch.dtype, *xs: torch.Tensor) -> list[torch.Tensor]:
+    """Zero the masked positions of each input before any arithmetic, so that NaN padding cannot reach the
+    loss or leak into gradients (0 * NaN through torch.where's backward)."""
+    valid = mask != 0
+    return [torch.where(valid, x.to(dtype), 0.0) for x in xs]
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     valid = mask != 0
     return torch.where(valid, x, 0.0).sum() / valid.sum().clamp(min=1)
@@ -121,7 +128,7 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
     agg = _checks.agg(agg)
     clip_low, clip_high, dual_clip = check_clip(clip_low, clip_high, dual_clip)
     dtype = _checks.compute_dtype(logprobs, old_logprobs, advantages)
-    lp, old, adv = logprobs.to(dtype), old_logprobs.to(dtype), advantages.to(dtype)
+    lp, old, adv = masked_inputs(mask, dtype, logprobs, old_logprobs, advantages)
     per_token, ratio, clipped = ppo_per_token(lp, old, adv, clip_low, clip_high, dual_clip)
     return aggregate(per_token, mask, agg), ppo_stats(lp, old, ratio, clipped, mask)
 
@@ -143,7 +150,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     _check_per_token("values", values, mask, old_values=old_values, returns=returns)
     agg = _checks.agg(agg)
     dtype = _checks.compute_dtype(values, old_values, returns)
-    v, old, ret = values.to(dtype), old_values.to(dtype), returns.to(dtype)
+    v, old, ret = masked_inputs(mask, dtype, values, old_values, returns)
     unclipped = (v - ret) ** 2
     if clip is None:
         per_token = 0.5 * unclipped

@@ -1,0 +1,178 @@
+"""kernels/logprobs.py launchers against a float64 reference on materialised logits (Triton interpreter on CPU)."""
+
+import pytest
+import torch
+
+from tests.tolerances import assert_close
+
+K = pytest.importorskip("rlhf_fast.kernels.logprobs")
+
+# The interpreter's numpy ops warn on the masked-out lanes (log 0 for rows past N, 0 * -inf for columns past V);
+# those lanes are never stored, and every stored value is compared below.
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    """Interpreter-sized tiles (tl.dot needs >= 16) and a one-tile chunk, so N = 17 takes two chunks."""
+    for key, val in dict(block_n=16, block_v=32, block_h=16, mm_block_m=16, mm_block_n=16, mm_block_k=16,
+                         mm_group_m=2, row_block_n=4, row_block_v=32, chunk_bytes=1, target_programs=4).items():
+        monkeypatch.setitem(K.CONFIG, key, val)
+
+
+def ref_logprobs(logits, targets, temperature, ignore_index):
+    """log_softmax(logits / T)[target] and -sum p log p, float64, 0 on ignored rows."""
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    valid = targets != ignore_index
+    lp = logp.gather(1, torch.where(valid, targets, 0)[:, None])[:, 0]
+    p = logp.exp()
+    ent = -(p * torch.where(p > 0, logp, 0.0)).sum(-1)  # p log p -> 0 where p = 0 (a masked vocabulary)
+    return torch.where(valid, lp, 0.0), torch.where(valid, ent, 0.0), torch.logsumexp(logits / temperature, -1)
+
+
+def make_inputs(N, H, V, dtype, bias, ignore_index, scale=1.0):
+    hidden = torch.randn(N, H).to(dtype)
+    weight = (scale * torch.randn(V, H) / H**0.5).to(dtype)
+    b = torch.randn(V).to(dtype) if bias else None
+    targets = torch.randint(0, V, (N,))
+    if N > 2:
+        targets[1] = ignore_index
+        targets[N - 1] = ignore_index
+    return hidden, weight, b, targets
+
+
+# (N, H, V, dtype, bias, temperature, ignore_index)
+LINEAR_CASES = [
+    (1, 16, 37, torch.float32, False, 1.0, -100),
+    (17, 24, 301, torch.float32, True, 0.7, -100),
+    (17, 16, 37, torch.float32, True, 1.3, -1),
+    (17, 24, 301, torch.bfloat16, True, 0.7, -100),
+    (1, 24, 37, torch.bfloat16, False, 1.0, -100),
+    (17, 16, 37, torch.float16, False, 0.7, -100),
+]
+
+
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: f"N{c[0]}H{c[1]}V{c[2]}-{c[3]}-b{c[4]}-T{c[5]}")
+def test_linear_logprobs_fwd_bwd(case):
+    N, H, V, dtype, bias, temperature, ignore = case
+    hidden, weight, b, targets = make_inputs(N, H, V, dtype, bias, ignore, scale=3.0)
+    lp, ent, lse = K.linear_logprobs_fwd(hidden, weight, targets, b, temperature, ignore, True)
+    assert lp.dtype == ent.dtype == lse.dtype == torch.float32 and lp.shape == (N,)
+
+    leaves = [x.double().requires_grad_(True) for x in (hidden, weight, b) if x is not None]
+    logits = leaves[0] @ leaves[1].T + (leaves[2] if bias else 0.0)
+    r_lp, r_ent, r_lse = ref_logprobs(logits, targets, temperature, ignore)
+    assert_close(lp, r_lp, dtype)
+    assert_close(ent, r_ent, dtype)
+    valid = targets != ignore
+    assert_close(lse[valid], r_lse[valid], dtype)
+
+    g_lp, g_ent = torch.randn(N), torch.randn(N)
+    gh, gw, gb = K.linear_logprobs_bwd(hidden, weight, targets, b, lse, ent, g_lp, g_ent, temperature, ignore,
+                                       True, True)
+    r_grads = torch.autograd.grad((r_lp * g_lp + r_ent * g_ent).sum(), leaves)
+    assert gh.dtype == dtype and gh.shape == hidden.shape
+    assert gw.dtype == torch.float32 and gw.shape == weight.shape
+    # grad_hidden comes back in the input dtype (one rounding); grad_weight/bias are fp32 but are reductions of
+    # the logit gradient rounded to the input dtype (as PyTorch's own low-precision backward does): input tol.
+    assert_close(gh, r_grads[0], dtype)
+    assert_close(gw, r_grads[1], dtype)
+    if bias:
+        assert gb.dtype == torch.float32
+        assert_close(gb, r_grads[2], dtype)
+    else:
+        assert gb is None
+    assert (gh[~valid] == 0).all()
+
+
+@pytest.mark.parametrize("target_programs", [1, 64])
+def test_linear_logprobs_split_and_flags(monkeypatch, target_programs):
+    """One V split and one split per V tile give the same answers; optional outputs are honoured."""
+    monkeypatch.setitem(K.CONFIG, "target_programs", target_programs)
+    N, H, V, T = 5, 16, 301, 0.9
+    hidden, weight, b, targets = make_inputs(N, H, V, torch.float32, True, -100, scale=3.0)
+    lp, ent, lse = K.linear_logprobs_fwd(hidden, weight, targets, b, T, -100, False)
+    assert ent is None
+    leaves = [x.double().requires_grad_(True) for x in (hidden, weight, b)]
+    r_lp, _, _ = ref_logprobs(leaves[0] @ leaves[1].T + leaves[2], targets, T, -100)
+    assert_close(lp, r_lp)
+    g_lp = torch.randn(N)
+    gh, gw, gb = K.linear_logprobs_bwd(hidden, weight, targets, b, lse, None, g_lp, None, T, -100, False, False)
+    assert gw is None and gb is None
+    assert_close(gh, torch.autograd.grad((r_lp * g_lp).sum(), leaves[0])[0])
+
+
+def test_linear_logprobs_all_ignored():
+    hidden, weight, b, _ = make_inputs(4, 16, 37, torch.float32, True, -100)
+    targets = torch.full((4,), -100)
+    lp, ent, lse = K.linear_logprobs_fwd(hidden, weight, targets, b, 1.0, -100, True)
+    assert (lp == 0).all() and (ent == 0).all() and torch.isfinite(lse).all()
+    gh, gw, gb = K.linear_logprobs_bwd(hidden, weight, targets, b, lse, ent, torch.ones(4), torch.ones(4), 1.0,
+                                       -100, True, True)
+    assert (gh == 0).all() and (gw == 0).all() and (gb == 0).all()
+
+
+# (N, V, dtype, temperature)
+LOGITS_CASES = [
+    (1, 37, torch.float32, 1.0),
+    (17, 301, torch.float32, 0.7),
+    (17, 37, torch.bfloat16, 1.3),
+    (17, 301, torch.float16, 1.0),
+]
+
+
+@pytest.mark.parametrize("case", LOGITS_CASES, ids=lambda c: f"N{c[0]}V{c[1]}-{c[2]}-T{c[3]}")
+def test_logits_logprobs_fwd_bwd(case):
+    N, V, dtype, temperature = case
+    logits = (4 * torch.randn(N, V)).to(dtype)
+    targets = torch.randint(0, V, (N,))
+    if N > 2:
+        targets[[0, 7]] = -100
+    lp, ent, lse = K.logits_logprobs_fwd(logits, targets, temperature, -100, True)
+    x = logits.double().requires_grad_(True)
+    r_lp, r_ent, r_lse = ref_logprobs(x, targets, temperature, -100)
+    assert_close(lp, r_lp, dtype)
+    assert_close(ent, r_ent, dtype)
+    g_lp, g_ent = torch.randn(N), torch.randn(N)
+    gl = K.logits_logprobs_bwd(logits, targets, lse, ent, g_lp, g_ent, temperature, -100)
+    assert gl.dtype == dtype and gl.shape == logits.shape
+    assert_close(gl, torch.autograd.grad((r_lp * g_lp + r_ent * g_ent).sum(), x, retain_graph=True)[0], dtype)
+    # no entropy term
+    gl = K.logits_logprobs_bwd(logits, targets, lse, None, g_lp, None, temperature, -100)
+    assert_close(gl, torch.autograd.grad((r_lp * g_lp).sum(), x)[0], dtype)
+
+
+def test_logits_masked_vocab_and_nan():
+    """-inf logits (a masked vocabulary) are exact zeros of p, not NaN; a NaN logit makes its row NaN."""
+    N, V = 6, 37
+    logits = 3 * torch.randn(N, V)
+    targets = torch.randint(0, V // 2, (N,))
+    logits[:, V // 2:] = float("-inf")
+    logits[2, 0:3] = float("-inf")
+    targets[2] = 5
+    lp, ent, lse = K.logits_logprobs_fwd(logits, targets, 0.8, -100, True)
+    x = logits.double().requires_grad_(True)
+    r_lp, r_ent, _ = ref_logprobs(x, targets, 0.8, -100)
+    assert_close(lp, r_lp)
+    assert_close(ent, r_ent)
+    g_lp, g_ent = torch.randn(N), torch.randn(N)
+    gl = K.logits_logprobs_bwd(logits, targets, lse, ent, g_lp, g_ent, 0.8, -100)
+    assert_close(gl, torch.autograd.grad((r_lp * g_lp + r_ent * g_ent).sum(), x)[0])
+
+    logits = torch.randn(N, V)
+    logits[3, 10] = float("nan")
+    lp, ent, _ = K.logits_logprobs_fwd(logits, targets, 1.0, -100, True)
+    assert torch.isnan(lp[3]) and torch.isnan(ent[3])
+    assert torch.isfinite(lp[[0, 1, 2, 4, 5]]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matmul_strided_accumulate(dtype):
+    """The GEMM behind grad_hidden/grad_weight: transposed operand by strides, bias, scale, fp32 accumulation."""
+    a = torch.randn(37, 21).to(dtype)
+    b = torch.randn(33, 37).to(dtype)
+    bias = torch.randn(33).to(dtype)
+    out = torch.randn(21, 33)
+    expect = out.double() + 0.5 * (a.double().T @ b.double().T + bias.double())
+    K.matmul(a.t(), b.t(), out, bias=bias, scale=0.5, accumulate=True)
+    assert_close(out, expect, dtype)

@@ -40,7 +40,7 @@ def checks_enabled(checks: bool | None = None) -> bool:
     return os.environ.get("RLHF_FAST_CHECKS", "1").strip() not in ("0", "false", "False", "no")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def native_module():
     """rlhf_fast._C, or None when it was not built."""
     try:
@@ -54,7 +54,7 @@ def native_has_cuda() -> bool:
     return bool(mod is not None and getattr(mod, "with_cuda", lambda: False)())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401

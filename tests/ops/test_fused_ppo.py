@@ -5,7 +5,7 @@ import torch
 
 from rlhf_fast import ops
 from tests.ops import reference as ref
-from tests.ops.backends import backends_for, use_backend  # noqa: F401
+from tests.ops.backends import backends_for
 from tests.tolerances import assert_close
 
 AGGS = ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"]

@@ -5,7 +5,7 @@ import torch
 
 from rlhf_fast import ops
 from tests.ops import reference as ref
-from tests.ops.backends import backends_for, use_backend  # noqa: F401
+from tests.ops.backends import backends_for
 from tests.tolerances import assert_close
 
 SHAPES = [(1, 1, 16, 37), (2, 17, 24, 301), (1, 1025, 8, 37)]  # (B, T, H, V)

@@ -54,7 +54,7 @@ def test_ppo_policy_loss_gradcheck():
     old = lp.detach() + 0.05 * torch.randn(2, 5, dtype=torch.float64)
     adv, mask = torch.randn(2, 5, dtype=torch.float64), torch.tensor([[1, 1, 0, 1, 1], [0, 1, 1, 1, 0.]])
     for agg in AGGS:
-        assert torch.autograd.gradcheck(lambda x: ops.ppo_policy_loss(x, old, adv, mask, agg=agg)[0], (lp,))
+        assert torch.autograd.gradcheck(lambda x, a=agg: ops.ppo_policy_loss(x, old, adv, mask, agg=a)[0], (lp,))
 
 
 @pytest.mark.parametrize("agg", AGGS)

@@ -1,0 +1,493 @@
+"""RoleModel on tiny Llama / Qwen2 / GPT-2 models built from configs: each role against an independent
+materialised-logits reference, alignment, generation, save/load through peft, one base copy, bad input."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from tests.tolerances import assert_close
+
+from rlhf_fast import ops
+from rlhf_fast.models import ROLES, LoraSettings, RoleModel
+from rlhf_fast.models.role_model import position_ids, token_mask
+
+ARCHS = ("llama", "qwen2", "gpt2")
+LORA = LoraSettings(r=4, alpha=8.0)
+
+
+def _randomize(model: RoleModel, *adapters: str, std: float = 0.3, seed: int = 1) -> None:
+    """LoRA B starts at zero (adapter = identity); give adapters and heads random values so roles differ."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in adapters or ("policy", "critic", "reward"):
+            for p in model._adapter_params[name]:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+        for head in (model.value_head, model.score_head):
+            for p in head.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+
+
+def _batch(b: int = 3, t: int = 9, vocab: int = 96, seed: int = 0):
+    """Row 0 left-padded by 3, row 1 right-padded by 2, the rest full."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (b, t), generator=g)
+    mask = torch.ones(b, t, dtype=torch.long)
+    mask[0, :3] = 0
+    mask[1, -2:] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    return ids, mask
+
+
+def _logprobs_from_logits64(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The plain formula in float64 on materialised logits, with RoleModel's alignment written out longhand."""
+    lp = torch.log_softmax(logits.double(), -1)  # (B, T, V)
+    out = torch.zeros(ids.shape, dtype=torch.float64)
+    for b in range(ids.shape[0]):
+        for t in range(1, ids.shape[1]):
+            if mask[b, t] and mask[b, t - 1]:
+                out[b, t] = lp[b, t - 1, ids[b, t]]
+    return out
+
+
+def _plain_model(path, dtype=torch.float64):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager").eval()
+
+
+@pytest.fixture
+def model_of(tiny_model_factory):
+    def make(arch="llama", **kwargs):
+        return RoleModel.from_pretrained(tiny_model_factory(arch), lora=kwargs.pop("lora", LORA), **kwargs)
+
+    return make
+
+
+# ------------------------------------------------------------------------------------------- roles vs reference
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_reference_equals_plain_base_model(arch, tiny_model_factory, model_of):
+    model = model_of(arch)
+    _randomize(model)  # the reference must ignore every adapter
+    ids, mask = _batch()
+    with torch.no_grad():
+        got = model.logprobs(ids, mask, role="reference")
+        plain = _plain_model(tiny_model_factory(arch))
+        # independent of any padding logic: each row's real tokens alone, unpadded, in float64
+        want = torch.zeros(ids.shape, dtype=torch.float64)
+        for b in range(ids.shape[0]):
+            real = mask[b].nonzero().flatten()
+            row = ids[b, real][None]
+            lp = torch.log_softmax(plain(row).logits[0, :-1], -1).gather(-1, row[0, 1:, None])[:, 0]
+            want[b, real[1:]] = lp
+    assert got.dtype == torch.float32 and got.shape == ids.shape
+    assert want.abs().sum() > 0
+    assert_close(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_policy_matches_peft_logits_and_moves_with_its_adapter(arch, model_of):
+    model = model_of(arch)
+    ids, mask = _batch()
+    with torch.no_grad():
+        ref0 = model.logprobs(ids, mask, role="reference")
+        pol0 = model.logprobs(ids, mask, role="policy")
+        assert_close(pol0, ref0.double(), torch.float32)  # fresh adapter: B = 0, policy == base
+        _randomize(model, "policy")
+        pol1 = model.logprobs(ids, mask, role="policy")
+        ref1 = model.logprobs(ids, mask, role="reference")
+        model.peft.base_model.set_adapter("policy")
+        logits = model.peft(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+    assert (pol1 - pol0).abs().max() > 1e-2
+    assert torch.equal(ref1, ref0)
+    assert_close(pol1, _logprobs_from_logits64(logits, ids, mask), torch.float32)
+
+
+def test_critic_and_reward_adapters_leave_policy_and_reference(model_of):
+    model = model_of("llama")
+    _randomize(model, "policy")
+    ids, mask = _batch()
+    with torch.no_grad():
+        before = model.experience(ids, mask)
+        _randomize(model, "critic", "reward", seed=5)
+        after = model.experience(ids, mask)
+    assert torch.equal(after["logprobs"], before["logprobs"])
+    assert torch.equal(after["ref_logprobs"], before["ref_logprobs"])
+    assert not torch.allclose(after["values"], before["values"])
+    assert not torch.allclose(after["scores"], before["scores"])
+
+
+@pytest.mark.parametrize("arch,mode", [("llama", "sequential"), ("llama", "mixed"), ("qwen2", "mixed"),
+                                       ("gpt2", "mixed")])
+def test_experience_equals_single_role_calls(arch, mode, model_of):
+    model = model_of(arch)
+    _randomize(model)
+    ids, mask = _batch()
+    exp = model.experience(ids, mask, mode=mode, temperature=0.7)
+    with torch.no_grad():
+        single = {"logprobs": model.logprobs(ids, mask, "policy", temperature=0.7),
+                  "ref_logprobs": model.logprobs(ids, mask, "reference", temperature=0.7),
+                  "values": model.values(ids, mask), "scores": model.scores(ids, mask)}
+    for key, want in single.items():
+        assert exp[key].shape == want.shape and exp[key].dtype == torch.float32, key
+        assert_close(exp[key], want.double(), torch.float32, msg=key)
+    # the four roles really differ, so the equality above is not vacuous
+    assert (exp["logprobs"] - exp["ref_logprobs"]).abs().max() > 1e-2
+
+
+def test_values_and_scores_against_hidden_states(model_of):
+    """values[:, t] = value_head(h_critic[:, t-1]); scores = score_head(h_reward[last real token])."""
+    model = model_of("qwen2")
+    _randomize(model)
+    ids, mask = _batch()
+    with torch.no_grad():
+        values, scores = model.values(ids, mask), model.scores(ids, mask)
+        outs = {}
+        for role in ("critic", "reward"):
+            model.peft.base_model.set_adapter(role)
+            outs[role] = model.peft(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
+                                    output_hidden_states=True).hidden_states[-1].double()
+    w_v, b_v = model.value_head.weight.double(), model.value_head.bias.double()
+    w_s, b_s = model.score_head.weight.double(), model.score_head.bias.double()
+    want_v = torch.zeros(ids.shape, dtype=torch.float64)
+    want_s = torch.zeros(ids.shape[0], dtype=torch.float64)
+    for b in range(ids.shape[0]):
+        real = mask[b].nonzero().flatten()
+        want_s[b] = outs["reward"][b, real[-1]] @ w_s[0] + b_s[0]
+        for t in range(1, ids.shape[1]):
+            if mask[b, t] and mask[b, t - 1]:
+                want_v[b, t] = outs["critic"][b, t - 1] @ w_v[0] + b_v[0]
+    assert values.shape == ids.shape and scores.shape == (ids.shape[0],)
+    assert_close(values, want_v, torch.float32)
+    assert_close(scores, want_s, torch.float32)
+
+
+def test_alignment_entry_t_reads_tokens_before_t(model_of):
+    model = model_of("llama")
+    _randomize(model)
+    ids = torch.randint(3, 96, (2, 8))
+    mask = torch.ones_like(ids)
+    t = 4
+    ids2 = ids.clone()
+    ids2[:, t] = (ids[:, t] + 7) % 90 + 3
+    with torch.no_grad():
+        lp, lp2 = model.logprobs(ids, mask), model.logprobs(ids2, mask)
+        v, v2 = model.values(ids, mask), model.values(ids2, mask)
+    assert torch.equal(lp[:, :t], lp2[:, :t]) and (lp[:, t] != lp2[:, t]).all()  # target at t
+    assert torch.equal(v[:, : t + 1], v2[:, : t + 1]) and (v[:, t + 1] != v2[:, t + 1]).all()  # state before t+1
+    assert (lp[:, 0] == 0).all() and (v[:, 0] == 0).all()
+
+
+def test_padding_does_not_change_outputs(model_of):
+    """A sequence scores the same alone, left-padded and right-padded (positions follow the mask)."""
+    model = model_of("gpt2")
+    _randomize(model)
+    seq = torch.randint(3, 96, (1, 6))
+    left = torch.cat([torch.zeros(1, 3, dtype=torch.long), seq], 1)
+    right = torch.cat([seq, torch.zeros(1, 3, dtype=torch.long)], 1)
+    m_left = torch.cat([torch.zeros(1, 3), torch.ones(1, 6)], 1).long()
+    m_right = m_left.flip(1)
+    e = model.experience(seq, torch.ones_like(seq))
+    el = model.experience(left, m_left)
+    er = model.experience(right, m_right)
+    for key in ("logprobs", "ref_logprobs", "values"):
+        assert_close(el[key][:, 3:], e[key].double(), torch.float32, msg=key)
+        assert_close(er[key][:, :6], e[key].double(), torch.float32, msg=key)
+        assert (el[key][:, :4] == 0).all() and (er[key][:, 6:] == 0).all()
+    assert_close(el["scores"], e["scores"].double(), torch.float32)
+    assert_close(er["scores"], e["scores"].double(), torch.float32)
+
+
+def test_entropy_and_single_token_rows(model_of):
+    model = model_of("llama")
+    ids, mask = _batch()
+    with torch.no_grad():
+        lp, ent = model.logprobs(ids, mask, "reference", return_entropy=True)
+        logits = _plain_model_logits(model, ids, mask)
+    p = torch.softmax(logits, -1)
+    want = torch.nn.functional.pad(-(p * p.log()).sum(-1)[:, :-1], (1, 0)) * token_mask(mask)
+    assert_close(ent, want, torch.float32)
+    one = model.experience(ids[:, :1], mask[:, :1].clone().fill_(1))
+    assert all((v == 0).all() for k, v in one.items() if k != "scores")
+
+
+def _plain_model_logits(model, ids, mask):
+    with model.peft.disable_adapter():
+        return model.peft(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits.double()
+
+
+# ------------------------------------------------------------------------------------------- training forwards
+
+def _grads(model):
+    named = {name: params for name, params in model._adapter_params.items()}
+    named["value_head"] = list(model.value_head.parameters())
+    named["score_head"] = list(model.score_head.parameters())
+    return {k: any(p.grad is not None and p.grad.abs().sum() > 0 for p in v) for k, v in named.items()}
+
+
+def test_each_role_trains_only_its_adapter_and_head(model_of):
+    model = model_of("llama")
+    _randomize(model)
+    model.train()
+    ids, mask = _batch()
+    base = [p for n, p in model.named_parameters() if "lora_" not in n and "_head" not in n]
+    assert base and not any(p.requires_grad for p in base)
+
+    f = model.policy_forward(ids, mask)
+    assert f.hidden.shape == (*ids.shape, f.weight.shape[1])
+    lp = ops.fused_linear_logprobs(f.hidden, f.weight, f.targets, f.bias)
+    assert_close(lp, model.logprobs(ids, mask).double(), torch.float32)
+    lp.sum().backward()
+    assert _grads(model) == {"policy": True, "critic": False, "reward": False, "value_head": False,
+                             "score_head": False}
+    model.zero_grad(set_to_none=True)
+    # policy and critic forwards first, one backward after: both adapters must still receive gradients
+    loss = model.policy_forward(ids, mask).hidden.sum() + model.values(ids, mask).sum()
+    loss.backward()
+    assert _grads(model) == {"policy": True, "critic": True, "reward": False, "value_head": True,
+                             "score_head": False}
+    model.zero_grad(set_to_none=True)
+    model.scores(ids, mask).sum().backward()
+    assert _grads(model) == {"policy": False, "critic": False, "reward": True, "value_head": False,
+                             "score_head": True}
+    assert all(p.grad is None for p in base)
+    assert {id(p) for p in model.role_parameters("critic")} == (
+        {id(p) for p in model._adapter_params["critic"]} | {id(p) for p in model.value_head.parameters()})
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(model_of):
+    grads = []
+    for gc in (False, True):
+        model = model_of("qwen2", gradient_checkpointing=gc)
+        _randomize(model)
+        model.train()
+        ids, mask = _batch()
+        model.values(ids, mask).pow(2).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.role_parameters("critic")]))
+    assert_close(grads[1], grads[0].double(), torch.float32)
+
+
+# ------------------------------------------------------------------------------------------- SFT -> reference
+
+def test_merge_policy_into_base_makes_reference_the_sft_model(model_of):
+    model = model_of("gpt2")
+    _randomize(model)
+    ids, mask = _batch()
+    with torch.no_grad():
+        sft = model.logprobs(ids, mask, "policy")
+        critic = model.values(ids, mask)
+        model.merge_policy_into_base()
+        ref = model.logprobs(ids, mask, "reference")
+        pol = model.logprobs(ids, mask, "policy")
+    assert_close(ref, sft.double(), torch.float32)
+    assert torch.equal(pol, ref)  # fresh policy adapter: B = 0
+    assert all((p == 0).all() for n, p in model.peft.named_parameters() if "lora_B.policy" in n)
+    assert not torch.allclose(model.values(ids, mask), critic)  # the critic now sits on the SFT base
+
+
+# ------------------------------------------------------------------------------------------- generation
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_generation_matches_the_policy_argmax(arch, model_of):
+    """KV cache + left padding: every greedy token is the argmax of the policy on the returned sequence."""
+    model = model_of(arch)
+    _randomize(model, "policy", std=0.1)
+    ids, mask = _batch(t=5)
+    mask[1] = 1
+    ids[1] = ids[1].clamp(min=3)
+    out = model.generate(ids, mask, max_new_tokens=6, temperature=0, eos_token_id=[])
+    seq, am, rm = out["sequences"], out["attention_mask"], out["response_mask"]
+    assert seq.shape == (3, 11) and am.shape == rm.shape == seq.shape
+    assert torch.equal(am[:, :5], mask) and (rm[:, :5] == 0).all() and (rm[:, 5:] == 1).all()
+    with torch.no_grad():
+        model.peft.base_model.set_adapter("policy")
+        logits = model.peft(input_ids=seq, attention_mask=am, position_ids=position_ids(am)).logits
+    assert torch.equal(logits[:, 4:-1].argmax(-1), seq[:, 5:])
+
+
+def test_generation_stops_at_eos_and_masks_after(model_of):
+    model = model_of("llama")
+    ids, mask = _batch(t=5)
+    free = model.generate(ids, mask, max_new_tokens=8, temperature=0, eos_token_id=[])
+    eos = int(free["sequences"][0, 7])  # row 0's third greedy token becomes the stop token
+    out = model.generate(ids, mask, max_new_tokens=8, temperature=0, eos_token_id=eos, pad_token_id=0)
+    seq, rm, am = out["sequences"], out["response_mask"], out["attention_mask"]
+    for b in range(3):
+        resp = free["sequences"][b, 5:]
+        hits = (resp == eos).nonzero().flatten()
+        n = int(hits[0]) + 1 if len(hits) else 8
+        assert (rm[b, 5:5 + n] == 1).all() and (rm[b, 5 + n:] == 0).all()
+        assert torch.equal(seq[b, 5:5 + n], resp[:n])
+        assert (seq[b, 5 + n:] == 0).all()
+    assert rm[0, 5:].sum() <= 3 and seq[0, 5 + int(rm[0].sum()) - 1] == eos
+    assert torch.equal(am[:, 5:], rm[:, 5:])
+    if bool((rm[:, -1] == 0).all()):  # every row stopped early: generation stopped early too
+        assert seq.shape[1] < 13
+
+
+def test_sampling_is_reproducible_and_honours_top_k(model_of):
+    model = model_of("qwen2")
+    ids, mask = _batch(t=4)
+    kw = dict(max_new_tokens=5, temperature=1.3, top_p=0.9, eos_token_id=[])
+    a = model.generate(ids, mask, generator=torch.Generator().manual_seed(3), **kw)["sequences"]
+    b = model.generate(ids, mask, generator=torch.Generator().manual_seed(3), **kw)["sequences"]
+    assert torch.equal(a, b)
+    g = model.generate(ids, mask, top_k=1, max_new_tokens=5, temperature=2.0, eos_token_id=[],
+                       generator=torch.Generator().manual_seed(4))["sequences"]
+    greedy = model.generate(ids, mask, temperature=0, max_new_tokens=5, eos_token_id=[])["sequences"]
+    assert torch.equal(g, greedy)
+
+
+def test_generation_leaves_base_weights_bit_identical(model_of):
+    model = model_of("llama")
+    _randomize(model, "policy")
+    before = {k: v.clone() for k, v in model.base_state_dict().items()}
+    ids, mask = _batch(t=4)
+    live = model.generate(ids, mask, max_new_tokens=4, temperature=0, eos_token_id=[])
+    after = model.base_state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    merged = model.generate(ids, mask, max_new_tokens=4, temperature=0, eos_token_id=[], merge=True)
+    assert torch.equal(live["sequences"], merged["sequences"])
+    # merge + unmerge rounds in floating point: close, but not promised bit for bit (hence merge=False default)
+    after = model.base_state_dict()
+    assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)
+
+
+# ------------------------------------------------------------------------------------------- save / load
+
+@pytest.mark.parametrize("arch", ["gpt2"])
+def test_save_load_round_trip_through_peft(arch, tiny_model_factory, model_of, tmp_path):
+    from peft import PeftModel
+
+    model = model_of(arch)
+    _randomize(model)
+    ids, mask = _batch()
+    want = model.experience(ids, mask)
+    out = model.save(tmp_path / "ckpt")
+    assert not (out / "base").exists()
+    assert {p.name for p in tmp_path.iterdir()} == {"ckpt"}  # no temp folders left behind
+    settings = json.loads((out / "role_model.json").read_text())
+    assert settings["lora"]["r"] == LORA.r
+
+    back = RoleModel.load(out)
+    got = back.experience(ids, mask)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+
+    plain = _plain_model(tiny_model_factory(arch), torch.float32)
+    peft_policy = PeftModel.from_pretrained(plain, str(out / "adapters" / "policy"), adapter_name="policy").eval()
+    with torch.no_grad():
+        logits = peft_policy(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+    assert_close(want["logprobs"], _logprobs_from_logits64(logits, ids, mask), torch.float32)
+
+
+def test_save_base_after_merge_and_overwrite(model_of, tmp_path):
+    model = model_of("qwen2")
+    _randomize(model)
+    model.merge_policy_into_base()
+    ids, mask = _batch()
+    want = model.experience(ids, mask)
+    model.save(tmp_path / "ckpt", save_base=True)
+    model.save(tmp_path / "ckpt", save_base=True)  # overwriting an existing checkpoint works
+    assert (tmp_path / "ckpt" / "base" / "config.json").is_file()
+    assert (tmp_path / "ckpt" / "base" / "tokenizer.json").is_file()
+    back = RoleModel.load(tmp_path / "ckpt")
+    got = back.experience(ids, mask)
+    for key in want:
+        assert_close(got[key], want[key].double(), torch.float32, msg=key)
+    assert back.merged_into_base == 1
+
+
+# ------------------------------------------------------------------------------------------- memory, dtypes
+
+def _storages(module):
+    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for t in list(module.parameters()) + list(module.buffers())}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_exactly_one_copy_of_the_base_weights(arch, tiny_model_factory, model_of):
+    plain = _plain_model(tiny_model_factory(arch), torch.float32)
+    model = model_of(arch)
+    base = {n.replace(".base_layer.", "."): p for n, p in model.lm.named_parameters() if "lora_" not in n}
+    plain_params = dict(plain.named_parameters())
+    assert base.keys() == plain_params.keys()
+    # as many unique base storages as the plain model has (tied embeddings stay tied), no more
+    assert len({p.untyped_storage().data_ptr() for p in base.values()}) == len(_storages(plain)) - len(
+        [b for b in plain.buffers()])
+    extra = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" in n or "_head" in n)
+    base_bytes = sum(_storages(plain).values())
+    assert sum(_storages(model).values()) <= base_bytes + extra
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == {id(p) for r in ("policy", "critic", "reward") for p in model.role_parameters(r)}
+
+
+def test_bf16(tiny_model_factory, model_of):
+    model = model_of("llama", dtype=torch.bfloat16)
+    _randomize(model)
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for r in ("policy", "critic") for p in model.role_parameters(r))
+    ids, mask = _batch()
+    exp = model.experience(ids, mask)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in exp.values())
+    plain = _plain_model(tiny_model_factory("llama"), torch.bfloat16)
+    with torch.no_grad():
+        logits = plain(ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+    # same bf16 forward; only the head's accumulation order differs (fused fp32 vs bf16 GEMM)
+    assert_close(exp["ref_logprobs"], _logprobs_from_logits64(logits, ids, mask), torch.bfloat16)
+    out = model.generate(ids, mask, max_new_tokens=3)
+    assert out["sequences"].shape == (3, 12)
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+def test_bad_input_errors(model_of, tiny_model_factory, tmp_path):
+    model = model_of("llama")
+    ids, mask = _batch()
+    with pytest.raises(ValueError, match="policy, reference, critic, reward"):
+        model(ids, mask, role="actor")
+    with pytest.raises(ValueError, match="'policy' or 'reference'"):
+        model.logprobs(ids, mask, role="critic")
+    with pytest.raises(ValueError, match="does not match"):
+        model.values(ids, mask[:, :-1])
+    with pytest.raises(ValueError, match="empty batch"):
+        model.experience(ids[:0], mask[:0])
+    with pytest.raises(TypeError, match="integer"):
+        model.scores(ids.float(), mask)
+    with pytest.raises(ValueError, match="mode"):
+        model.experience(ids, mask, mode="parallel")
+    with pytest.raises(ValueError, match="at least one real token"):
+        model.generate(ids, torch.zeros_like(mask), max_new_tokens=2)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        RoleModel.from_pretrained(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no config.json"):
+        RoleModel.from_pretrained(tmp_path / "empty")
+    with pytest.raises(ValueError, match="not a RoleModel folder"):
+        RoleModel.load(tmp_path / "empty")
+    with pytest.raises(TypeError, match="model_or_path"):
+        RoleModel.from_pretrained(42)
+    assert set(ROLES) == {"policy", "reference", "critic", "reward"}
+
+
+def test_missing_pad_token_falls_back_to_eos_with_one_warning(tiny_model_factory):
+    path = tiny_model_factory("llama", with_pad=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = RoleModel.from_pretrained(path, lora=LORA)
+        ids, mask = _batch()
+        model.generate(ids, mask, max_new_tokens=2)
+        model.experience(ids, mask)
+    pad_warnings = [w for w in caught if "pad" in str(w.message)]
+    assert len(pad_warnings) == 1 and "EOS" in str(pad_warnings[0].message)
+    assert model.pad_token_id == model.eos_token_id == 1
+
+
+def test_built_model_object_is_used_in_place(tiny_model_factory):
+    plain = _plain_model(tiny_model_factory("llama"), torch.float32)
+    ptr = plain.get_input_embeddings().weight.data_ptr()
+    model = RoleModel.from_pretrained(plain, lora=LORA)
+    assert model.lm.get_input_embeddings().weight.data_ptr() == ptr

@@ -1,0 +1,24 @@
+"""The three stages of the InstructGPT recipe, each a config dataclass and one loop:
+
+    SFTConfig, train_sft   supervised fine-tuning of the policy adapter (then merge it into the base)
+    RMConfig,  train_rm    Bradley-Terry reward model on pairs or K-way rankings (reward adapter + head)
+    PPOConfig, train_ppo   PPO of policy and critic adapters against the reward adapter
+
+Each train_* takes the config and optionally in-memory objects (a RoleModel or transformers model, a
+tokenizer, token-id examples, a per-step callback) and returns a dict with the model and final metrics.
+"""
+
+from rlhf_fast.trainers.common import (
+    AdaptiveKLController,
+    ConfigError,
+    FixedKLController,
+    LoraConfig,
+    OptimConfig,
+    TrainConfig,
+)
+from rlhf_fast.trainers.ppo import PPOConfig, train_ppo
+from rlhf_fast.trainers.rm import RMConfig, train_rm
+from rlhf_fast.trainers.sft import SFTConfig, train_sft
+
+__all__ = ["AdaptiveKLController", "ConfigError", "FixedKLController", "LoraConfig", "OptimConfig", "PPOConfig",
+           "RMConfig", "SFTConfig", "TrainConfig", "train_ppo", "train_rm", "train_sft"]

@@ -76,12 +76,9 @@ class LoraConfig:
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"lora_dropout must lie in [0, 1), got {self.lora_dropout}")
 
-    def as_kwargs(self) -> dict:
-        targets = [t.strip() for t in self.lora_target_modules.split(",") if t.strip()]
-        out = {"r": self.lora_r, "lora_alpha": self.lora_alpha, "lora_dropout": self.lora_dropout}
-        if targets:
-            out["target_modules"] = targets
-        return out
+    def targets(self) -> list[str] | None:
+        names = [t.strip() for t in self.lora_target_modules.split(",") if t.strip()]
+        return names or None
 
 
 @dataclass
@@ -93,7 +90,8 @@ class TrainConfig:
     out_dir: str = option("out", "output folder: final adapters/heads, checkpoints/, metrics.jsonl")
     seed: int = option(0, "random seed (data order, dropout, sampling)")
     device: str = option("auto", "auto, cpu or cuda[:n]")
-    dtype: str = option("float32", "base model dtype", choices=("float32", "bfloat16", "float16"))
+    dtype: str = option("auto", "base model dtype (auto: as saved)", choices=("auto", "float32", "bfloat16",
+                                                                           "float16"))
     max_length: int = option(512, "context length: prompt + response tokens")
     batch_size: int = option(8, "examples per optimiser step")
     max_steps: int = option(0, "optimiser steps (0: epochs x steps per epoch)")
@@ -116,8 +114,8 @@ class TrainConfig:
             raise ConfigError("max_steps must be >= 0 and epochs > 0")
         if self.log_every <= 0 or self.checkpoint_every < 0 or self.keep_checkpoints <= 0:
             raise ConfigError("log_every and keep_checkpoints must be > 0, checkpoint_every >= 0")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         self.optim.validate()
         self.lora.validate()
 
@@ -163,38 +161,87 @@ def load_tokenizer(path: str):
     return tok
 
 
-def load_role_model(cfg: TrainConfig, device: torch.device, model=None):
-    """RoleModel on `device`, from cfg.model unless an already-built one (or a transformers model) is given."""
-    from rlhf_fast.models import RoleModel
+def resolve_tokenizer(cfg: TrainConfig, tokenizer, model, *, need: bool):
+    """The tokenizer to use: the one given, the RoleModel's own, or cfg.model's (required when the model is
+    loaded from cfg.model or when `need`, i.e. text data must be encoded)."""
+    if tokenizer is not None:
+        return tokenizer
+    if getattr(model, "tokenizer", None) is not None:
+        return model.tokenizer
+    if model is None or need:
+        if model is not None and not cfg.model:
+            raise ConfigError("a tokenizer is needed to encode the text data: pass tokenizer= or --model")
+        return load_tokenizer(cfg.model)
+    return None
+
+
+def load_role_model(cfg: TrainConfig, device: torch.device, model=None, tokenizer=None):
+    """A RoleModel on `device`: `model` itself when it is one, else RoleModel.from_pretrained of `model`
+    (a transformers model object) or of the folder cfg.model."""
+    from rlhf_fast.models import LoraSettings, RoleModel
 
     if isinstance(model, RoleModel):
         return model.to(device)
     src = model if model is not None else cfg.model
-    if isinstance(src, str) and not os.path.isdir(src):
-        raise ConfigError(f"model folder {src!r} does not exist")
-    dtype = getattr(torch, cfg.dtype)
+    lora = LoraSettings(r=cfg.lora.lora_r, alpha=cfg.lora.lora_alpha, dropout=cfg.lora.lora_dropout,
+                        target_modules=cfg.lora.targets())
+    dtype = None if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
     try:
-        rm = RoleModel.from_pretrained(src, lora=cfg.lora.as_kwargs(), dtype=dtype)
+        rm = RoleModel.from_pretrained(src, lora=lora, dtype=dtype, tokenizer=tokenizer,
+                                       gradient_checkpointing=cfg.gradient_checkpointing)
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load model {src!r}: {e}") from e
-    if cfg.gradient_checkpointing and hasattr(rm, "gradient_checkpointing_enable"):
-        rm.gradient_checkpointing_enable()
     return rm.to(device)
 
 
 def trainable_named_parameters(model, roles: Iterable[str]) -> list[tuple[str, torch.nn.Parameter]]:
-    """Adapter and head parameters of the given roles, in a fixed order (the optimiser state depends on it)."""
-    out = []
-    if hasattr(model, "trainable_parameters"):
-        seen = set()
-        named = dict(model.named_parameters())
-        ids = {id(p) for r in roles for p in model.trainable_parameters(r)}
-        for n, p in named.items():
-            if id(p) in ids and id(p) not in seen:
-                seen.add(id(p))
-                out.append((n, p))
-        return out
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    """(name, parameter) of the adapters and heads of `roles`, in module order (the optimiser state and the
+    checkpoints depend on a fixed order)."""
+    ids = {id(p) for r in roles for p in model.role_parameters(r)}
+    return [(n, p) for n, p in model.named_parameters() if id(p) in ids]
+
+
+def pad_id(tokenizer, model=None) -> int:
+    for src in (tokenizer, model):
+        v = getattr(src, "pad_token_id", None)
+        if v is not None:
+            return int(v)
+    return 0
+
+
+def eos_id(tokenizer, model=None) -> int | None:
+    for src in (tokenizer, model):
+        v = getattr(src, "eos_token_id", None)
+        if v is not None:
+            return int(v)
+    return None
+
+
+def set_reward_offset(model, offset: float) -> None:
+    """Fold the reward normalisation offset into the score head's bias: it is saved with the head and every
+    later score (PPO's included) is normalised without anyone having to remember it."""
+    with torch.no_grad():
+        model.score_head.bias.add_(offset)
+
+
+def load_reward(model, path: str) -> None:
+    """Load only the reward adapter and the score head from a folder written by RoleModel.save (the RM
+    stage's out_dir/model); the policy and critic adapters and the value head are left as they are."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    f = os.path.join(path, "adapters", "reward", "adapter_model.safetensors")
+    heads = os.path.join(path, "heads.safetensors")
+    if not (os.path.isfile(f) and os.path.isfile(heads)):
+        raise ConfigError(f"reward model folder {path!r} lacks adapters/reward or heads.safetensors "
+                          "(expected the out_dir/model folder written by `rlhf-fast rm`)")
+    with torch.no_grad():
+        res = set_peft_model_state_dict(model.peft, load_file(f), adapter_name="reward")
+        missing = [k for k in res.missing_keys if ".reward." in k and "lora_" in k]
+        if missing:
+            raise ConfigError(f"reward adapter {f} does not fit this base: missing {missing[0]}")
+        sd = {k.split(".", 1)[1]: v for k, v in load_file(heads).items() if k.startswith("score_head.")}
+        model.score_head.load_state_dict(sd)
 
 
 # ----------------------------------------------------------------------------------------- optimiser

@@ -1,0 +1,267 @@
+"""PPO against a learned reward model, all four roles on one base (InstructGPT's recipe, Ouyang et al. 2022).
+
+Each step: sample a batch of prompts; rollout with the policy adapter (RoleModel.generate); one experience
+forward for log-probs, reference log-probs, values and scores; reward shaping and advantages in one pass
+(ops.kl_penalized_gae: r_t = -beta * KL_t, plus the score on the last response token); then ppo_epochs
+passes over num_minibatches minibatches with ops.fused_linear_ppo_loss (policy, no (B, T, V) logits) and
+ops.value_loss (critic), plus an optional PTX term (next-token loss on pretraining text, InstructGPT's
+fix for the alignment tax). beta is fixed or adapted towards a target KL (Ziegler et al. 2019).
+Metric names follow TRL's PPO trainer.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from rlhf_fast import checkpoint as ckpt
+from rlhf_fast.data.collate import collate_prompts, collate_texts
+from rlhf_fast.data.jsonl import (
+    DataError,
+    check_examples,
+    encode_prompts,
+    encode_texts,
+    load_prompts,
+    load_texts,
+)
+from rlhf_fast.trainers import common as C
+from rlhf_fast.trainers.common import ConfigError, TrainConfig, option
+from rlhf_fast.trainers.sft import sft_loss
+
+
+@dataclass
+class PPOConfig(TrainConfig):
+    """PPO of the policy and critic adapters against the reward adapter, on {"prompt"} JSONL."""
+
+    reward_model: str = option("", "folder saved by `rlhf-fast rm` (out_dir/model): reward adapter, head, offset")
+    response_length: int = option(64, "new tokens generated per prompt")
+    temperature: float = option(1.0, "sampling temperature (the PPO log-probs use the same)")
+    top_p: float = option(1.0, "nucleus sampling")
+    top_k: int = option(0, "top-k sampling (0: off)")
+    ppo_epochs: int = option(4, "passes over each rollout batch")
+    num_minibatches: int = option(1, "minibatches per pass")
+    kl_coef: float = option(0.05, "KL penalty coefficient beta (initial value for the adaptive controller)")
+    kl_controller: str = option("fixed", "fixed, or adaptive (Ziegler et al. 2019)", choices=("fixed", "adaptive"))
+    kl_target: float = option(6.0, "adaptive controller: target KL per sequence")
+    kl_horizon: float = option(10000.0, "adaptive controller: horizon, in sequences")
+    kl_estimator: str = option("k1", "KL estimator in the reward: k1, k2, k3 or abs", choices=("k1", "k2", "k3", "abs"))
+    gamma: float = option(1.0, "discount")
+    lam: float = option(0.95, "GAE lambda")
+    clip_low: float = option(0.2, "PPO clip range below 1 (ratio >= 1 - clip_low)")
+    clip_high: float | None = option(None, "PPO clip range above 1 (default: clip_low)")
+    dual_clip: float | None = option(None, "dual-clip bound c > 1 for negative advantages (off when unset)")
+    value_clip: float | None = option(0.2, "value clip range around the old values (unset: no clipping)")
+    vf_coef: float = option(0.1, "value loss coefficient")
+    entropy_coef: float = option(0.0, "entropy bonus coefficient")
+    whiten_advantages: bool = option(True, "whiten advantages over the batch")
+    normalize_scores: bool = option(False, "normalise scores by their running mean and std")
+    score_clip: float | None = option(None, "clip scores to [-score_clip, score_clip] (after normalisation)")
+    missing_eos_penalty: float | None = option(None, "subtract this from the score of responses without EOS")
+    loss_agg: str = option("token-mean", "loss aggregation", choices=("token-mean", "seq-mean-token-sum",
+                                                                      "seq-mean-token-mean"))
+    ptx_data: str = option("", "pretraining text JSONL {\"text\"} for the PTX term")
+    ptx_coef: float = option(0.0, "PTX coefficient (next-token loss on ptx_data)")
+    ptx_batch_size: int = option(4, "texts per minibatch for the PTX term")
+
+    def validate(self) -> None:
+        super().validate()
+        checks = [
+            (self.kl_coef >= 0, f"kl_coef must be >= 0, got {self.kl_coef}"),
+            (self.clip_low > 0, f"clip_low must be > 0, got {self.clip_low}"),
+            (self.clip_high is None or self.clip_high > 0, f"clip_high must be > 0, got {self.clip_high}"),
+            (self.dual_clip is None or self.dual_clip > 1, f"dual_clip must be > 1, got {self.dual_clip}"),
+            (self.value_clip is None or self.value_clip > 0, f"value_clip must be > 0, got {self.value_clip}"),
+            (0 <= self.lam <= 1, f"lam must lie in [0, 1], got {self.lam}"),
+            (0 <= self.gamma <= 1, f"gamma must lie in [0, 1], got {self.gamma}"),
+            (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
+            (0 < self.top_p <= 1 and self.top_k >= 0, "top_p must lie in (0, 1] and top_k be >= 0"),
+            (0 < self.response_length < self.max_length,
+             f"response_length must lie in [1, max_length={self.max_length}), got {self.response_length}"),
+            (self.ppo_epochs >= 1, f"ppo_epochs must be >= 1, got {self.ppo_epochs}"),
+            (1 <= self.num_minibatches <= self.batch_size,
+             f"num_minibatches must lie in [1, batch_size={self.batch_size}], got {self.num_minibatches}"),
+            (self.kl_target > 0 and self.kl_horizon > 0, "kl_target and kl_horizon must be > 0"),
+            (self.vf_coef >= 0 and self.entropy_coef >= 0, "vf_coef and entropy_coef must be >= 0"),
+            (self.score_clip is None or self.score_clip > 0, f"score_clip must be > 0, got {self.score_clip}"),
+            (self.ptx_coef >= 0 and self.ptx_batch_size >= 1, "ptx_coef must be >= 0 and ptx_batch_size >= 1"),
+            (self.kl_controller in ("fixed", "adaptive"), f"kl_controller must be fixed or adaptive, got "
+                                                           f"{self.kl_controller!r}"),
+            (self.kl_estimator in ("k1", "k2", "k3", "abs"), f"unknown kl_estimator {self.kl_estimator!r}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+
+
+def kl_controller(cfg: PPOConfig):
+    if cfg.kl_controller == "adaptive":
+        return C.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    return C.FixedKLController(cfg.kl_coef)
+
+
+@torch.no_grad()
+def rollout(model, cfg: PPOConfig, prompts: dict, eos_id: int | None, ctl, moments, reward_fn=None) -> dict:
+    """Generate, score and compute advantages for one batch of prompts (left-padded prompt_ids/prompt_mask)."""
+    from rlhf_fast.ops import kl_penalized_gae, kl_penalty, masked_whiten
+
+    g = model.generate(prompts["prompt_ids"], prompts["prompt_mask"], max_new_tokens=cfg.response_length,
+                       temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, eos_token_id=eos_id)
+    seq, attn, resp = g["sequences"], g["attention_mask"], g["response_mask"]  # (B, T) each
+    exp = model.experience(seq, attn, temperature=cfg.temperature)
+    mask = resp.float()  # (B, T): generated tokens up to and including the first EOS
+    scores = exp["scores"].float() if reward_fn is None else reward_fn(seq, attn, resp).float()  # (B,)
+    has_eos = ((seq == eos_id) & (resp != 0)).any(1) if eos_id is not None else torch.ones_like(scores).bool()
+    if cfg.missing_eos_penalty is not None:
+        scores = scores - cfg.missing_eos_penalty * (~has_eos).float()
+    raw_scores = scores
+    if cfg.normalize_scores:
+        moments.update(scores)
+        scores = (scores - moments.mean) / moments.std
+    if cfg.score_clip is not None:
+        scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
+    lp, ref, values = exp["logprobs"].float(), exp["ref_logprobs"].float(), exp["values"].float()
+    adv, returns, _ = kl_penalized_gae(lp, ref, values, scores, mask, kl_coef=ctl.value, gamma=cfg.gamma,
+                                       lam=cfg.lam, estimator=cfg.kl_estimator)  # (B, T) each
+    if cfg.whiten_advantages:
+        adv = masked_whiten(adv, mask)
+    kl = (kl_penalty(lp, ref, cfg.kl_estimator) * mask).sum(1)  # (B,) per sequence
+    return {"seq": seq, "attn": attn, "mask": mask, "logprobs": lp, "values": values, "adv": adv,
+            "returns": returns, "scores": scores, "raw_scores": raw_scores, "kl": kl, "has_eos": has_eos,
+            "entropy": (-lp * mask).sum(1)}
+
+
+def ppo_minibatch_loss(model, cfg: PPOConfig, b: dict, idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Policy + vf_coef * value loss on rows `idx` of the rollout batch."""
+    from rlhf_fast.ops import fused_linear_ppo_loss, value_loss
+
+    seq, attn, mask = b["seq"][idx], b["attn"][idx], b["mask"][idx]
+    f = model.policy_forward(seq, attn)  # hidden (b, T, H) aligned with seq: hidden[:, t] scores token t
+    pg, pst = fused_linear_ppo_loss(f.hidden, f.weight, f.targets, b["logprobs"][idx], b["adv"][idx],
+                                    mask * f.mask, f.bias, entropy_coef=cfg.entropy_coef,
+                                    clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
+                                    temperature=cfg.temperature, agg=cfg.loss_agg)
+    values = model.values(seq, attn)  # (b, T)
+    vl, vst = value_loss(values, b["values"][idx], b["returns"][idx], mask, clip=cfg.value_clip, agg=cfg.loss_agg)
+    stats = {"policy/approxkl_avg": pst["approx_kl"], "policy/clipfrac_avg": pst["clipfrac"],
+             "policy/entropy_avg": pst["entropy"], "loss/policy_avg": pg.detach(), "loss/value_avg": vl.detach(),
+             "val/clipfrac_avg": vst["clipfrac"], "val/ratio": pst["ratio"]}
+    return pg + cfg.vf_coef * vl, stats
+
+
+def train_ppo(cfg: PPOConfig, *, model=None, tokenizer=None, prompts: list[dict] | None = None,
+              ptx_examples: list[dict] | None = None, reward_fn=None, callback=None) -> dict:
+    """Run PPO. Returns {"model", "metrics": last logged row, "out"}.
+
+    model: a RoleModel whose reward adapter and head are trained (else cfg.model plus cfg.reward_model).
+    prompts: token-id examples {"prompt_ids"} instead of reading cfg.data.
+    ptx_examples: {"input_ids"} pretraining texts instead of reading cfg.ptx_data.
+    reward_fn(sequences, attention_mask, response_mask) -> (B,) scores, replacing the reward head.
+    callback(step, model) -> dict of extra metrics, called at every logged step.
+    """
+    cfg.validate()
+    tokenizer = C.resolve_tokenizer(cfg, tokenizer, model, need=prompts is None or bool(cfg.ptx_data))
+    if prompts is None:
+        prompts = encode_prompts(load_prompts(cfg.data), tokenizer, cfg.max_length, cfg.response_length, cfg.data)
+    check_examples(prompts, ("prompt_ids",), "PPO prompts")
+    too_long = [i for i, p in enumerate(prompts) if len(p["prompt_ids"]) + cfg.response_length > cfg.max_length]
+    if too_long:
+        raise DataError(f"prompt {too_long[0]} has {len(prompts[too_long[0]]['prompt_ids'])} tokens: with "
+                        f"response_length={cfg.response_length} it exceeds max_length={cfg.max_length}")
+    if ptx_examples is None and cfg.ptx_data:
+        ptx_examples = encode_texts(load_texts(cfg.ptx_data), tokenizer, cfg.max_length)
+    if cfg.ptx_coef > 0 and not ptx_examples:
+        raise ConfigError("ptx_coef > 0 needs pretraining text (--ptx_data)")
+    if model is None and not cfg.reward_model and reward_fn is None:
+        raise ConfigError("--reward_model is required: the folder written by `rlhf-fast rm` (its out_dir/model)")
+    device = C.resolve_device(cfg.device)
+    C.seed_everything(cfg.seed)
+    model = C.load_role_model(cfg, device, model, tokenizer)
+    if cfg.reward_model:
+        C.load_reward(model, cfg.reward_model)
+    pad_id, eos_id = C.pad_id(tokenizer, model), C.eos_id(tokenizer, model)
+    model.eval()  # no dropout: rollout and training log-probs must agree
+
+    params = C.trainable_named_parameters(model, ["policy", "critic"])
+    opt = C.build_optimizer([p for _, p in params], cfg.optim)
+    sampler = C.BatchSampler(len(prompts), cfg.batch_size, cfg.seed)
+    ptx_sampler = C.BatchSampler(len(ptx_examples), cfg.ptx_batch_size, cfg.seed + 1) if cfg.ptx_coef > 0 else None
+    total = cfg.max_steps or cfg.epochs * sampler.steps_per_epoch
+    updates = total * cfg.ppo_epochs * min(cfg.num_minibatches, sampler.batch_size)
+    sched = C.build_scheduler(opt, cfg.optim, updates)
+    ctl, moments = kl_controller(cfg), C.RunningMoments()
+
+    root = os.path.join(cfg.out_dir, "checkpoints")
+    step, skipped, resumed = 0, 0, None
+    latest = ckpt.latest_checkpoint(root) if cfg.resume else None
+    if latest:
+        state = ckpt.load_checkpoint(latest, params=params, optimizer=opt, scheduler=sched)
+        step, skipped, resumed = state["step"], state["skipped_steps"], state["step"]
+        sampler.load_state_dict(state["sampler"])
+        ctl.load_state_dict(state["kl_controller"])
+        moments.load_state_dict(state["score_moments"])
+        if ptx_sampler is not None:
+            ptx_sampler.load_state_dict(state["ptx_sampler"])
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    log = C.MetricsLogger(os.path.join(cfg.out_dir, "metrics.jsonl"), resumed, os.path.join(cfg.out_dir, "tb"))
+
+    def save(at: int) -> None:
+        state = {"sampler": sampler.state_dict(), "skipped_steps": skipped, "kl_controller": ctl.state_dict(),
+                 "score_moments": moments.state_dict()}
+        if ptx_sampler is not None:
+            state["ptx_sampler"] = ptx_sampler.state_dict()
+        ckpt.save_checkpoint(root, at, params=params, optimizer=opt, scheduler=sched, keep=cfg.keep_checkpoints,
+                             state=state)
+
+    bar = C.progress_bar(total, step, "ppo", cfg.progress)
+    row: dict = {}
+    t0, tokens = time.perf_counter(), 0
+    while step < total:
+        batch = collate_prompts([prompts[i] for i in sampler.next()], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        b = rollout(model, cfg, batch, eos_id, ctl, moments, reward_fn)
+        beta = ctl.value
+        B = b["seq"].shape[0]
+        stats: dict[str, list] = {}
+        for _ in range(cfg.ppo_epochs):
+            for idx in torch.randperm(B, device=device).chunk(min(cfg.num_minibatches, B)):
+                loss, st = ppo_minibatch_loss(model, cfg, b, idx)
+                if ptx_sampler is not None:
+                    tb = collate_texts([ptx_examples[i] for i in ptx_sampler.next()], pad_id)
+                    ptx, _ = sft_loss(model, {k: v.to(device) for k, v in tb.items()})
+                    loss = loss + cfg.ptx_coef * ptx
+                    st["loss/ptx_avg"] = ptx.detach()
+                loss.backward()
+                ok, gnorm = C.apply_gradients(loss, [p for _, p in params], opt, sched, cfg.optim.max_grad_norm)
+                skipped += not ok
+                st["grad_norm"] = gnorm
+                for k, v in st.items():
+                    stats.setdefault(k, []).append(float(v))
+        ctl.update(float(b["kl"].mean()), B)
+        tokens += int(b["attn"].sum())
+        step += 1
+        if step % cfg.log_every == 0 or step == total:
+            non_score = -beta * b["kl"]
+            metrics = {k: sum(v) / len(v) for k, v in stats.items()}
+            metrics.update({
+                "objective/kl": b["kl"].mean(), "objective/entropy": b["entropy"].mean(),
+                "objective/non_score_reward": non_score.mean(), "objective/scores": b["raw_scores"].mean(),
+                "objective/rlhf_reward": (b["scores"] + non_score).mean(), "objective/kl_coef": beta,
+                "val/num_eos_tokens": b["has_eos"].sum(), "val/response_length": b["mask"].sum(1).mean(),
+                "lr": sched.get_last_lr()[0], "skipped_steps": skipped,
+                "tokens/s": tokens / max(time.perf_counter() - t0, 1e-9), "peak_memory_mb": C.peak_memory_mb(device)})
+            if callback is not None:
+                metrics.update(callback(step, model) or {})
+            row = log.log(step, metrics)
+            C.show(bar, row, ("objective/scores", "objective/kl", "loss/policy_avg"))
+        bar.update(1)
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+            save(step)
+    bar.close()
+    save(step)
+    log.close()
+    out = os.path.join(cfg.out_dir, "model")
+    model.save(out, save_base=False)
+    return {"model": model, "metrics": row, "out": out}

@@ -1,0 +1,173 @@
+"""Reward model: Bradley-Terry on preference pairs and K-way rankings.
+
+Trains the `reward` LoRA adapter and score head of a RoleModel. A ranking of K responses to one prompt
+gives all C(K, 2) ordered pairs; they go into the same batch and each prompt's pairs are averaged, so
+each prompt weighs the same whatever K is (the 1/C(K, 2) weighting of InstructGPT, Ouyang et al. 2022,
+section 3.5, which stops the model over-fitting prompts with many pairs). An optional per-pair margin
+m gives loss -log sigmoid(r_chosen - r_rejected - m) (Llama 2, Touvron et al. 2023).
+
+After training the scores on the validation split are shifted to mean 0 and the offset is saved with
+the head (InstructGPT normalises its RM the same way before RL).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from rlhf_fast import checkpoint as ckpt
+from rlhf_fast.data.collate import collate_rankings
+from rlhf_fast.data.jsonl import check_examples, encode_rankings, load_rankings
+from rlhf_fast.trainers import common as C
+from rlhf_fast.trainers.common import ConfigError, TrainConfig, option
+
+
+@dataclass
+class RMConfig(TrainConfig):
+    """Reward-model training on {"prompt", "chosen", "rejected", "margin"?} or {"prompt", "responses"} JSONL."""
+
+    val_data: str = option("", "validation JSONL in the same formats (empty: hold out val_fraction of data)")
+    val_fraction: float = option(0.1, "share of the prompts held out for validation when val_data is empty")
+    eval_every: int = option(0, "evaluate on the validation split every N steps (0: only at the end)")
+    normalize: bool = option(True, "shift rewards to mean 0 on the validation split; the offset is saved")
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"val_fraction must lie in [0, 1), got {self.val_fraction}")
+        if self.eval_every < 0:
+            raise ConfigError(f"eval_every must be >= 0, got {self.eval_every}")
+
+
+def rm_loss(model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Bradley-Terry loss of a ranking batch (see collate_rankings), averaged per prompt, and metrics."""
+    from rlhf_fast.ops import bradley_terry_loss
+
+    scores = model.scores(batch["input_ids"], batch["attention_mask"])  # (S,)
+    c, r = scores[batch["chosen"]], scores[batch["rejected"]]  # (P,)
+    margin, group = batch["margin"].to(scores.dtype), batch["group"]
+    counts = torch.bincount(group, minlength=batch["n_groups"])
+    if bool((counts == counts[0]).all()):  # same K everywhere: the mean over pairs is the mean over prompts
+        loss = bradley_terry_loss(c, r, margin=margin)
+    else:
+        loss = torch.stack([bradley_terry_loss(c[group == g], r[group == g], margin=margin[group == g])
+                            for g in range(batch["n_groups"])]).mean()
+    with torch.no_grad():
+        d = (c - r).float()
+        metrics = {"accuracy": (d > 0).float().mean(), "margin_mean": d.mean(),
+                   "reward_mean": scores.float().mean(), "reward_std": scores.float().std(unbiased=False)}
+    return loss, metrics
+
+
+@torch.no_grad()
+def evaluate_rm(model, examples: list[dict], pad_id: int, device, batch_size: int = 16) -> dict:
+    """Pair accuracy, mean margin and reward mean/std over `examples` (scores before any offset)."""
+    model.eval()
+    ok, pairs, margins, all_scores = 0.0, 0, [], []
+    for i in range(0, len(examples), batch_size):
+        b = collate_rankings(examples[i:i + batch_size], pad_id)
+        s = model.scores(b["input_ids"].to(device), b["attention_mask"].to(device)).float().cpu()
+        d = s[b["chosen"]] - s[b["rejected"]]
+        ok += float((d > 0).sum()) + 0.5 * float((d == 0).sum())
+        pairs += d.numel()
+        margins.append(d)
+        all_scores.append(s)
+    s, d = torch.cat(all_scores), torch.cat(margins)
+    return {"accuracy": ok / max(pairs, 1), "margin_mean": float(d.mean()), "reward_mean": float(s.mean()),
+            "reward_std": float(s.std(unbiased=False)), "pairs": pairs}
+
+
+def split_validation(examples: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, val) by prompt, from a seeded permutation."""
+    n_val = int(round(len(examples) * fraction))
+    if fraction > 0 and len(examples) >= 2:
+        n_val = max(1, n_val)
+    if n_val == 0:
+        return examples, []
+    perm = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [examples[i] for i in perm[n_val:]], [examples[i] for i in perm[:n_val]]
+
+
+def train_rm(cfg: RMConfig, *, model=None, tokenizer=None, examples: list[dict] | None = None,
+             val_examples: list[dict] | None = None, callback=None) -> dict:
+    """Train the reward adapter and head. Returns {"model", "metrics", "val", "offset", "out"}.
+
+    examples / val_examples: token-id rankings {"prompt_ids", "response_ids": [best, ..., worst],
+    "margin": float | None} instead of reading cfg.data / cfg.val_data (a pair is K = 2).
+    callback(step, model) -> dict of extra metrics, called at every logged step.
+    """
+    cfg.validate()
+    tokenizer = C.resolve_tokenizer(cfg, tokenizer, model, need=examples is None or bool(cfg.val_data))
+    if examples is None:
+        examples = encode_rankings(load_rankings(cfg.data), tokenizer, cfg.max_length, cfg.data)
+    if val_examples is None and cfg.val_data:
+        val_examples = encode_rankings(load_rankings(cfg.val_data), tokenizer, cfg.max_length, cfg.val_data)
+    if val_examples is None:
+        examples, val_examples = split_validation(examples, cfg.val_fraction, cfg.seed)
+    check_examples(examples, ("prompt_ids", "response_ids"), "RM examples")
+    device = C.resolve_device(cfg.device)
+    C.seed_everything(cfg.seed)
+    model = C.load_role_model(cfg, device, model, tokenizer)
+    pad_id = C.pad_id(tokenizer, model)
+
+    params = C.trainable_named_parameters(model, ["reward"])
+    opt = C.build_optimizer([p for _, p in params], cfg.optim)
+    sampler = C.BatchSampler(len(examples), cfg.batch_size, cfg.seed)
+    total = cfg.max_steps or cfg.epochs * sampler.steps_per_epoch
+    sched = C.build_scheduler(opt, cfg.optim, total)
+
+    root = os.path.join(cfg.out_dir, "checkpoints")
+    step, skipped, resumed = 0, 0, None
+    latest = ckpt.latest_checkpoint(root) if cfg.resume else None
+    if latest:
+        state = ckpt.load_checkpoint(latest, params=params, optimizer=opt, scheduler=sched)
+        step, skipped, resumed = state["step"], state["skipped_steps"], state["step"]
+        sampler.load_state_dict(state["sampler"])
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    log = C.MetricsLogger(os.path.join(cfg.out_dir, "metrics.jsonl"), resumed, os.path.join(cfg.out_dir, "tb"))
+
+    def save(at: int) -> None:
+        ckpt.save_checkpoint(root, at, params=params, optimizer=opt, scheduler=sched, keep=cfg.keep_checkpoints,
+                             state={"sampler": sampler.state_dict(), "skipped_steps": skipped})
+
+    bar = C.progress_bar(total, step, "rm", cfg.progress)
+    row: dict = {}
+    t0, tokens = time.perf_counter(), 0
+    while step < total:
+        model.train()
+        batch = collate_rankings([examples[i] for i in sampler.next()], pad_id)
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        loss, metrics = rm_loss(model, batch)
+        loss.backward()
+        ok, gnorm = C.apply_gradients(loss, [p for _, p in params], opt, sched, cfg.optim.max_grad_norm)
+        skipped += not ok
+        tokens += int(batch["attention_mask"].sum())
+        step += 1
+        if step % cfg.log_every == 0 or step == total:
+            metrics.update({"loss": loss.detach(), "grad_norm": gnorm, "lr": sched.get_last_lr()[0],
+                            "skipped_steps": skipped, "tokens/s": tokens / max(time.perf_counter() - t0, 1e-9),
+                            "peak_memory_mb": C.peak_memory_mb(device)})
+            if cfg.eval_every and step % cfg.eval_every == 0 and val_examples:
+                metrics.update({f"val/{k}": v for k, v in evaluate_rm(model, val_examples, pad_id, device).items()})
+            if callback is not None:
+                metrics.update(callback(step, model) or {})
+            row = log.log(step, metrics)
+            C.show(bar, row, ("loss", "accuracy", "margin_mean"))
+        bar.update(1)
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+            save(step)
+    bar.close()
+    save(step)
+
+    val = evaluate_rm(model, val_examples, pad_id, device) if val_examples else {}
+    offset = -val["reward_mean"] if (cfg.normalize and val) else 0.0
+    C.set_reward_offset(model, offset)
+    log.log(step, {f"val/{k}": v for k, v in val.items()} | {"reward_offset": offset})
+    log.close()
+    out = os.path.join(cfg.out_dir, "model")
+    model.save(out, save_base=False)
+    ckpt.atomic_write_json(os.path.join(out, "reward_normalization.json"), {"offset": offset, "validation": val})
+    return {"model": model, "metrics": row, "val": val, "offset": offset, "out": out}

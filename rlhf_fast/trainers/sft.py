@@ -1,0 +1,120 @@
+"""Supervised fine-tuning: next-token loss on the completion tokens only, through the fused log-prob op.
+
+Trains the `policy` LoRA adapter of a RoleModel. At the end the adapter can be merged into the base,
+so that the saved base *is* the SFT model: the reference that the KL penalty of PPO anchors to.
+
+    from rlhf_fast.trainers import SFTConfig, train_sft
+    result = train_sft(SFTConfig(model="path/to/model", data="sft.jsonl", out_dir="out/sft"))
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from rlhf_fast import checkpoint as ckpt
+from rlhf_fast.data.collate import collate_sft
+from rlhf_fast.data.jsonl import check_examples, encode_sft, load_sft
+from rlhf_fast.trainers import common as C
+from rlhf_fast.trainers.common import TrainConfig, option
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Supervised fine-tuning of the policy adapter on {"prompt", "completion"} or {"messages"} JSONL."""
+
+    merge: bool = option(True, "merge the policy adapter into the base at the end and save the merged base "
+                               "(out_dir/model): later stages use it as --model and as the KL reference")
+
+
+def sft_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean negative log-likelihood of the completion tokens, and their count.
+
+    policy_forward aligns hidden[:, t] (the state at t - 1) with token t; prompt and padding positions are
+    set to ignore_index and get no loss and no gradient."""
+    from rlhf_fast.ops import fused_linear_logprobs
+
+    f = model.policy_forward(batch["input_ids"], batch["attention_mask"])  # hidden (B, T, H), aligned
+    targets = f.targets.masked_fill(batch["loss_mask"] == 0, -100)  # (B, T)
+    logprobs = fused_linear_logprobs(f.hidden, f.weight, targets, f.bias)  # (B, T)
+    n = (targets != -100).sum()
+    return -logprobs.sum() / n.clamp(min=1), n
+
+
+def train_sft(cfg: SFTConfig, *, model=None, tokenizer=None, examples: list[dict] | None = None,
+              callback=None) -> dict:
+    """Run SFT. Returns {"model": RoleModel, "metrics": last logged row, "out": saved model folder}.
+
+    model: a RoleModel or transformers model to train instead of loading cfg.model.
+    examples: token-id examples {"prompt_ids", "completion_ids"} instead of reading cfg.data.
+    callback(step, model) -> dict of extra metrics, called at every logged step.
+    Every check (options, data, model folder) runs before anything is written to cfg.out_dir.
+    """
+    cfg.validate()
+    tokenizer = C.resolve_tokenizer(cfg, tokenizer, model, need=examples is None)
+    if examples is None:
+        examples = encode_sft(load_sft(cfg.data), tokenizer, cfg.max_length, cfg.data)
+    check_examples(examples, ("prompt_ids", "completion_ids"), "SFT examples")
+    device = C.resolve_device(cfg.device)
+    C.seed_everything(cfg.seed)
+    model = C.load_role_model(cfg, device, model, tokenizer)
+    pad_id = C.pad_id(tokenizer, model)
+    model.train()
+
+    params = C.trainable_named_parameters(model, ["policy"])
+    opt = C.build_optimizer([p for _, p in params], cfg.optim)
+    sampler = C.BatchSampler(len(examples), cfg.batch_size, cfg.seed)
+    total = cfg.max_steps or cfg.epochs * sampler.steps_per_epoch
+    sched = C.build_scheduler(opt, cfg.optim, total)
+
+    root = os.path.join(cfg.out_dir, "checkpoints")
+    step, skipped, resumed = 0, 0, None
+    latest = ckpt.latest_checkpoint(root) if cfg.resume else None
+    if latest:
+        state = ckpt.load_checkpoint(latest, params=params, optimizer=opt, scheduler=sched)
+        step, skipped, resumed = state["step"], state["skipped_steps"], state["step"]
+        sampler.load_state_dict(state["sampler"])
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    log = C.MetricsLogger(os.path.join(cfg.out_dir, "metrics.jsonl"), resumed, os.path.join(cfg.out_dir, "tb"))
+
+    def save(at: int) -> None:
+        ckpt.save_checkpoint(root, at, params=params, optimizer=opt, scheduler=sched, keep=cfg.keep_checkpoints,
+                             state={"sampler": sampler.state_dict(), "skipped_steps": skipped})
+
+    bar = C.progress_bar(total, step, "sft", cfg.progress)
+    row: dict = {}
+    t0, tokens = time.perf_counter(), 0
+    while step < total:
+        batch = collate_sft([examples[i] for i in sampler.next()], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        loss, n = sft_loss(model, batch)
+        loss.backward()
+        ok, gnorm = C.apply_gradients(loss, [p for _, p in params], opt, sched, cfg.optim.max_grad_norm)
+        skipped += not ok
+        tokens += int(batch["attention_mask"].sum())
+        step += 1
+        if step % cfg.log_every == 0 or step == total:
+            metrics = {"loss": loss.detach(), "grad_norm": gnorm, "lr": sched.get_last_lr()[0],
+                       "completion_tokens": int(n), "skipped_steps": skipped,
+                       "tokens/s": tokens / max(time.perf_counter() - t0, 1e-9),
+                       "peak_memory_mb": C.peak_memory_mb(device)}
+            if callback is not None:
+                metrics.update(callback(step, model) or {})
+            row = log.log(step, metrics)
+            C.show(bar, row, ("loss", "grad_norm", "tokens/s"))
+        bar.update(1)
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+            save(step)
+    bar.close()
+    save(step)
+    log.close()
+
+    model.eval()
+    out = os.path.join(cfg.out_dir, "model")
+    if cfg.merge:
+        model.merge_policy_into_base()  # the base becomes the SFT model; a fresh policy adapter starts from it
+    model.save(out, save_base=cfg.merge)
+    return {"model": model, "metrics": row, "out": out}

@@ -9,7 +9,7 @@
 #include "gae.h"
 
 #ifdef RLHF_FAST_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #endif
 
@@ -62,7 +62,7 @@ std::tuple<at::Tensor, at::Tensor> gae(const at::Tensor& rewards, const at::Tens
     check_launch(op, rlhf_fast::gae_cuda(rewards.data_ptr<float>(), values.data_ptr<float>(),
                                          mask.data_ptr<float>(), adv.data_ptr<float>(),
                                          returns.data_ptr<float>(), B, T, static_cast<float>(gamma),
-                                         static_cast<float>(lam), at::cuda::getCurrentCUDAStream().stream()));
+                                         static_cast<float>(lam), c10::cuda::getCurrentCUDAStream().stream()));
   }
 #endif
   return {adv, returns};
@@ -110,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_penalized_gae(const at::Tensor
                          scores.data_ptr<float>(), mask.data_ptr<float>(), adv.data_ptr<float>(),
                          returns.data_ptr<float>(), rewards.data_ptr<float>(), B, T,
                          static_cast<float>(kl_coef), static_cast<float>(gamma), static_cast<float>(lam),
-                         static_cast<int>(estimator), at::cuda::getCurrentCUDAStream().stream()));
+                         static_cast<int>(estimator), c10::cuda::getCurrentCUDAStream().stream()));
   }
 #endif
   return {adv, returns, rewards};

@@ -122,8 +122,8 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) gae_fwd_kernel(Params p
       v[i] = s_v[j];
       m[i] = s_m[j];
       if constexpr (KL) {
-        const float d = s_r[j] - s_ref[j];
-        r[i] = -p.kl_coef * kl_estimate<ESTIMATOR>(d) * m[i];  // the score is added below
+        // the score is added in step 3; masked positions are selected out, never multiplied by 0
+        r[i] = m[i] != 0.f ? -p.kl_coef * kl_estimate<ESTIMATOR>(s_r[j] - s_ref[j]) : 0.f;
       } else {
         r[i] = s_r[j];
       }
@@ -212,7 +212,7 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) gae_fwd_kernel(Params p
         a = last;
       }
       s_adv[j] = a;
-      s_ret[j] = (a + v[i]) * m[i];
+      s_ret[j] = m[i] != 0.f ? a + v[i] : 0.f;
       if constexpr (KL) s_rew[j] = r[i];
     }
     __syncwarp();

@@ -4,10 +4,12 @@
 // All arrays are fp32, contiguous, row-major (B, T); scores is (B,). Semantics (per row, t = T-1 .. 0,
 // next_value = 0, last = 0): where mask[t] != 0, delta = r[t] + gamma * next_value - v[t],
 // last = delta + gamma * lam * last, adv[t] = last, next_value = v[t]; where mask[t] == 0 the step is
-// skipped (adv[t] = 0, state unchanged). returns = (adv + values) * mask.
-// KL variant: r[b, t] = -kl_coef * kl(logprobs - ref_logprobs)[b, t] * mask[b, t], plus scores[b] at the
+// skipped (adv[t] = 0, state unchanged). returns = adv + values where mask != 0, else 0.
+// KL variant: r[b, t] = -kl_coef * kl(logprobs - ref_logprobs)[b, t] where mask != 0 (else 0), plus scores[b] at the
 // last position of row b whose mask is non-zero; estimator 0 = k1 (d), 1 = k2 (d^2 / 2),
 // 2 = k3 (exp(-d) - 1 + d), 3 = abs (|d|). The rewards are written out too.
+// Masked positions are selected, never multiplied by the mask: their inputs (even NaN) do not enter any
+// output, while NaN or inf at a valid position propagates to it and to every earlier valid position.
 #pragma once
 
 #include <cstdint>

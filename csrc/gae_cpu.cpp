@@ -1,7 +1,8 @@
 // GAE and KL-penalised GAE for CPU tensors: the reverse loop over time, one row per task, rows spread
 // over threads. On a CPU the sequential recurrence is the fastest form (one fused multiply-add per step on
 // data already in cache); the associative scan in gae.cu / kernels/gae.py exists for the GPU's lanes.
-// Semantics: see gae.h.
+// Semantics: see gae.h. Masked positions are selected out (never multiplied by 0), so NaN or inf
+// there does not leak into the outputs, and NaN or inf at a valid position propagates as in the loop.
 #include "gae.h"
 
 #include <ATen/Parallel.h>
@@ -41,7 +42,7 @@ void gae_row(const float* r, const float* v, const float* m, float* adv, float* 
       next_value = v[t];
     }
     adv[t] = a;
-    ret[t] = (a + v[t]) * mt;
+    ret[t] = mt != 0.f ? a + v[t] : 0.f;
   }
 }
 
@@ -52,9 +53,9 @@ void kl_gae_row(const float* lp, const float* ref, const float* v, float score, 
   bool seen_valid = false;  // a valid position exists after t: the first one met going back gets the score
   for (int64_t t = T - 1; t >= 0; --t) {
     const float mt = m[t];
-    float r = -kl_coef * kl_estimate<ESTIMATOR>(lp[t] - ref[t]) * mt;
-    float a = 0.f;
+    float r = 0.f, a = 0.f;
     if (mt != 0.f) {
+      r = -kl_coef * kl_estimate<ESTIMATOR>(lp[t] - ref[t]);
       if (!seen_valid) r += score;
       seen_valid = true;
       const float delta = r + gamma * next_value - v[t];
@@ -64,7 +65,7 @@ void kl_gae_row(const float* lp, const float* ref, const float* v, float score, 
     }
     rew[t] = r;
     adv[t] = a;
-    ret[t] = (a + v[t]) * mt;
+    ret[t] = mt != 0.f ? a + v[t] : 0.f;
   }
 }
 

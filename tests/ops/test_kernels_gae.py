@@ -1,0 +1,351 @@
+"""Direct tests of the GAE kernels against a float64 reverse loop: rlhf_fast._C (native C++ on the CPU, CUDA
+where built and a GPU is present) and the Triton launchers of kernels/gae.py (interpreter on the CPU)."""
+
+import math
+
+import pytest
+import torch
+
+from tests.tolerances import assert_close
+
+C = pytest.importorskip("rlhf_fast._C", reason="the extension rlhf_fast._C is not built")
+
+ESTIMATORS = (0, 1, 2, 3)  # k1, k2, k3, abs
+
+
+# ---------------------------------------------------------------- the reference, written for clarity
+
+
+def kl_ref(d: float, estimator: int) -> float:
+    if estimator == 0:
+        return d
+    if estimator == 1:
+        return d * d / 2
+    if estimator == 2:
+        return math.exp(-d) - 1 + d
+    return abs(d)
+
+
+def gae_ref(rewards, values, mask, gamma, lam):
+    """Per row, t = T-1 .. 0: a valid step updates (last, next_value); a masked one is skipped."""
+    B, T = rewards.shape
+    r, v, m = rewards.double().tolist(), values.double().tolist(), mask.double().tolist()
+    adv = [[0.0] * T for _ in range(B)]
+    ret = [[0.0] * T for _ in range(B)]
+    for b in range(B):
+        next_value, last = 0.0, 0.0
+        for t in reversed(range(T)):
+            if m[b][t] != 0:
+                delta = r[b][t] + gamma * next_value - v[b][t]
+                last = delta + gamma * lam * last
+                adv[b][t] = last
+                ret[b][t] = last + v[b][t]
+                next_value = v[b][t]
+    return torch.tensor(adv, dtype=torch.float64), torch.tensor(ret, dtype=torch.float64)
+
+
+def kl_rewards_ref(logprobs, ref_logprobs, scores, mask, kl_coef, estimator):
+    B, T = logprobs.shape
+    lp, rf, m = logprobs.double().tolist(), ref_logprobs.double().tolist(), mask.double().tolist()
+    rew = [[0.0] * T for _ in range(B)]
+    for b in range(B):
+        valid = [t for t in range(T) if m[b][t] != 0]
+        for t in valid:
+            rew[b][t] = -kl_coef * kl_ref(lp[b][t] - rf[b][t], estimator)
+        if valid:
+            rew[b][valid[-1]] += float(scores[b])
+    return torch.tensor(rew, dtype=torch.float64)
+
+
+def kl_gae_ref(logprobs, ref_logprobs, values, scores, mask, kl_coef, gamma, lam, estimator):
+    rew = kl_rewards_ref(logprobs, ref_logprobs, scores, mask, kl_coef, estimator)
+    adv, ret = gae_ref(rew, values, mask, gamma, lam)
+    return adv, ret, rew
+
+
+# ---------------------------------------------------------------- inputs and comparison
+
+
+def make_mask(B, T, kind):
+    """0/1 fp32 mask. "holes": interior zeros, leading and trailing zeros, an all-zero row, a hole across
+    the 256/1024 chunk boundaries and a row valid only at its start (the carry crosses empty chunks)."""
+    if kind == "full":
+        return torch.ones(B, T)
+    m = (torch.rand(B, T) > 0.3).float()
+    m[0, : min(2, T)] = 0
+    m[-1, max(0, T - 3):] = 0
+    if T > 300:
+        m[0, 250:300] = 0
+        m[0, 1000:1025] = 0
+    if B >= 3:
+        m[1] = 0
+        if T > 20:
+            m[2, 10:] = 0
+    return m
+
+
+def make_gae_inputs(B, T, kind):
+    return torch.randn(B, T), torch.randn(B, T), make_mask(B, T, kind)
+
+
+def make_kl_inputs(B, T, kind):
+    logprobs = -3 * torch.rand(B, T)
+    ref_logprobs = logprobs + 0.5 * torch.randn(B, T)
+    return logprobs, ref_logprobs, torch.randn(B, T), 5 * torch.randn(B), make_mask(B, T, kind)
+
+
+def check(actual, expected, gamma, lam, T):
+    assert actual.dtype == torch.float32 and actual.shape == expected.shape
+    if gamma * lam < 1:
+        assert_close(actual, expected, torch.float32)
+    else:
+        # gamma = lam = 1: the advantage is an undiscounted sum over up to T terms, so fp32 rounding grows
+        # with the partial sums (~sqrt(T) for unit-variance terms), not with the result; scale atol by it.
+        rtol, atol = 1e-4, 1e-5 * (1 + T**0.5)
+        torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=atol)
+
+
+# ---------------------------------------------------------------- the launchers under test
+
+
+def native_gae(r, v, m, gamma, lam, **_):
+    return C.gae(r, v, m, gamma, lam)
+
+
+def native_kl_gae(*args, **_):
+    return C.kl_penalized_gae(*args)
+
+
+def triton_gae(r, v, m, gamma, lam, block_t=None):
+    from rlhf_fast.kernels import gae as K
+
+    return K.gae_fwd(r, v, m, gamma, lam, block_t=block_t)
+
+
+def triton_kl_gae(*args, block_t=None):
+    from rlhf_fast.kernels import gae as K
+
+    return K.kl_penalized_gae_fwd(*args, block_t=block_t)
+
+
+try:
+    import triton  # noqa: F401
+
+    HAVE_TRITON = True
+except ImportError:
+    HAVE_TRITON = False
+needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+
+GAE_IMPLS = [pytest.param(native_gae, id="native"), pytest.param(triton_gae, id="triton", marks=needs_triton)]
+KL_IMPLS = [pytest.param(native_kl_gae, id="native"), pytest.param(triton_kl_gae, id="triton", marks=needs_triton)]
+
+
+# ---------------------------------------------------------------- native C++ (CPU): full grid of shapes
+
+
+@pytest.mark.parametrize("B,T", [(1, 1), (3, 1), (1, 17), (3, 17), (1, 1025), (3, 1025)])
+@pytest.mark.parametrize("kind", ["full", "holes"])
+@pytest.mark.parametrize("gamma,lam", [(0.99, 0.95), (1.0, 1.0), (0.9, 0.0)])
+def test_native_gae_matches_reference(B, T, kind, gamma, lam):
+    r, v, m = make_gae_inputs(B, T, kind)
+    adv, ret = C.gae(r, v, m, gamma, lam)
+    r_adv, r_ret = gae_ref(r, v, m, gamma, lam)
+    check(adv, r_adv, gamma, lam, T)
+    check(ret, r_ret, gamma, lam, T)
+    assert (adv[m == 0] == 0).all() and (ret[m == 0] == 0).all()
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("B,T", [(1, 1), (3, 17), (3, 1025)])
+@pytest.mark.parametrize("kind", ["full", "holes"])
+def test_native_kl_penalized_gae_matches_reference(estimator, B, T, kind):
+    args = make_kl_inputs(B, T, kind) + (0.1, 0.99, 0.95, estimator)
+    out = C.kl_penalized_gae(*args)
+    for got, want in zip(out, kl_gae_ref(*args)):
+        check(got, want, 0.99, 0.95, T)
+
+
+def test_native_kl_penalized_gae_undiscounted():
+    args = make_kl_inputs(3, 1025, "holes") + (0.05, 1.0, 1.0, 2)
+    for got, want in zip(C.kl_penalized_gae(*args), kl_gae_ref(*args)):
+        check(got, want, 1.0, 1.0, 1025)
+
+
+def test_native_empty():
+    adv, ret = C.gae(torch.zeros(2, 0), torch.zeros(2, 0), torch.zeros(2, 0), 1.0, 0.95)
+    assert adv.shape == ret.shape == (2, 0)
+    out = C.kl_penalized_gae(*(torch.zeros(0, 5),) * 3, torch.zeros(0), torch.zeros(0, 5), 0.1, 1.0, 0.95, 0)
+    assert all(o.shape == (0, 5) for o in out)
+
+
+def test_native_with_cuda_flag():
+    assert isinstance(C.with_cuda(), bool)
+    if torch.version.cuda is None:  # a CPU-only torch cannot have built the CUDA part
+        assert C.with_cuda() is False
+
+
+# ---------------------------------------------------------------- Triton (interpreter on the CPU): small grids
+
+
+@needs_triton
+@pytest.mark.parametrize("B,T,block_t,gamma,lam", [
+    (1, 1, None, 0.99, 0.95), (3, 17, None, 0.99, 0.95), (3, 17, 8, 0.99, 0.95), (3, 17, 8, 1.0, 1.0),
+    (3, 17, 8, 0.9, 0.0), (3, 1025, 256, 0.99, 0.95), (2, 1025, None, 1.0, 1.0)])
+def test_triton_gae_matches_reference(B, T, block_t, gamma, lam):
+    # block_t < T: the state (next value, last) is carried across chunks, including across empty ones.
+    r, v, m = make_gae_inputs(B, T, "holes")
+    adv, ret = triton_gae(r, v, m, gamma, lam, block_t=block_t)
+    r_adv, r_ret = gae_ref(r, v, m, gamma, lam)
+    check(adv, r_adv, gamma, lam, T)
+    check(ret, r_ret, gamma, lam, T)
+
+
+@needs_triton
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("B,T,block_t", [(1, 1, None), (3, 17, 8)])
+def test_triton_kl_penalized_gae_matches_reference(estimator, B, T, block_t):
+    args = make_kl_inputs(B, T, "holes") + (0.1, 0.9, 0.8, estimator)
+    for got, want in zip(triton_kl_gae(*args, block_t=block_t), kl_gae_ref(*args)):
+        check(got, want, 0.9, 0.8, T)
+
+
+@needs_triton
+def test_triton_kl_penalized_gae_long_row():
+    # The score must reach row 2's last valid position (t = 9) through chunks with no valid token.
+    args = make_kl_inputs(3, 1025, "holes") + (0.1, 1.0, 0.95, 2)
+    for got, want in zip(triton_kl_gae(*args, block_t=256), kl_gae_ref(*args)):
+        check(got, want, 1.0, 0.95, 1025)
+
+
+# ---------------------------------------------------------------- non-finite inputs (both)
+
+
+@pytest.mark.parametrize("impl", GAE_IMPLS)
+def test_gae_nan_at_valid_position_propagates(impl):
+    B, T = 2, 20
+    r, v, m = torch.randn(B, T), torch.randn(B, T), torch.ones(B, T)
+    m[:, 5] = 0
+    r[0, 12] = float("nan")  # reaches adv at t <= 12 (valid), not t > 12
+    v[1, 8] = float("nan")  # delta at 8 and at the previous valid step (7) see it, so all t <= 8
+    adv, ret = impl(r, v, m, 0.99, 0.95, block_t=8)
+    assert torch.isnan(adv[0, :13][m[0, :13] != 0]).all() and torch.isfinite(adv[0, 13:]).all()
+    assert torch.isnan(adv[1, :9][m[1, :9] != 0]).all() and torch.isfinite(adv[1, 9:]).all()
+    assert (adv[:, 5] == 0).all()  # masked: skipped, adv = 0 even with NaN around it
+    assert torch.isnan(ret[0, :13][m[0, :13] != 0]).all()
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # inf - inf in the interpreter's numpy: expected
+@pytest.mark.parametrize("impl", GAE_IMPLS)
+def test_gae_inf_is_never_silently_finite(impl):
+    r, v, m = make_gae_inputs(3, 17, "holes")
+    r[0, 10], v[2, 4] = float("inf"), float("-inf")
+    m[0, 10], m[2, 4] = 1, 1
+    adv, _ = impl(r, v, m, 0.99, 0.95, block_t=8)
+    r_adv, _ = gae_ref(r, v, m, 0.99, 0.95)
+    assert torch.equal(torch.isfinite(adv), torch.isfinite(r_adv))
+    assert torch.isfinite(r_adv).any() and not torch.isfinite(r_adv).all()
+
+
+@pytest.mark.parametrize("impl", GAE_IMPLS)
+def test_gae_nan_at_masked_position_does_not_leak(impl):
+    r, v, m = make_gae_inputs(3, 17, "holes")
+    hole = m == 0
+    r_nan, v_nan = r.masked_fill(hole, float("nan")), v.masked_fill(hole, float("nan"))
+    adv, ret = impl(r_nan, v_nan, m, 0.99, 0.95, block_t=8)
+    r_adv, r_ret = gae_ref(r, v, m, 0.99, 0.95)
+    assert_close(adv, r_adv, torch.float32)
+    assert_close(ret, r_ret, torch.float32)
+
+
+@pytest.mark.parametrize("impl", KL_IMPLS)
+def test_kl_penalized_gae_nan(impl):
+    lp, ref, v, scores, m = make_kl_inputs(3, 17, "holes")
+    hole = m == 0
+    # NaN at masked positions and in the score of the all-zero row: none of it may appear.
+    scores[1] = float("nan")
+    args = (lp.masked_fill(hole, float("nan")), ref, v, scores, m, 0.1, 0.99, 0.95, 2)
+    out = impl(*args, block_t=8)
+    for got, want in zip(out, kl_gae_ref(lp, ref, v, scores, m, 0.1, 0.99, 0.95, 2)):
+        assert_close(got, want, torch.float32)
+    assert (out[0][1] == 0).all() and (out[2][1] == 0).all()  # the empty row is all zeros
+    # NaN in the logprob of a valid position: its reward and every earlier valid advantage are NaN.
+    t = int((m[0] != 0).nonzero()[-2, 0])  # the second-to-last valid position of row 0
+    lp2 = lp.clone()
+    lp2[0, t] = float("nan")
+    adv, _, rew = impl(lp2, ref, v, scores, m, 0.1, 0.99, 0.95, 2, block_t=8)
+    assert torch.isnan(rew[0, t]) and torch.isnan(rew[0]).sum() == 1
+    assert torch.isnan(adv[0, : t + 1][m[0, : t + 1] != 0]).all() and torch.isfinite(adv[0, t + 1:]).all()
+
+
+# ---------------------------------------------------------------- bad arguments to rlhf_fast._C
+
+
+def _gae_args():
+    return [torch.randn(2, 5), torch.randn(2, 5), torch.ones(2, 5), 0.99, 0.95]
+
+
+def _kl_args():
+    return [torch.randn(2, 5), torch.randn(2, 5), torch.randn(2, 5), torch.randn(2), torch.ones(2, 5), 0.1, 0.99,
+            0.95, 0]
+
+
+@pytest.mark.parametrize("index,bad,exc,match", [
+    (0, torch.randn(2, 5, dtype=torch.float64), TypeError, "rewards must be float32"),
+    (1, torch.randn(2, 5).half(), TypeError, "values must be float32"),
+    (2, torch.ones(2, 5, dtype=torch.bool), TypeError, "mask must be float32"),
+    (1, torch.randn(2, 4), ValueError, r"values must have shape \[2, 5\]"),
+    (0, torch.randn(10), ValueError, "rewards must be 2-D"),
+    (2, torch.ones(5, 2).t(), ValueError, "mask must be contiguous"),
+    (0, torch.randn(2, 5, device="meta"), ValueError, "values is on cpu but the first argument is on meta"),
+])
+def test_native_gae_bad_arguments(index, bad, exc, match):
+    args = _gae_args()
+    args[index] = bad
+    with pytest.raises(exc, match=match):
+        C.gae(*args)
+
+
+@pytest.mark.parametrize("index,bad,exc,match", [
+    (1, torch.randn(2, 5, dtype=torch.float64), TypeError, "ref_logprobs must be float32"),
+    (2, torch.randn(3, 5), ValueError, r"values must have shape \[2, 5\]"),
+    (3, torch.randn(3), ValueError, r"scores must have shape \(2,\)"),
+    (3, torch.randn(2, 1), ValueError, r"scores must have shape \(2,\)"),
+    (3, torch.randn(2).double(), TypeError, "scores must be float32"),
+    (4, torch.ones(2, 6), ValueError, r"mask must have shape \[2, 5\]"),
+    (8, 4, ValueError, "estimator must be 0"),
+    (8, -1, ValueError, "estimator must be 0"),
+])
+def test_native_kl_penalized_gae_bad_arguments(index, bad, exc, match):
+    args = _kl_args()
+    args[index] = bad
+    with pytest.raises(exc, match=match):
+        C.kl_penalized_gae(*args)
+
+
+def test_native_rejects_unsupported_device():
+    args = [torch.randn(2, 5, device="meta") for _ in range(3)] + [0.99, 0.95]
+    with pytest.raises(ValueError, match="gae: tensors on meta are not supported"):
+        C.gae(*args)
+
+
+# ---------------------------------------------------------------- GPU (skipped without one)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,T", [(1, 1), (3, 17), (5, 1025), (9, 3001)])
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_gpu_kernels_match_reference(B, T, backend):
+    if backend == "native" and not C.with_cuda():
+        pytest.skip("rlhf_fast._C was built without CUDA")
+    r, v, m = make_gae_inputs(B, T, "holes")
+    impl = native_gae if backend == "native" else triton_gae
+    adv, ret = impl(r.cuda(), v.cuda(), m.cuda(), 0.99, 0.95)
+    r_adv, r_ret = gae_ref(r, v, m, 0.99, 0.95)
+    check(adv.cpu(), r_adv, 0.99, 0.95, T)
+    check(ret.cpu(), r_ret, 0.99, 0.95, T)
+    for est in ESTIMATORS:
+        args = make_kl_inputs(B, T, "holes") + (0.1, 1.0, 0.95, est)
+        cuda_args = tuple(x.cuda() if torch.is_tensor(x) else x for x in args)
+        kl_impl = native_kl_gae if backend == "native" else triton_kl_gae
+        for got, want in zip(kl_impl(*cuda_args), kl_gae_ref(*args)):
+            check(got.cpu(), want, 1.0, 0.95, T)

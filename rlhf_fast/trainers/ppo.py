@@ -205,6 +205,7 @@ def train_ppo(cfg: PPOConfig, *, model=None, tokenizer=None, prompts: list[dict]
         if ptx_sampler is not None:
             ptx_sampler.load_state_dict(state["ptx_sampler"])
     os.makedirs(cfg.out_dir, exist_ok=True)
+    ckpt.atomic_write_json(os.path.join(cfg.out_dir, "config.json"), C.config_to_dict(cfg))
     log = C.MetricsLogger(os.path.join(cfg.out_dir, "metrics.jsonl"), resumed, os.path.join(cfg.out_dir, "tb"))
 
     def save(at: int) -> None:

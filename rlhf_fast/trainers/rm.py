@@ -127,6 +127,7 @@ def train_rm(cfg: RMConfig, *, model=None, tokenizer=None, examples: list[dict] 
         step, skipped, resumed = state["step"], state["skipped_steps"], state["step"]
         sampler.load_state_dict(state["sampler"])
     os.makedirs(cfg.out_dir, exist_ok=True)
+    ckpt.atomic_write_json(os.path.join(cfg.out_dir, "config.json"), C.config_to_dict(cfg))
     log = C.MetricsLogger(os.path.join(cfg.out_dir, "metrics.jsonl"), resumed, os.path.join(cfg.out_dir, "tb"))
 
     def save(at: int) -> None:

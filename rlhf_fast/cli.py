@@ -1,0 +1,230 @@
+"""The `rlhf-fast` command.
+
+    rlhf-fast sft   --model PATH --data sft.jsonl    --out_dir out/sft      supervised fine-tuning (+ merge)
+    rlhf-fast rm    --model out/sft/model/base --data prefs.jsonl --out_dir out/rm
+    rlhf-fast ppo   --model out/sft/model/base --reward_model out/rm/model --data prompts.jsonl --out_dir out/ppo
+    rlhf-fast demo  --out DIR                                              the embedded end-to-end demo
+    rlhf-fast bench ...                                                    benchmarks
+
+The options of sft, rm and ppo are generated from SFTConfig, RMConfig and PPOConfig (nested dataclasses are
+flattened); `--config run.yaml` supplies any of them (flat, or nested under `optim:` / `lora:`) and flags
+given on the command line override it. Usage errors (bad options, missing or malformed files, a model
+folder without a tokenizer) print one line and exit with code 2, before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import sys
+import typing
+
+SUBCOMMANDS = ("sft", "rm", "ppo", "demo", "bench")
+DELEGATED = {"demo": ("rlhf_fast.demo", "the embedded demo"), "bench": ("rlhf_fast.bench_cli", "the benchmark runner")}
+
+
+class UsageError(Exception):
+    """Bad command line or config file: exit code 2."""
+
+
+def _stages():
+    from rlhf_fast.trainers import PPOConfig, RMConfig, SFTConfig, train_ppo, train_rm, train_sft
+
+    return {"sft": (SFTConfig, train_sft, "supervised fine-tuning of the policy adapter"),
+            "rm": (RMConfig, train_rm, "reward model (Bradley-Terry on pairs or rankings)"),
+            "ppo": (PPOConfig, train_ppo, "PPO against the reward model")}
+
+
+# ----------------------------------------------------------------------------------------- options
+def _fields(cls) -> list[tuple[str | None, dataclasses.Field, typing.Any]]:
+    """(nested group or None, field, resolved type) for every leaf option of a config dataclass."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            sub = typing.get_type_hints(t)
+            out += [(f.name, g, sub[g.name]) for g in dataclasses.fields(t)]
+        else:
+            out.append((None, f, t))
+    return out
+
+
+def _converter(t, name: str):
+    """str -> value of type t (also used on YAML values); Optional[X] accepts 'none'/'null'."""
+    args = typing.get_args(t)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), t) if args else t
+
+    def conv(v):
+        if v is None or (optional and isinstance(v, str) and v.strip().lower() in ("none", "null", "")):
+            if optional:
+                return None
+            raise UsageError(f"--{name} needs a value")
+        if base is bool:
+            if isinstance(v, bool):
+                return v
+            if isinstance(v, str) and v.lower() in ("1", "true", "yes", "on"):
+                return True
+            if isinstance(v, str) and v.lower() in ("0", "false", "no", "off"):
+                return False
+            raise UsageError(f"--{name}: expected true or false, got {v!r}")
+        if isinstance(v, bool) and base is not bool:
+            raise UsageError(f"--{name}: expected {base.__name__}, got {v!r}")
+        try:
+            if base is int and isinstance(v, float):
+                if not v.is_integer():
+                    raise ValueError
+                return int(v)
+            return base(v)
+        except (TypeError, ValueError):
+            raise UsageError(f"--{name}: expected {base.__name__}, got {v!r}") from None
+
+    conv.__name__ = base.__name__  # argparse names the type in its own messages
+    return conv
+
+
+def _argparse_type(conv):
+    def f(v):
+        try:
+            return conv(v)
+        except UsageError as e:
+            raise argparse.ArgumentTypeError(str(e).split(": ", 1)[-1]) from None
+
+    f.__name__ = conv.__name__
+    return f
+
+
+def build_parser(stage: str) -> argparse.ArgumentParser:
+    cls, _, desc = _stages()[stage]
+    p = argparse.ArgumentParser(prog=f"rlhf-fast {stage}", description=f"{desc}. {cls.__doc__ or ''}".strip(),
+                                usage=f"rlhf-fast {stage} [--config YAML] [--OPTION VALUE ...]",
+                                argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", metavar="YAML", help="YAML file of options; flags on the command line override it")
+    groups = {None: p.add_argument_group(f"{stage} options")}
+    for group, f, t in _fields(cls):
+        if group not in groups:
+            groups[group] = p.add_argument_group(f"{group} options")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        choices = f.metadata.get("choices")
+        helptext = f.metadata.get("help", "") + (f"; one of {', '.join(choices)}" if choices else "")
+        helptext = f"{helptext} (default: {default})"
+        flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        conv = _converter(t, f.name)
+        if conv.__name__ == "bool":
+            groups[group].add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, help=helptext)
+        else:
+            groups[group].add_argument(*flags, dest=f.name, type=_argparse_type(conv), help=helptext,
+                                       choices=choices, metavar=f.name.upper())
+    return p
+
+
+def _read_yaml(path: str) -> dict:
+    import yaml
+
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise UsageError(f"config file {path!r} does not exist") from None
+    except yaml.YAMLError as e:
+        raise UsageError(f"config file {path!r} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {path!r} must hold a mapping of option: value")
+    return data
+
+
+def make_config(stage: str, argv: list[str]):
+    """The stage's config dataclass from defaults, then --config YAML, then flags."""
+    cls = _stages()[stage][0]
+    args = vars(build_parser(stage).parse_args(argv))
+    leaves = {f.name: (group, f, t) for group, f, t in _fields(cls)}
+    groups = {group for group, _, _ in leaves.values() if group}
+    values: dict[str, typing.Any] = {}
+    if "config" in args:
+        for key, v in _read_yaml(args.pop("config")).items():
+            if key in groups and isinstance(v, dict):
+                for k2, v2 in v.items():
+                    if k2 not in leaves or leaves[k2][0] != key:
+                        raise UsageError(f"config file: unknown option {key}.{k2}")
+                    values[k2] = _converter(leaves[k2][2], k2)(v2)
+            elif key in leaves:
+                values[key] = _converter(leaves[key][2], key)(v)
+            else:
+                raise UsageError(f"config file: unknown option {key!r} for `rlhf-fast {stage}`")
+    values.update(args)
+    nested: dict[str, dict] = {g: {} for g in groups}
+    top = {}
+    for k, v in values.items():
+        group = leaves[k][0]
+        (nested[group] if group else top)[k] = v
+    hints = typing.get_type_hints(cls)
+    for g in groups:
+        top[g] = hints[g](**nested[g])
+    return cls(**top)
+
+
+# ----------------------------------------------------------------------------------------- main
+def _delegate(name: str, argv: list[str]) -> int:
+    module, what = DELEGATED[name]
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        if e.name != module:
+            raise
+        print(f"rlhf-fast {name}: {what} is not available in this installation ({module} is missing)",
+              file=sys.stderr)
+        return 2
+    if not hasattr(mod, "main"):
+        print(f"rlhf-fast {name}: {module} has no main(argv)", file=sys.stderr)
+        return 2
+    return int(mod.main(argv) or 0)
+
+
+def _usage() -> str:
+    lines = ["usage: rlhf-fast {sft,rm,ppo,demo,bench} [options]", "",
+             "RLHF on one model copy: SFT -> reward model -> PPO, with fused kernels.", "", "commands:"]
+    for name, (_, _, desc) in _stages().items():
+        lines.append(f"  {name:6s} {desc}")
+    lines += ["  demo   the embedded end-to-end demo (no downloads)", "  bench  benchmarks", "",
+              "`rlhf-fast COMMAND --help` lists a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from rlhf_fast import __version__
+
+        print(f"rlhf-fast {__version__}")
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd in DELEGATED:
+        return _delegate(cmd, rest)
+    if cmd not in _stages():
+        print(f"rlhf-fast: error: unknown command {cmd!r}; choose one of {', '.join(SUBCOMMANDS)}", file=sys.stderr)
+        return 2
+    from rlhf_fast.data.jsonl import DataError
+    from rlhf_fast.trainers import ConfigError
+
+    try:
+        cfg = make_config(cmd, rest)
+        result = _stages()[cmd][1](cfg)
+    except (UsageError, ConfigError, DataError, FileNotFoundError) as e:
+        print(f"rlhf-fast {cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # argparse: bad flag (code 2) or --help (code 0)
+        return int(e.code or 0)
+    metrics = {k: round(v, 4) for k, v in result["metrics"].items() if isinstance(v, float)}
+    print(f"rlhf-fast {cmd}: done; model saved to {result['out']}; last metrics {metrics}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

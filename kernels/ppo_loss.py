@@ -134,13 +134,13 @@ def linear_ppo_loss_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
     c_lp = torch.empty(N, device=dev, dtype=f32)  # (N,) dL/dlogprob
     c_ent = torch.empty(N, device=dev, dtype=f32)  # (N,) dL/dentropy
     grad_hidden = torch.empty_like(hidden)  # (N, H)
-    grad_weight = torch.zeros(V, H, device=dev, dtype=f32)  # (V, H)
+    grad_weight = torch.empty(V, H, device=dev, dtype=f32)  # (V, H), written whole by the first chunk
     need_bias_grad = need_bias_grad and bias is not None
     grad_bias = torch.zeros(V, device=dev, dtype=f32) if need_bias_grad else None  # (V,)
     if N == 0:
-        return loss, lp, ent, grad_hidden, grad_weight, grad_bias
+        return loss, lp, ent, grad_hidden, grad_weight.zero_(), grad_bias
     bn = _lp.CONFIG["row_block_n"]
-    C = _lp.chunk_rows(N, V, 4 + hidden.element_size(), bn)
+    C = _lp.chunk_rows(N, V, 4 + hidden.element_size(), bn, _lp.CONFIG["ppo_chunk_bytes"])
     z = torch.empty(C, V, device=dev, dtype=f32)  # (C, V) scaled logits of one chunk
     g = torch.empty(C, V, device=dev, dtype=hidden.dtype)  # (C, V) dL/dlogits of one chunk
     gb_part = torch.empty(C // bn, V, device=dev, dtype=f32) if need_bias_grad else None

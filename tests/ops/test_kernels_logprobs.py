@@ -6,6 +6,7 @@ import torch
 from tests.tolerances import assert_close
 
 K = pytest.importorskip("rlhf_fast.kernels.logprobs")
+GPU_CONFIG = dict(K.CONFIG)  # the shipped defaults, before the fixture below shrinks them
 
 # The interpreter's numpy ops warn on the masked-out lanes (log 0 for rows past N, 0 * -inf for columns past V);
 # those lanes are never stored, and every stored value is compared below.
@@ -16,7 +17,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def small_blocks(monkeypatch):
     """Interpreter-sized tiles (tl.dot needs >= 16) and a one-tile chunk, so N = 17 takes two chunks."""
     for key, val in dict(block_n=16, block_v=32, block_h=16, mm_block_m=16, mm_block_n=16, mm_block_k=16,
-                         mm_group_m=2, row_block_n=4, row_block_v=32, chunk_bytes=1, target_programs=4).items():
+                         mm_group_m=2, row_block_n=4, row_block_v=32, chunk_bytes=1, ppo_chunk_bytes=1,
+                         target_programs=4).items():
         monkeypatch.setitem(K.CONFIG, key, val)
 
 
@@ -176,3 +178,25 @@ def test_matmul_strided_accumulate(dtype):
     expect = out.double() + 0.5 * (a.double().T @ b.double().T + bias.double())
     K.matmul(a.t(), b.t(), out, bias=bias, scale=0.5, accumulate=True)
     assert_close(out, expect, dtype)
+
+
+def test_gpu_default_config_and_empty(monkeypatch):
+    """The shipped (GPU) block sizes run too (tiles larger than N, V and H), and N = 0 gives empty outputs."""
+    monkeypatch.setattr(K, "CONFIG", dict(GPU_CONFIG))
+    N, H, V = 3, 24, 37
+    hidden, weight, b, targets = make_inputs(N, H, V, torch.float32, True, -100, scale=3.0)
+    lp, ent, lse = K.linear_logprobs_fwd(hidden, weight, targets, b, 0.7, -100, True)
+    leaves = [x.double().requires_grad_(True) for x in (hidden, weight, b)]
+    r_lp, r_ent, _ = ref_logprobs(leaves[0] @ leaves[1].T + leaves[2], targets, 0.7, -100)
+    assert_close(lp, r_lp)
+    assert_close(ent, r_ent)
+    g_lp = torch.randn(N)
+    gh, gw, gb = K.linear_logprobs_bwd(hidden, weight, targets, b, lse, ent, g_lp, None, 0.7, -100, True, True)
+    for got, want in zip((gh, gw, gb), torch.autograd.grad((r_lp * g_lp).sum(), leaves)):
+        assert_close(got, want)
+
+    empty = torch.zeros(0, dtype=torch.long)
+    lp, ent, lse = K.linear_logprobs_fwd(hidden[:0], weight, empty, b, 1.0, -100, True)
+    assert lp.shape == ent.shape == (0,)
+    gh, gw, gb = K.linear_logprobs_bwd(hidden[:0], weight, empty, b, lse, ent, lp, ent, 1.0, -100, True, True)
+    assert gh.shape == (0, H) and (gw == 0).all() and (gb == 0).all()

@@ -71,6 +71,16 @@ DOT_PRECISION = "ieee"
 _NEG_BIG = -1.0e30  # running-max start: finite, so exp(m_old - m_new) and (m_old - m_new) * 0 stay defined
 
 
+def _c(x: torch.Tensor | None) -> torch.Tensor | None:
+    # Kernels index rows with a unit inner stride; autograd may hand in expanded grads (stride 0), so make
+    # every input dense (a no-op for the contiguous tensors the ops layer passes).
+    return None if x is None else x.contiguous()
+
+
+def _per_token(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else x.to(torch.float32).contiguous()
+
+
 def _interpreting() -> bool:
     # The interpreter cannot tl.dot bf16 tiles (numpy has no bf16), so there we upcast before the dot.
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -378,6 +388,7 @@ def linear_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
     or == ignore_index. Returns (logprobs (N,) fp32, entropy (N,) fp32 or None, lse (N,) fp32); ignored rows
     give logprob 0 and entropy 0. 2NHV flops, O(N) extra memory.
     """
+    hidden, weight, targets, bias = _c(hidden), _c(weight), _c(targets), _c(bias)
     N = hidden.shape[0]
     lp = torch.empty(N, device=hidden.device, dtype=torch.float32)  # (N,)
     ent = torch.empty_like(lp) if need_entropy else None  # (N,)
@@ -396,6 +407,8 @@ def linear_logprobs_bwd(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
     entropy term). Returns (grad_hidden (N, H) in hidden.dtype, grad_weight (V, H) fp32 or None,
     grad_bias (V,) fp32 or None). Recomputes the logits tile by tile; 6NHV flops; C * V scratch per chunk.
     """
+    hidden, weight, targets, bias = _c(hidden), _c(weight), _c(targets), _c(bias)
+    lse, entropy, grad_logprobs, grad_entropy = map(_per_token, (lse, entropy, grad_logprobs, grad_entropy))
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
@@ -425,6 +438,7 @@ def linear_logprobs_bwd(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
 def logits_logprobs_fwd(logits: torch.Tensor, targets: torch.Tensor, temperature: float, ignore_index: int,
                         need_entropy: bool):
     """As linear_logprobs_fwd for logits (N, V) the caller holds: softmax(logits / temperature)."""
+    logits, targets = _c(logits), _c(targets)
     N = logits.shape[0]
     lp = torch.empty(N, device=logits.device, dtype=torch.float32)  # (N,)
     ent = torch.empty_like(lp) if need_entropy else None  # (N,)
@@ -437,6 +451,8 @@ def logits_logprobs_bwd(logits: torch.Tensor, targets: torch.Tensor, lse: torch.
                         entropy: torch.Tensor | None, grad_logprobs: torch.Tensor,
                         grad_entropy: torch.Tensor | None, temperature: float, ignore_index: int):
     """grad_logits (N, V) in logits.dtype of sum(grad_logprobs * logprobs + grad_entropy * entropy)."""
+    logits, targets = _c(logits), _c(targets)
+    lse, entropy, grad_logprobs, grad_entropy = map(_per_token, (lse, entropy, grad_logprobs, grad_entropy))
     N, V = logits.shape
     grad_logits = torch.empty_like(logits)  # (N, V)
     if N == 0:

@@ -115,6 +115,9 @@ def linear_ppo_loss_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
     grad_weight (V, H) fp32, grad_bias (V,) fp32); the three gradients of L are None unless need_grad
     (grad_bias also needs need_bias_grad and a bias). Ignored rows: loss, logprob, entropy 0, no gradient.
     """
+    hidden, weight, targets, bias = map(_lp._c, (hidden, weight, targets, bias))
+    old_logprobs, advantages, weights, ref_logprobs = map(_lp._per_token,
+                                                          (old_logprobs, advantages, weights, ref_logprobs))
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device

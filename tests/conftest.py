@@ -6,7 +6,7 @@ TRITON_INTERPRET must be set before triton is first imported, so the Triton kern
 
 import os
 
-if not os.environ.get("RLHF_FAST_GPU_TESTS"):
+if not os.environ.get("RLHF_FAST_GPU_TESTS"):  # GPU runs: compiled Triton, not the interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402

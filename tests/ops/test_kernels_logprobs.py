@@ -101,7 +101,7 @@ def test_linear_logprobs_split_and_flags(monkeypatch, target_programs):
     g_lp = torch.randn(N)
     gh, gw, gb = K.linear_logprobs_bwd(hidden, weight, targets, b, lse, None, g_lp, None, T, -100, False, False)
     assert gw is None and gb is None
-    assert_close(gh, torch.autograd.grad((r_lp * g_lp).sum(), leaves[0])[0])
+    assert_close(gh, torch.autograd.grad((r_lp * g_lp).sum(), leaves[0], retain_graph=True)[0])
     # an expanded (stride-0) upstream gradient, as autograd hands in after lp.sum()
     ones = torch.ones(1).expand(N)
     gh, _, _ = K.linear_logprobs_bwd(hidden, weight, targets, b, lse, None, ones, None, T, -100, False, False)

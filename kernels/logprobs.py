@@ -150,7 +150,7 @@ def _logprobs_partials_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, m_ptr, s_ptr, t_ptr,
         alpha = tl.exp(m - m_new)
         e = tl.exp(z - m_new[:, None])
         # sum e^(z - m_new) (z - m_new) = alpha * (t + (m - m_new) * s); -inf logits contribute 0, not NaN
-        ez = tl.where(z > float("-inf"), e * (z - m_new[:, None]), 0.0)
+        ez = e * tl.where(z > float("-inf"), z - m_new[:, None], 0.0)
         t = alpha * (t + (m - m_new) * s) + tl.sum(ez, axis=1)
         s = alpha * s + tl.sum(e, axis=1)
         zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
@@ -176,7 +176,7 @@ def _logprobs_combine_kernel(m_ptr, s_ptr, t_ptr, zt_ptr, tgt_ptr, lp_ptr, ent_p
     zt = tl.sum(tl.load(zt_ptr + offs, mask=mask, other=0.0), axis=1)
     m_all = tl.max(m, axis=1)
     scale = tl.exp(m - m_all[:, None])
-    s_all = tl.sum(s * scale, axis=1)
+    s_all = tl.where(row_mask, tl.sum(s * scale, axis=1), 1.0)  # rows past N: keep log() quiet
     lse = m_all + tl.log(s_all)
     ignored = tl.load(tgt_ptr + rows, mask=row_mask, other=IGNORE) == IGNORE
     tl.store(lse_ptr + rows, lse, mask=row_mask)
@@ -220,7 +220,7 @@ def _logprobs_grad_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, ent_ptr, glp_pt
     if HAS_ENT:
         ent = tl.load(ent_ptr + rows, mask=row_mask, other=0.0)
         gent = tl.load(gent_ptr + rows, mask=row_mask, other=0.0)
-        d_ent = tl.where(z > float("-inf"), p * (z - lse[:, None] + ent[:, None]), 0.0)
+        d_ent = p * tl.where(z > float("-inf"), z - lse[:, None] + ent[:, None], 0.0)
         g -= gent[:, None] * d_ent
     g = tl.where(active[:, None] & col_mask[None, :], g * g_scale, 0.0)
     g_offs = local.to(tl.int64)[:, None] * stride_g + cols[None, :]

@@ -8,9 +8,6 @@ from tests.tolerances import assert_close
 K = pytest.importorskip("rlhf_fast.kernels.logprobs")
 GPU_CONFIG = dict(K.CONFIG)  # the shipped defaults, before the fixture below shrinks them
 
-# The interpreter's numpy ops warn on the masked-out lanes (log 0 for rows past N, 0 * -inf for columns past V);
-# those lanes are never stored, and every stored value is compared below.
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 
 @pytest.fixture(autouse=True)

@@ -237,8 +237,10 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K, stride_am, stride_ak,
     # C (+)= (A @ B + bias[None, :]) * scale with an fp32 accumulator; A, B any strides (transposes are
     # strides). Grouped program order so GROUP_M row tiles share each B column tile while it is in L2.
     pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
+    # plain integer ceil-division rather than tl.cdiv: tl.cdiv is a @jit helper of triton.language, which is a
+    # compiled-mode JITFunction if triton was first imported without TRITON_INTERPRET=1 (seen in the test suite)
+    num_m = (M + BLOCK_M - 1) // BLOCK_M
+    num_n = (N + BLOCK_N - 1) // BLOCK_N
     group = GROUP_M * num_n
     first_m = (pid // group) * GROUP_M
     size_m = tl.minimum(num_m - first_m, GROUP_M)

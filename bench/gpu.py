@@ -8,7 +8,8 @@
     (LigerFusedLinearCrossEntropyLoss, LigerFusedLinearGRPOLoss) when importable, with peak memory, at
     bf16 N=8192, H=4096, V=151936; and GAE at B=1024, T=8192 fp32 against the Python loop on the same GPU,
 (e) runs RoleModel.experience() against the four-model recipe through bench/bench_role_model.py:gpu_compare,
-(f) prints a markdown table last and writes <out>/<device>-<date>.md and .json.
+(f) prints a markdown table last (sections run in the order check, ceilings, gae, role_model, logprobs,
+    ppo, so a run cut short by --budget-s loses only the slowest rows) and writes <out>/<device>-<date>.md and .json.
 
 The measurements live in rlhf_fast/_bench.py and rlhf_fast/_bench_sections.py (`rlhf-fast bench` runs the same).
 
@@ -29,6 +30,7 @@ logprobs, ppo, gae, role_model), --budget-s (default 540). Exit status 1 when a 
 
 import os
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +42,7 @@ from rlhf_fast import bench_cli  # noqa: E402 - stdlib-only at import; torch is 
 def main(argv: list[str]) -> int:
     args = ["--mode", "gpu", *argv]
     if "--build-status" not in argv and os.environ.get("RLHF_FAST_BENCH_BUILT") is None:
+        os.environ.setdefault("RLHF_FAST_BENCH_T0", str(time.time()))  # the build counts against --budget-s
         import torch
 
         build = bench_cli.ensure_built(require_cuda=torch.cuda.is_available())

@@ -85,10 +85,10 @@ def _maxrss_bytes() -> int:
 
 def logprobs_inputs(N: int, H: int, V: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
     """hidden (N, H), weight (V, H) leaves with requires_grad, targets (N,) int64; scaled so logits are O(1)."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    hidden = torch.randn(N, H, generator=g).to(device=device, dtype=dtype).requires_grad_(True)  # (N, H)
-    weight = (torch.randn(V, H, generator=g) / math.sqrt(H)).to(device=device, dtype=dtype).requires_grad_(True)
-    targets = torch.randint(0, V, (N,), generator=g).to(device)  # (N,)
+    g = torch.Generator(device=device).manual_seed(seed)  # on the device: V x H is 622M numbers at full size
+    hidden = torch.randn(N, H, generator=g, device=device).to(dtype).requires_grad_(True)  # (N, H)
+    weight = (torch.randn(V, H, generator=g, device=device) / math.sqrt(H)).to(dtype).requires_grad_(True)  # (V, H)
+    targets = torch.randint(0, V, (N,), generator=g, device=device)  # (N,)
     return hidden, weight, targets
 
 
@@ -214,12 +214,12 @@ def time_python_loop(rewards, values, mask, device, *, budget_s: float) -> tuple
     sync(device)
     per_step_s = (time.perf_counter() - t0) / probe
     if per_step_s * T * 4 <= budget_s:
-        ms = time_ms(lambda: gae_python_loop(rewards, values, mask), device, warmup_ms=1, rep_ms=budget_s * 250,
-                     max_reps=5)
+        ms = time_ms(lambda: gae_python_loop(rewards, values, mask), device, warmup_ms=1,
+                     rep_ms=min(budget_s * 250, 2000), max_reps=5)
         return ms, "measured (full loop)"
     steps = min(T, max(16, int(budget_s / 4 / per_step_s)))
     ms = time_ms(lambda: gae_python_loop(rewards, values, mask, steps=steps), device, warmup_ms=1,
-                 rep_ms=budget_s * 250, max_reps=3)
+                 rep_ms=min(budget_s * 250, 2000), max_reps=3)
     return ms * T / steps, f"extrapolated: last {steps} of {T} time steps timed, scaled x{T / steps:.1f}"
 
 

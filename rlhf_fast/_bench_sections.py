@@ -431,30 +431,18 @@ def logprobs_section(run: Run) -> dict:
     rows, notes = [], []
     kw = dict(floor_ms=floor, grad_bytes=grad_bytes)
 
+    ours = _ours(run)
+    fused = lambda ent: B.fwd_bwd(B.fused_logprobs, hidden, weight, targets, ent)  # noqa: E731
+    with backend(ours):
+        _measure(run, rows, f"rlhf_fast fused_linear_logprobs ({ours} backend)", fused(True), entropy="yes", **kw)
+
     with torch.no_grad():
         g_logits = torch.randn(N, V, device=dev, dtype=dtype)  # (N, V) stand-in for dL/dlogits
     h0, w0 = hidden.detach(), weight.detach()
     _measure(run, rows, "lm_head GEMMs only: logits, dL/dhidden, dL/dweight (3 GEMMs)",
              lambda: (h0 @ w0.T, g_logits @ w0, g_logits.T @ h0), entropy="-", **kw)
-    g_logits = None  # (N, V): free it before the variants run
+    g_logits = None  # (N, V): free it before the other variants run
 
-    ours = _ours(run)
-    with backend(ours):
-        _measure(run, rows, f"rlhf_fast fused_linear_logprobs ({ours} backend)",
-                 B.fwd_bwd(B.fused_logprobs, hidden, weight, targets, True), entropy="yes", **kw)
-        _measure(run, rows, f"rlhf_fast fused_linear_logprobs ({ours} backend), no entropy",
-                 B.fwd_bwd(B.fused_logprobs, hidden, weight, targets, False), entropy="no", **kw)
-    with backend("torch"):
-        _measure(run, rows, "rlhf_fast fused_linear_logprobs (torch backend)",
-                 B.fwd_bwd(B.fused_logprobs, hidden, weight, targets, True), entropy="yes", min_left_s=60, **kw)
-    _measure(run, rows, "eager PyTorch: materialised logits + log_softmax + gather",
-             B.fwd_bwd(B.eager_logprobs, hidden, weight, targets, True), entropy="yes", **kw)
-    if dev.type == "cuda":
-        compiled = torch.compile(B.eager_logprobs, dynamic=False)
-        _measure(run, rows, "torch.compile of the eager version",
-                 B.fwd_bwd(compiled, hidden, weight, targets, True), entropy="yes", min_left_s=90, **kw)
-    else:
-        notes.append("torch.compile skipped off CUDA (smoke run).")
     flce, why = _liger("liger_kernel.transformers", "LigerFusedLinearCrossEntropyLoss")
     if flce is not None and dev.type == "cuda":
         loss_fn = flce(reduction="sum")
@@ -466,6 +454,20 @@ def logprobs_section(run: Run) -> dict:
                  **kw)
     else:
         notes.append(f"Liger-Kernel not run: {why or 'needs CUDA'}.")
+    _measure(run, rows, "eager PyTorch: materialised logits + log_softmax + gather",
+             B.fwd_bwd(B.eager_logprobs, hidden, weight, targets, True), entropy="yes", **kw)
+    with backend(ours):
+        _measure(run, rows, f"rlhf_fast fused_linear_logprobs ({ours} backend), no entropy", fused(False),
+                 entropy="no", **kw)
+    if dev.type == "cuda":
+        compiled = torch.compile(B.eager_logprobs, dynamic=False)
+        _measure(run, rows, "torch.compile of the eager version",
+                 B.fwd_bwd(compiled, hidden, weight, targets, True), entropy="yes", min_left_s=90, **kw)
+    else:
+        notes.append("torch.compile skipped off CUDA (smoke run).")
+    with backend("torch"):
+        _measure(run, rows, "rlhf_fast fused_linear_logprobs (torch backend)", fused(True), entropy="yes",
+                 min_left_s=60, **kw)
     _speedups(rows)
     notes.append(f"{str(dtype)[6:]}, N={N}, H={H}, V={V}; forward + backward of sum(logprobs) (+ sum(entropy)) "
                  "into grad_hidden and grad_weight. Median of triton.testing.do_bench on CUDA "
@@ -528,15 +530,6 @@ def ppo_section(run: Run) -> dict:
 
     with backend(_ours(run)):
         _measure(run, rows, f"rlhf_fast fused_linear_ppo_loss ({_ours(run)} backend)", ours, **kw)
-    with backend("torch"):
-        _measure(run, rows, "rlhf_fast fused_linear_ppo_loss (torch backend)", ours, min_left_s=60, **kw)
-    _measure(run, rows, "eager PyTorch: materialised logits + log_softmax + gather + loss",
-             eager_with(_eager_ppo_loss), **kw)
-    if dev.type == "cuda":
-        _measure(run, rows, "torch.compile of the eager version",
-                 eager_with(torch.compile(_eager_ppo_loss, dynamic=False)), min_left_s=90, **kw)
-    else:
-        notes.append("torch.compile skipped off CUDA (smoke run).")
     grpo, why = _liger("liger_kernel.chunked_loss", "LigerFusedLinearGRPOLoss")
     if grpo is not None and dev.type == "cuda":
         loss_fn = grpo(beta=kl_coef, use_ref_model=True, epsilon_low=clip, epsilon_high=clip, loss_type="dapo")
@@ -551,6 +544,15 @@ def ppo_section(run: Run) -> dict:
                  min_left_s=60, **kw)
     else:
         notes.append(f"Liger-Kernel not run: {why or 'needs CUDA'}.")
+    _measure(run, rows, "eager PyTorch: materialised logits + log_softmax + gather + loss",
+             eager_with(_eager_ppo_loss), **kw)
+    if dev.type == "cuda":
+        _measure(run, rows, "torch.compile of the eager version",
+                 eager_with(torch.compile(_eager_ppo_loss, dynamic=False)), min_left_s=90, **kw)
+    else:
+        notes.append("torch.compile skipped off CUDA (smoke run).")
+    with backend("torch"):
+        _measure(run, rows, "rlhf_fast fused_linear_ppo_loss (torch backend)", ours, min_left_s=60, **kw)
     _speedups(rows)
     notes.append(f"{str(dtype)[6:]}, B={Bn}, T={T} (N={N}), H={H}, V={V}; clipped surrogate (clip {clip}) + "
                  f"{kl_coef} * k3 KL to given reference log-probs, token mean, per-sequence advantages; forward "

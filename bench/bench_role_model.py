@@ -101,17 +101,19 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _median_time(fn, device, reps: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
+def _time_many(fns: dict, device, reps: int) -> dict:
+    """Median seconds of each fn, after one warm-up each; the fns alternate within every repetition."""
+    for fn in fns.values():
         fn()
-    times = []
+    times = {key: [] for key in fns}
     for _ in range(reps):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for key, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[key].append(time.perf_counter() - t0)
+    return {key: statistics.median(v) for key, v in times.items()}
 
 
 def _cpu_peak_extra(fn) -> int:
@@ -138,10 +140,11 @@ def _peak_memory(fn, device, held: int) -> int:
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         fn()
         torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
+        return held + torch.cuda.max_memory_allocated() - before
     return held + _cpu_peak_extra(fn)
 
 
@@ -178,34 +181,41 @@ def compare(config, *, batch: int, seq: int, micro_batch: int | None = None, dty
                           "layers": config.num_hidden_layers, "vocab": config.vocab_size},
                "batch": batch, "seq": seq, "micro_batch": micro_batch, "dtype": str(dtype), "device": device}
 
-    # four-model recipe first, then free it, so the two never share the device's memory
+    # Memory: held weights + the peak of what the call allocates beyond what was live before it, per recipe.
+    # Time: on the CPU the recipes alternate within each repetition, so load from other processes hits all
+    # alike; on CUDA the four models are freed before RoleModel is built.
     four = FourModels(lm)
-    run = _micro(four.experience, ids, mask, micro_batch)
-    t = _median_time(run, dev, reps)
-    mem = _peak_memory(run, dev, _held_bytes(four))
-    results["four_models"] = {"tokens_per_s": tokens / t, "seconds": t, "peak_bytes": mem,
-                              "weight_bytes": _held_bytes(four)}
-    del four, run
+    runs = {"four_models": _micro(four.experience, ids, mask, micro_batch)}
+    held = {"four_models": _held_bytes(four)}
+    peaks = {"four_models": _peak_memory(runs["four_models"], dev, held["four_models"])}
+    times = {}
     if dev.type == "cuda":
+        times |= _time_many(runs, dev, reps)
+        del four, runs["four_models"]
         torch.cuda.empty_cache()
 
     model = RoleModel.from_pretrained(lm, lora=lora or LoraSettings(r=16, alpha=32.0))
     model.eval()
     for mode in ("sequential", "mixed"):
-        run = _micro(lambda i, m, mode=mode: model.experience(i, m, mode=mode), ids, mask, micro_batch)
-        t = _median_time(run, dev, reps)
-        mem = _peak_memory(run, dev, _held_bytes(model))
-        results[f"role_model_{mode}"] = {"tokens_per_s": tokens / t, "seconds": t, "peak_bytes": mem,
-                                         "weight_bytes": _held_bytes(model)}
+        key = f"role_model_{mode}"
+        runs[key] = _micro(lambda i, m, mode=mode: model.experience(i, m, mode=mode), ids, mask, micro_batch)
+        held[key] = _held_bytes(model)
+        peaks[key] = _peak_memory(runs[key], dev, held[key])
+    times |= _time_many(runs, dev, reps)
+    for key in peaks:
+        results[key] = {"tokens_per_s": tokens / times[key], "seconds": times[key], "peak_bytes": peaks[key],
+                        "weight_bytes": held[key]}
     # attribution: the two fused log-prob calls (policy, reference) alone, on the hidden states
     from rlhf_fast import ops
 
     mb = micro_batch or batch
     with torch.no_grad():
         h = model._hidden(ids[:mb], mask[:mb])[:, :-1]  # (mb, T-1, H)
-        t = _median_time(lambda: ops.fused_linear_logprobs(h, model.lm_head.weight, ids[:mb, 1:]), dev, reps)
+        t = _time_many({"op": lambda: ops.fused_linear_logprobs(h, model.lm_head.weight, ids[:mb, 1:])}, dev,
+                       reps)["op"]
     results["role_model_sequential"]["logprob_op_seconds"] = t * 2 * (batch // mb)
     rm, fm = results["role_model_sequential"], results["four_models"]
+    results["reps"] = reps
     results["throughput_ratio"] = rm["tokens_per_s"] / fm["tokens_per_s"]
     results["peak_memory_ratio"] = rm["peak_bytes"] / fm["peak_bytes"]
     results["mixed_over_sequential_throughput"] = (results["role_model_mixed"]["tokens_per_s"]
@@ -223,12 +233,11 @@ def compare_generation(model: RoleModel, *, batch: int, prompt: int, new_tokens:
         for n, p in model.peft.named_parameters():
             if "lora_B.policy" in n:
                 p.normal_(0, 0.01)
-    out = {}
-    for merge in (False, True):
-        fn = lambda merge=merge: model.generate(ids, mask, max_new_tokens=new_tokens, temperature=0,
-                                                eos_token_id=[], merge=merge)
-        t = _median_time(fn, dev, reps)
-        out["merged" if merge else "live"] = {"new_tokens_per_s": batch * new_tokens / t, "seconds": t}
+    fns = {name: (lambda merge=merge: model.generate(ids, mask, max_new_tokens=new_tokens, temperature=0,
+                                                      eos_token_id=[], merge=merge))
+           for name, merge in (("live", False), ("merged", True))}
+    out = {k: {"new_tokens_per_s": batch * new_tokens / t, "seconds": t}
+           for k, t in _time_many(fns, dev, reps).items()}
     out["merged_over_live_throughput"] = out["merged"]["new_tokens_per_s"] / out["live"]["new_tokens_per_s"]
     out.update(batch=batch, prompt=prompt, new_tokens=new_tokens)
     return out
@@ -268,7 +277,9 @@ def _markdown(res: dict, gen: dict, meta: dict) -> str:
     lines = [f"# RoleModel.experience() vs the four-model recipe (CPU, {meta['date']})", "",
              f"Model: random-init {c['model_type']}, hidden {c['hidden']}, {c['layers']} layers, vocab {c['vocab']}; "
              f"batch {res['batch']} x {res['seq']} tokens, {res['dtype']}, micro-batch {res['micro_batch']}, "
-             f"{meta['threads']} threads; median of {meta['reps']} runs after a warm-up.", "",
+             f"{meta['threads']} threads; median of {meta['reps']} runs after a warm-up, the recipes alternating "
+             "within each run (the 2-core machine is shared, so absolute tokens/s are noisy; the ratios are "
+             "the result). LoRA r=16 on every linear of the blocks.", "",
              "| recipe | tokens/s | peak MiB | weights MiB |", "|---|---:|---:|---:|"]
     for key, name in (("four_models", "four models (logits materialised)"),
                       ("role_model_sequential", "RoleModel experience(), sequential"),

@@ -12,6 +12,17 @@ Log-probs come from the backbone's final hidden state and the lm_head weight thr
 Alignment of every per-token output (B, T): entry t belongs to token input_ids[:, t] and is computed from the
 hidden state at t - 1. An entry is 0 unless both token t and token t - 1 are real (attention_mask 1): entry 0
 is always 0, padded positions are 0, and so is the first real token of a left-padded row (it has no context).
+
+Usage (one PPO step's model calls):
+
+    model = RoleModel.from_pretrained("path/to/sft-or-base", lora=LoraSettings(r=16, alpha=32))
+    model.merge_policy_into_base()          # only if SFT trained the policy adapter: reference := SFT model
+    out = model.generate(prompt_ids, prompt_mask, max_new_tokens=128, temperature=0.7)
+    exp = model.experience(out["sequences"], out["attention_mask"], temperature=0.7)
+    f = model.policy_forward(out["sequences"], out["attention_mask"])
+    loss, stats = ops.fused_linear_ppo_loss(f.hidden, f.weight, f.targets, exp["logprobs"], advantages,
+                                            out["response_mask"] * f.mask, f.bias, temperature=0.7)
+    model.save("ckpt")                      # adapters (PEFT format) + heads + settings; save_base=True for the base
 """
 
 from __future__ import annotations
@@ -238,17 +249,20 @@ class RoleModel(nn.Module):
         if isinstance(model_or_path, (str, os.PathLike)):
             path = Path(model_or_path)
             _check_local_model_dir(path)
-            attn = _resolve_attn(attn_implementation, dtype)
             kwargs = dict(dtype=dtype or "auto", trust_remote_code=trust_remote_code, use_safetensors=True)
-            try:
-                lm = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, **kwargs)
-            except (ValueError, ImportError):
-                if attn_implementation != "auto":
-                    raise
-                lm = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", **kwargs)
+            # "auto": the first of these the architecture supports
+            tries = ([_resolve_attn("auto", dtype), "sdpa", "eager"] if attn_implementation == "auto"
+                     else [attn_implementation])
+            for i, attn in enumerate(dict.fromkeys(tries)):
+                try:
+                    lm = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, **kwargs)
+                    break
+                except (ValueError, ImportError):
+                    if i == len(dict.fromkeys(tries)) - 1:
+                        raise
             if tokenizer is None and any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
                 tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-            name = str(path)
+            name = str(path.resolve())
         elif isinstance(model_or_path, PreTrainedModel):
             lm = model_or_path
             if dtype is not None:
@@ -340,8 +354,11 @@ class RoleModel(nn.Module):
         """Context in which the LM runs as `role` (the adapter on, or all adapters off for the reference)."""
         self._check_role(role)
         if role == "reference":
-            with self.peft.disable_adapter():
-                yield
+            try:
+                with self.peft.disable_adapter():
+                    yield
+            finally:
+                self._set_trainable()  # peft's re-enable leaves only the active adapter trainable
             return
         if self._active != role:
             self.peft.base_model.set_adapter(role)
@@ -600,7 +617,8 @@ class RoleModel(nn.Module):
             with torch.no_grad():
                 for module in self.peft.modules():
                     if isinstance(module, LoraLayer) and adapter in module.lora_A:
-                        w = module.get_base_layer().weight
+                        # .data: no version bump, so a graph that saved W stays usable (W is restored exactly)
+                        w = module.get_base_layer().weight.data
                         d = module.get_delta_weight(adapter).to(w.dtype)
                         merged = w + d
                         wrong = ((merged - d) != w).view(-1).nonzero().squeeze(-1)  # (K,) flat indices
@@ -610,9 +628,10 @@ class RoleModel(nn.Module):
             with self.peft.disable_adapter():
                 yield
         finally:
+            self._set_trainable()
             with torch.no_grad():
                 for module, d, wrong, original in stash:
-                    w = module.get_base_layer().weight
+                    w = module.get_base_layer().weight.data
                     w.sub_(d)
                     w.view(-1)[wrong] = original
 

@@ -250,6 +250,14 @@ def test_each_role_trains_only_its_adapter_and_head(model_of):
     assert _grads(model) == {"policy": True, "critic": True, "reward": False, "value_head": True,
                              "score_head": False}
     model.zero_grad(set_to_none=True)
+    # a reference pass (adapters off) between a critic forward and its backward must not cut the critic off
+    values = model.values(ids, mask)
+    with torch.no_grad():
+        model.logprobs(ids, mask, role="reference")
+        model.generate(ids, mask, max_new_tokens=1)
+    values.sum().backward()
+    assert _grads(model)["critic"] and _grads(model)["value_head"]
+    model.zero_grad(set_to_none=True)
     model.scores(ids, mask).sum().backward()
     assert _grads(model) == {"policy": False, "critic": False, "reward": True, "value_head": False,
                              "score_head": True}

@@ -65,10 +65,13 @@ CONFIG = {
     "target_programs": None,
 }
 
-# tl.dot accumulates in fp32; "ieee" keeps fp32 inputs exact fp32 (no silent TF32). bf16/fp16 ignore it.
-DOT_PRECISION = "ieee"
+# tl.dot always accumulates in fp32; the precision only matters for fp32 inputs (bf16/fp16 products are
+# exact). On GPU fp32 tiles use 3xTF32 on the tensor cores (about fp32 accuracy; "ieee" FMA dots at 128x128
+# spill 6 KB of registers per thread when compiled for sm_90a); "tf32" trades accuracy for speed, "ieee" is exact.
+# The interpreter always computes exact fp32 products.
+FP32_DOT_PRECISION = "tf32x3"
 
-_NEG_BIG = -1.0e30  # running-max start: finite, so exp(m_old - m_new) and (m_old - m_new) * 0 stay defined
+_NEG_BIG = tl.constexpr(-1.0e30)  # running-max start: finite, so exp(m_old - m_new) and (m_old - m_new) * 0 stay defined
 
 
 def _c(x: torch.Tensor | None) -> torch.Tensor | None:
@@ -82,8 +85,21 @@ def _per_token(x: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _interpreting() -> bool:
-    # The interpreter cannot tl.dot bf16 tiles (numpy has no bf16), so there we upcast before the dot.
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _dot_args(dtype: torch.dtype, block_k: int) -> tuple[dict, int]:
+    """UPCAST, PREC and the K block for tl.dot on tiles of dtype.
+
+    The interpreter cannot tl.dot bf16 tiles (numpy has no bf16), so there tiles are upcast to fp32 first
+    (exact products, as on the tensor cores). The K block is given for 2-byte inputs and halved for fp32, so a
+    pipeline stage holds the same bytes (sm_90a: 96 KiB of shared memory for 3 stages of 128x128 tiles).
+    """
+    interp = _interpreting()
+    fp32 = dtype == torch.float32
+    prec = FP32_DOT_PRECISION if fp32 and not interp else "ieee"
+    bk = max(16, block_k // 2) if fp32 else block_k
+    return dict(UPCAST=interp, PREC=prec), bk
 
 
 # ----------------------------------------------------------------------------------------------- jit helpers
@@ -283,13 +299,14 @@ def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, bias: torch.T
     M, K = a.shape
     N = b.shape[1]
     cfg = CONFIG
-    bm, bn, bk = cfg["mm_block_m"], cfg["mm_block_n"], cfg["mm_block_k"]
+    dot, bk = _dot_args(a.dtype, cfg["mm_block_k"])
+    bm, bn = cfg["mm_block_m"], cfg["mm_block_n"]
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     _matmul_kernel[grid](
         a, b, out, bias if bias is not None else out, M, N, K, a.stride(0), a.stride(1), b.stride(0),
         b.stride(1), out.stride(0), out.stride(1), scale, ACCUMULATE=accumulate, HAS_BIAS=bias is not None,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["mm_group_m"], UPCAST=_interpreting(),
-        PREC=DOT_PRECISION, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["mm_group_m"], num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], **dot)
     return out
 
 
@@ -323,6 +340,7 @@ def logprobs_stats(x: torch.Tensor, weight: torch.Tensor | None, targets: torch.
         bn, bv, warps = cfg["block_n"], cfg["block_v"], cfg["num_warps"]
     else:
         bn, bv, warps = cfg["row_block_n"], cfg["row_block_v"], cfg["row_num_warps"]
+    dot, bh = _dot_args(x.dtype, cfg["block_h"])
     n_tiles = triton.cdiv(N, bn)
     v_tiles = triton.cdiv(V, bv)
     # Split V across programs only as far as needed to fill the device (each split re-reads the hidden tile).
@@ -333,8 +351,7 @@ def logprobs_stats(x: torch.Tensor, weight: torch.Tensor | None, targets: torch.
     _logprobs_partials_kernel[(n_tiles, splits)](
         x, weight if linear else x, bias if bias is not None else x, targets, part[0], part[1], part[2],
         part[3], N, V, H, x.stride(0), weight.stride(0) if linear else 0, inv_t, tiles_per_split,
-        LINEAR=linear, HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=cfg["block_h"],
-        UPCAST=_interpreting(), PREC=DOT_PRECISION, num_warps=warps,
+        LINEAR=linear, HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, num_warps=warps, **dot,
         num_stages=cfg["num_stages"] if linear else 1)
     block_s = triton.next_power_of_2(splits)
     block_rows = max(1, min(64, 4096 // block_s))
@@ -357,6 +374,7 @@ def logprobs_grad(x: torch.Tensor, weight: torch.Tensor | None, targets: torch.T
     else:
         bn, bv, warps = cfg["row_block_n"], cfg["row_block_v"], cfg["row_num_warps"]
     has_ent = grad_entropy is not None and entropy is not None
+    dot, bh = _dot_args(x.dtype, cfg["block_h"])
     grid = (triton.cdiv(n_rows, bn), triton.cdiv(V, bv))
     _logprobs_grad_kernel[grid](
         x, weight if linear else x, bias if bias is not None else x, targets, lse,
@@ -364,7 +382,7 @@ def logprobs_grad(x: torch.Tensor, weight: torch.Tensor | None, targets: torch.T
         gb_part if gb_part is not None else lse, row0, n_rows, V, x.shape[1] if linear else 0, x.stride(0),
         weight.stride(0) if linear else 0, g.stride(0), inv_t, g_scale, ignore_index, LINEAR=linear,
         HAS_BIAS=bias is not None, HAS_ENT=has_ent, BIAS_GRAD=gb_part is not None, BLOCK_N=bn,
-        BLOCK_V=bv, BLOCK_H=cfg["block_h"], UPCAST=_interpreting(), PREC=DOT_PRECISION, num_warps=warps,
+        BLOCK_V=bv, BLOCK_H=bh, num_warps=warps, **dot,
         num_stages=cfg["num_stages"] if linear else 1)
 
 

@@ -319,10 +319,13 @@ def _target_programs(device: torch.device) -> int:
 
 
 def chunk_rows(N: int, V: int, bytes_per_logit: int, block_n: int, budget: int) -> int:
-    """Rows per chunk so that the (C, V) scratch stays within budget bytes (a multiple of block_n)."""
-    c = budget // max(1, V * bytes_per_logit)
-    c = max(block_n, c // block_n * block_n)
-    return min(c, triton.cdiv(N, block_n) * block_n)
+    """Rows per chunk: the (C, V) scratch stays within budget bytes, C is a multiple of the row tiles of the
+    kernels and GEMMs that read it, and the chunks are as even as that allows (no thin last chunk that
+    leaves most SMs idle in its grad_hidden GEMM)."""
+    align = max(block_n, CONFIG["mm_block_m"])  # powers of two: the larger is a multiple of the smaller
+    c_max = max(align, budget // max(1, V * bytes_per_logit) // align * align)
+    n_chunks = triton.cdiv(N, c_max)
+    return triton.cdiv(triton.cdiv(N, n_chunks), align) * align
 
 
 def logprobs_stats(x: torch.Tensor, weight: torch.Tensor | None, targets: torch.Tensor,

@@ -14,8 +14,8 @@ CLIP_LOW, CLIP_HIGH, KL_COEF, ENT_COEF = 0.2, 0.28, 0.1, 0.01
 
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
-    """Interpreter-sized tiles and a tiny chunk budget, so N = 17 runs as chunks of 8, 8, 1 rows."""
-    for key, val in dict(block_n=16, block_v=32, block_h=16, mm_block_m=32, mm_block_n=32, mm_block_k=16,
+    """Interpreter-sized tiles and a tiny chunk budget, so N = 17 runs as chunks of 16 and 1 rows."""
+    for key, val in dict(block_n=16, block_v=32, block_h=16, mm_block_m=16, mm_block_n=32, mm_block_k=16,
                          mm_group_m=2, row_block_n=8, row_block_v=64, chunk_bytes=1, ppo_chunk_bytes=1,
                          target_programs=4).items():
         monkeypatch.setitem(K.CONFIG, key, val)

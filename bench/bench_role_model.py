@@ -113,6 +113,7 @@ def _time_many(fns: dict, device, reps: int) -> dict:
             fn()
             _sync(device)
             times[key].append(time.perf_counter() - t0)
+    _time_many.last = times  # raw per-repetition times, for paired ratios
     return {key: statistics.median(v) for key, v in times.items()}
 
 
@@ -202,6 +203,7 @@ def compare(config, *, batch: int, seq: int, micro_batch: int | None = None, dty
         held[key] = _held_bytes(model)
         peaks[key] = _peak_memory(runs[key], dev, held[key])
     times |= _time_many(runs, dev, reps)
+    raw = _time_many.last if dev.type != "cuda" else None
     for key in peaks:
         results[key] = {"tokens_per_s": tokens / times[key], "seconds": times[key], "peak_bytes": peaks[key],
                         "weight_bytes": held[key]}
@@ -216,10 +218,17 @@ def compare(config, *, batch: int, seq: int, micro_batch: int | None = None, dty
     results["role_model_sequential"]["logprob_op_seconds"] = t * 2 * (batch // mb)
     rm, fm = results["role_model_sequential"], results["four_models"]
     results["reps"] = reps
-    results["throughput_ratio"] = rm["tokens_per_s"] / fm["tokens_per_s"]
+    # on the CPU the recipes ran back to back in each repetition: the median of the paired ratios is robust
+    # to load from other processes that shifts whole repetitions
+    results["throughput_ratio"] = (statistics.median(f / r for f, r in zip(raw["four_models"],
+                                                                           raw["role_model_sequential"]))
+                                   if raw else rm["tokens_per_s"] / fm["tokens_per_s"])
+    results["throughput_ratio_per_rep"] = ([f / r for f, r in zip(raw["four_models"], raw["role_model_sequential"])]
+                                           if raw else None)
     results["peak_memory_ratio"] = rm["peak_bytes"] / fm["peak_bytes"]
-    results["mixed_over_sequential_throughput"] = (results["role_model_mixed"]["tokens_per_s"]
-                                                   / rm["tokens_per_s"])
+    results["mixed_over_sequential_throughput"] = (
+        statistics.median(r / m for r, m in zip(raw["role_model_sequential"], raw["role_model_mixed"])) if raw
+        else results["role_model_mixed"]["tokens_per_s"] / rm["tokens_per_s"])
     results["_model"] = model
     return results
 
@@ -238,7 +247,9 @@ def compare_generation(model: RoleModel, *, batch: int, prompt: int, new_tokens:
            for name, merge in (("live", False), ("merged", True))}
     out = {k: {"new_tokens_per_s": batch * new_tokens / t, "seconds": t}
            for k, t in _time_many(fns, dev, reps).items()}
-    out["merged_over_live_throughput"] = out["merged"]["new_tokens_per_s"] / out["live"]["new_tokens_per_s"]
+    raw = _time_many.last
+    out["merged_over_live_throughput"] = statistics.median(lv / mg for lv, mg in zip(raw["live"], raw["merged"]))
+    out["merged_over_live_per_rep"] = [lv / mg for lv, mg in zip(raw["live"], raw["merged"])]
     out.update(batch=batch, prompt=prompt, new_tokens=new_tokens)
     return out
 
@@ -286,7 +297,9 @@ def _markdown(res: dict, gen: dict, meta: dict) -> str:
                       ("role_model_mixed", "RoleModel experience(), mixed-adapter batch")):
         r = res[key]
         lines.append(f"| {name} | {r['tokens_per_s']:.0f} | {mib(r['peak_bytes'])} | {mib(r['weight_bytes'])} |")
-    lines += ["", f"- throughput ratio RoleModel / four models: **{res['throughput_ratio']:.2f}x**",
+    per_rep = res.get("throughput_ratio_per_rep") or []
+    lines += ["", f"- throughput ratio RoleModel / four models: **{res['throughput_ratio']:.2f}x** (median of the "
+              f"per-repetition ratios: {', '.join(f'{x:.2f}' for x in per_rep)})",
               f"- peak memory ratio RoleModel / four models: **{res['peak_memory_ratio']:.3f}x**",
               f"- mixed-adapter batch / sequential throughput: {res['mixed_over_sequential_throughput']:.2f}x",
               f"- of RoleModel's {res['role_model_sequential']['seconds']:.2f} s, the two fused log-prob calls "
@@ -295,7 +308,8 @@ def _markdown(res: dict, gen: dict, meta: dict) -> str:
               "", "| policy adapter | new tokens/s |", "|---|---:|",
               f"| live | {gen['live']['new_tokens_per_s']:.0f} |",
               f"| merged for the rollout, unmerged after | {gen['merged']['new_tokens_per_s']:.0f} |",
-              "", f"- merged / live: {gen['merged_over_live_throughput']:.2f}x", "",
+              "", f"- merged / live: {gen['merged_over_live_throughput']:.2f}x (per repetition: "
+              f"{', '.join(f'{x:.2f}' for x in gen['merged_over_live_per_rep'])})", "",
               "Peak memory on the CPU = bytes of the weights held + peak of live CPU allocations during the call "
               "(torch.profiler memory events).", "",
               f"versions: torch {meta['torch']}, transformers {meta['transformers']}, peft {meta['peft']}, "

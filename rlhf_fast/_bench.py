@@ -4,7 +4,8 @@ bench/test_bench_cpu.py and tests/test_memory.py all call these, so each measure
 Timing: median of triton.testing.do_bench on CUDA; median of perf_counter on the CPU.
 Peak memory: torch.cuda.max_memory_allocated minus what was allocated before the call on CUDA; on the CPU
 a fresh subprocess per variant, peak RSS (ru_maxrss) minus the RSS once its inputs are built (torch has no
-CPU allocator statistics, and a separate process keeps one variant's high-water mark out of the other's).
+CPU allocator statistics, and a separate process keeps one variant's high-water mark out of the other's),
+with glibc's mmap threshold fixed so that freed blocks leave the RSS.
 """
 
 from __future__ import annotations
@@ -152,6 +153,11 @@ def cpu_peak_extra_bytes_many(variants, N: int, H: int, V: int, *, return_entrop
     the call's own peak, the figure over-states the call's peak; it never under-states it.
     Returns {variant: {"peak_extra_bytes", "grad_bytes", "rss_after_inputs"}}."""
     env = dict(os.environ, RLHF_FAST_BACKEND=backend)
+    # glibc raises its mmap threshold after each large free, so freed blocks then stay in the heap and RSS
+    # counts memory the program no longer holds (seen here: the fused variant read 106 to 162 MiB run to run).
+    # A fixed threshold returns every block >= 128 KiB to the OS when freed, so RSS tracks live memory
+    # (fused then reads 70 MiB, stable).
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
     procs = {v: subprocess.Popen(_rss_cmd(v, N, H, V, return_entropy, backend), stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True, env=env) for v in variants}
     out = {}

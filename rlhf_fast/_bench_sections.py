@@ -704,7 +704,8 @@ def cpu_logprobs_section(run: Run, *, N: int = 4096, H: int = 256, V: int = 3276
     mat["memory / materialised"] = mat["time / materialised"] = 1.0
     notes = [f"fp32, N={N}, H={H}, V={V}, forward + backward of sum(logprobs) (no entropy) into grad_hidden and "
              "grad_weight. Time: median of 3 perf_counter runs after one warm-up. Peak extra: a fresh process "
-             "per variant, ru_maxrss after the call minus the RSS once the inputs exist (the gradients count)."]
+             "per variant, ru_maxrss after the call minus the RSS once the inputs exist, glibc's mmap threshold fixed "
+             "at 128 KiB so freed blocks leave the RSS (the gradients count)."]
     return section(f"fused_linear_logprobs vs materialised logits on the CPU, N={N}, H={H}, V={V}", rows,
                    ["variant", "median ms", "time / materialised", "peak extra MiB", "memory / materialised",
                     "of which grads MiB"], notes)

@@ -25,6 +25,9 @@
 namespace rlhf_fast {
 namespace {
 
+// ---- device code begins: tests/ops/test_kernels_gae.py compiles from here to "device code ends" on the
+// CPU under a warp emulation (32 threads per warp, shuffles through barriers) to check it without a GPU.
+
 constexpr int kWarp = 32;
 constexpr int kItems = 16;                     // positions per lane per tile
 constexpr int kTile = kWarp * kItems;          // 512 positions per tile
@@ -222,6 +225,8 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) gae_fwd_kernel(Params p
     __syncwarp();  // the buffers are reloaded by the next tile
   }
 }
+
+// ---- device code ends
 
 template <bool KL, int ESTIMATOR>
 const char* launch(const Params& p, void* stream) {

@@ -161,15 +161,15 @@ def _logprobs_partials_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, m_ptr, s_ptr, t_ptr,
             offs = rows.to(tl.int64)[:, None] * stride_x + cols[None, :]
             z = tl.load(x_ptr + offs, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
             z = z.to(tl.float32) * inv_t
-        z = tl.where(col_mask[None, :], z, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, axis=1))
+        m_tile, s_tile, t_tile, zt_tile = _tile_row_stats(z, cols, col_mask, tgt)
+        # merge the tile into the running statistics; sum e^(z - m_new) (z - m_new) over both parts is
+        # alpha * (t + (m - m_new) s) with alpha = e^(m - m_new), and the same for the tile
+        m_new = tl.maximum(m, m_tile)
         alpha = tl.exp(m - m_new)
-        e = tl.exp(z - m_new[:, None])
-        # sum e^(z - m_new) (z - m_new) = alpha * (t + (m - m_new) * s); -inf logits contribute 0, not NaN
-        ez = e * tl.where(z > float("-inf"), z - m_new[:, None], 0.0)
-        t = alpha * (t + (m - m_new) * s) + tl.sum(ez, axis=1)
-        s = alpha * s + tl.sum(e, axis=1)
-        zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
+        beta = tl.exp(m_tile - m_new)
+        t = alpha * (t + (m - m_new) * s) + beta * (t_tile + (m_tile - m_new) * s_tile)
+        s = alpha * s + beta * s_tile
+        zt += zt_tile
         m = m_new
     out = split * N + rows
     tl.store(m_ptr + out, m, mask=row_mask)
@@ -179,28 +179,50 @@ def _logprobs_partials_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, m_ptr, s_ptr, t_ptr,
 
 
 @triton.jit
+def _tile_row_stats(z, cols, col_mask, tgt):
+    # Per-row (max m, sum e^(z - m), sum e^(z - m) (z - m), target logit) of one (rows, BLOCK_V) logit tile;
+    # columns past V are -inf. -inf logits (a masked vocabulary) contribute 0 to both sums, not NaN.
+    z = tl.where(col_mask[None, :], z, float("-inf"))
+    m = tl.maximum(tl.max(z, axis=1), _NEG_BIG)
+    e = tl.exp(z - m[:, None])
+    t = tl.sum(e * tl.where(z > float("-inf"), z - m[:, None], 0.0), axis=1)
+    zt = tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
+    return m, tl.sum(e, axis=1), t, zt
+
+
+@triton.jit
 def _logprobs_combine_kernel(m_ptr, s_ptr, t_ptr, zt_ptr, tgt_ptr, lp_ptr, ent_ptr, lse_ptr, N, SPLITS,
                              IGNORE, NEED_ENT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
-    # Merge the per-split statistics of each row: lse, logprob = z_target - lse, entropy = log S - T / S.
+    # Merge the per-split statistics (SPLITS, N) of each row, BLOCK_S splits at a time with the same online
+    # rescaling as over V: lse = M + log S, logprob = z_target - lse, entropy = log S - T / S.
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    ks = tl.arange(0, BLOCK_S)
-    mask = row_mask[:, None] & (ks < SPLITS)[None, :]
-    offs = ks[None, :] * N + rows[:, None]
-    m = tl.load(m_ptr + offs, mask=mask, other=_NEG_BIG)
-    s = tl.load(s_ptr + offs, mask=mask, other=0.0)
-    zt = tl.sum(tl.load(zt_ptr + offs, mask=mask, other=0.0), axis=1)
-    m_all = tl.max(m, axis=1)
-    scale = tl.exp(m - m_all[:, None])
-    s_all = tl.where(row_mask, tl.sum(s * scale, axis=1), 1.0)  # rows past N: keep log() quiet
-    lse = m_all + tl.log(s_all)
+    m_run = tl.full((BLOCK_N,), _NEG_BIG, dtype=tl.float32)
+    s_run = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    t_run = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    zt = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, SPLITS, BLOCK_S):
+        ks = k0 + tl.arange(0, BLOCK_S)
+        mask = row_mask[:, None] & (ks < SPLITS)[None, :]
+        offs = ks[None, :] * N + rows[:, None]
+        m = tl.load(m_ptr + offs, mask=mask, other=_NEG_BIG)
+        s = tl.load(s_ptr + offs, mask=mask, other=0.0)
+        zt += tl.sum(tl.load(zt_ptr + offs, mask=mask, other=0.0), axis=1)
+        m_new = tl.maximum(m_run, tl.max(m, axis=1))
+        a_run = tl.exp(m_run - m_new)
+        a = tl.exp(m - m_new[:, None])
+        if NEED_ENT:
+            t = tl.load(t_ptr + offs, mask=mask, other=0.0)
+            t_run = a_run * (t_run + (m_run - m_new) * s_run) + tl.sum(a * (t + (m - m_new[:, None]) * s), 1)
+        s_run = a_run * s_run + tl.sum(a * s, axis=1)
+        m_run = m_new
+    s_run = tl.where(row_mask, s_run, 1.0)  # rows past N: keep log() quiet
+    lse = m_run + tl.log(s_run)
     ignored = tl.load(tgt_ptr + rows, mask=row_mask, other=IGNORE) == IGNORE
     tl.store(lse_ptr + rows, lse, mask=row_mask)
     tl.store(lp_ptr + rows, tl.where(ignored, 0.0, zt - lse), mask=row_mask)
     if NEED_ENT:
-        t = tl.load(t_ptr + offs, mask=mask, other=0.0)
-        t_all = tl.sum(scale * (t + (m - m_all[:, None]) * s), axis=1)
-        ent = tl.log(s_all) - t_all / s_all
+        ent = tl.log(s_run) - t_run / s_run
         tl.store(ent_ptr + rows, tl.where(ignored, 0.0, ent), mask=row_mask)
 
 
@@ -246,12 +268,15 @@ def _logprobs_grad_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, ent_ptr, glp_pt
 
 
 @triton.jit
-def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
-                   stride_cm, stride_cn, scale, ACCUMULATE: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, tgt_ptr, m_ptr, s_ptr, t_ptr, zt_ptr, M, N, K,
+                   stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, scale,
+                   ACCUMULATE: tl.constexpr, HAS_BIAS: tl.constexpr, STATS: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    GROUP_M: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
     # C (+)= (A @ B + bias[None, :]) * scale with an fp32 accumulator; A, B any strides (transposes are
     # strides). Grouped program order so GROUP_M row tiles share each B column tile while it is in L2.
+    # STATS (C = logits): also the softmax row statistics of this tile, as split pid_n of (N tiles, M) buffers,
+    # so the logits need not be read back for the log-sum-exp.
     pid = tl.program_id(0)
     # plain integer ceil-division rather than tl.cdiv: tl.cdiv is a @jit helper of triton.language, which is a
     # compiled-mode JITFunction if triton was first imported without TRITON_INTERPRET=1 (seen in the test suite)
@@ -283,6 +308,14 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K, stride_am, stride_ak,
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     acc = acc * scale
+    if STATS:
+        tgt = tl.load(tgt_ptr + rm, mask=m_mask, other=-1)
+        m_t, s_t, t_t, zt_t = _tile_row_stats(acc, rn, n_mask, tgt)
+        st = pid_n * M + rm
+        tl.store(m_ptr + st, m_t, mask=m_mask)
+        tl.store(s_ptr + st, s_t, mask=m_mask)
+        tl.store(t_ptr + st, t_t, mask=m_mask)
+        tl.store(zt_ptr + st, zt_t, mask=m_mask)
     c_offs = rm64[:, None] * stride_cm + rn64[None, :] * stride_cn
     c_mask = m_mask[:, None] & n_mask[None, :]
     if ACCUMULATE:
@@ -294,18 +327,24 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K, stride_am, stride_ak,
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, bias: torch.Tensor | None = None,
-           scale: float = 1.0, accumulate: bool = False) -> torch.Tensor:
-    """out (+)= (a @ b + bias) * scale, fp32 accumulation; a (M, K), b (K, N), out (M, N), any strides."""
+           scale: float = 1.0, accumulate: bool = False,
+           stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """out (+)= (a @ b + bias) * scale, fp32 accumulation; a (M, K), b (K, N), out (M, N), any strides.
+
+    stats = (targets (M,), part (4, >= cdiv(N, mm_block_n) * M) fp32): out are logits; also write the per-(row,
+    column tile) softmax statistics m, s, t, z_target into part[i][tile * M + row], for combine_stats.
+    """
     M, K = a.shape
     N = b.shape[1]
     cfg = CONFIG
     dot, bk = _dot_args(a.dtype, cfg["mm_block_k"])
     bm, bn = cfg["mm_block_m"], cfg["mm_block_n"]
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    tgt, part = stats if stats is not None else (out, (out, out, out, out))
     _matmul_kernel[grid](
-        a, b, out, bias if bias is not None else out, M, N, K, a.stride(0), a.stride(1), b.stride(0),
-        b.stride(1), out.stride(0), out.stride(1), scale, ACCUMULATE=accumulate, HAS_BIAS=bias is not None,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["mm_group_m"], num_warps=cfg["num_warps"],
+        a, b, out, bias if bias is not None else out, tgt, part[0], part[1], part[2], part[3], M, N, K,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), scale,
+        ACCUMULATE=accumulate, HAS_BIAS=bias is not None, STATS=stats is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["mm_group_m"], num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], **dot)
     return out
 
@@ -356,11 +395,18 @@ def logprobs_stats(x: torch.Tensor, weight: torch.Tensor | None, targets: torch.
         part[3], N, V, H, x.stride(0), weight.stride(0) if linear else 0, inv_t, tiles_per_split,
         LINEAR=linear, HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, num_warps=warps, **dot,
         num_stages=cfg["num_stages"] if linear else 1)
-    block_s = triton.next_power_of_2(splits)
-    block_rows = max(1, min(64, 4096 // block_s))
+    combine_stats(part, splits, targets, ignore_index, lp, ent, lse)
+
+
+def combine_stats(part: torch.Tensor, splits: int, targets: torch.Tensor, ignore_index: int, lp: torch.Tensor,
+                  ent: torch.Tensor | None, lse: torch.Tensor) -> None:
+    """lp, ent (None: skip), lse (N,) from per-split statistics part[i][split * N + row], i = m, s, t, z_t."""
+    N = lp.shape[0]
+    block_s = min(64, triton.next_power_of_2(splits))
+    block_rows = min(256, 4096 // block_s)
     _logprobs_combine_kernel[(triton.cdiv(N, block_rows),)](
         part[0], part[1], part[2], part[3], targets, lp, ent if ent is not None else lp, lse, N, splits,
-        ignore_index, NEED_ENT=need_entropy, BLOCK_N=block_rows, BLOCK_S=block_s, num_warps=4)
+        ignore_index, NEED_ENT=ent is not None, BLOCK_N=block_rows, BLOCK_S=block_s, num_warps=4)
 
 
 def logprobs_grad(x: torch.Tensor, weight: torch.Tensor | None, targets: torch.Tensor,

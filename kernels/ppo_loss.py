@@ -10,19 +10,24 @@ when clipped or dual-clipped; dL/dentropy = -w entropy_coef. The logit gradient 
 kernels/logprobs.py.
 
 Design and flops (N tokens, H hidden, V vocabulary), with gradients (need_grad):
-  per chunk of C rows: Z = hidden_c @ W^T (+ bias) / T into an fp32 (C, V) buffer (GEMM, 2CHV) -> row
-  statistics (lse, target logit, entropy) read Z -> the token kernel makes the loss and the two per-token
-  coefficients -> the logit gradient G (C, V, input dtype) from Z -> grad_hidden_c = G @ W (2CHV) and
-  grad_weight += G^T @ hidden_c (2CHV, fp32 accumulator). Total 6NHV: the lm_head forward + backward GEMM floor,
-  the logits are not recomputed. The price is memory traffic over the (C, V) scratch: Z written (4 B) and read
-  twice (8 B), G written (2 B) and read by both GEMMs (4 B), 18 B per logit; at N = 8192, V = 151936 that is
-  22 GB, ~7 ms of H100 HBM time next to ~42 ms of GEMM, i.e. ~1.17x of the floor if the GEMMs run at cuBLAS
-  speed. To get safely inside the issue's 1.2x goal: (1) put the row statistics in the Z-GEMM epilogue (per
-  (row, V-tile) partial m/s/t/target written beside Z, merged like the split-V forward) so Z is read once,
-  not twice (-4 B); (2) write G in place over Z as bf16 (-4 B of footprint); (3) run the three GEMMs with
-  TMA/wgmma-tuned configs (persistent kernel, 128x256 tiles) - the plain tl.dot GEMM here is correct on
-  Hopper but not tuned (no GPU was available when it was written). Without gradients the fused split-V forward
-  of kernels/logprobs.py is used (2NHV, no (C, V) scratch at all).
+  per chunk of C rows: Z = hidden_c @ W^T (+ bias) / T into an fp32 (C, V) buffer by a GEMM whose epilogue
+  also writes each (row, V tile)'s softmax statistics (2CHV) -> a small kernel merges them into lse, the
+  target log-prob and the entropy -> the token kernel makes the loss and the two per-token coefficients ->
+  the logit gradient G (C, V, input dtype) from Z -> grad_hidden_c = G @ W (2CHV) and grad_weight (+)= G^T @
+  hidden_c (2CHV, fp32; written by the first chunk, accumulated by the rest). Total 6NHV: the lm_head
+  forward + backward GEMM floor; the logits are never recomputed.
+  Memory traffic beyond the GEMM operands, per logit: Z written (4 B) and read once (4 B), G written (2 B)
+  and read by both GEMMs (4 B): 14 B, ~17 GB at N = 8192, V = 151936 (~5 ms of H100 HBM next to ~42 ms of
+  GEMM), plus 8VH bytes (5 GB) of fp32 grad_weight read-modify-write per chunk after the first (chunks are
+  sized by CONFIG["ppo_chunk_bytes"]: 2 GiB -> 4 chunks of 2048 rows there). Estimate: ~1.25-1.3x of the
+  floor if the tl.dot GEMMs ran at cuBLAS speed - not measured (no GPU when this was written).
+  What would close the gap to the issue's 1.2x: (1) one chunk when memory allows (ppo_chunk_bytes >= 6NV,
+  7.5 GB there, still under half of the ~20 GiB eager peak): no grad_weight RMW and full GEMM grids;
+  (2) write G in place over Z (bf16 in the low half of each fp32 row) to halve the scratch, so twice the rows
+  fit per chunk; (3) persistent TMA/wgmma GEMMs with tuned 128x256 tiles and a split-K grad_hidden GEMM
+  (its grid is only C/128 x H/128 tiles); (4) fold the token kernel and G into one pass (they already
+  share the row statistics). Without gradients the fused split-V forward of kernels/logprobs.py is used
+  (2NHV, no (C, V) scratch at all).
 """
 
 from __future__ import annotations
@@ -147,13 +152,15 @@ def linear_ppo_loss_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
     z = torch.empty(C, V, device=dev, dtype=f32)  # (C, V) scaled logits of one chunk
     g = torch.empty(C, V, device=dev, dtype=hidden.dtype)  # (C, V) dL/dlogits of one chunk
     gb_part = torch.empty(C // bn, V, device=dev, dtype=f32) if need_bias_grad else None
+    v_tiles = triton.cdiv(V, _lp.CONFIG["mm_block_n"])
+    part = torch.empty(4, v_tiles * C, device=dev, dtype=f32)  # softmax statistics per (V tile, row)
     inv_t = 1.0 / temperature
     for row0 in range(0, N, C):
         n = min(C, N - row0)
         sl = slice(row0, row0 + n)
         zc = z[:n]
-        _lp.matmul(hidden[sl], weight.t(), zc, bias=bias, scale=inv_t)
-        _lp.logprobs_stats(zc, None, targets[sl], None, 1.0, ignore_index, True, lp[sl], ent[sl], lse[sl])
+        _lp.matmul(hidden[sl], weight.t(), zc, bias=bias, scale=inv_t, stats=(targets[sl], part))
+        _lp.combine_stats(part, v_tiles, targets[sl], ignore_index, lp[sl], ent[sl], lse[sl])
         _token_loss(lp[sl], ent[sl], old_logprobs[sl], advantages[sl], weights[sl],
                     ref_logprobs[sl] if ref_logprobs is not None else None, targets[sl], loss[sl], c_lp[sl],
                     c_ent[sl], need_grad=True, **token_kw)

@@ -224,7 +224,7 @@ def build(fn, types, const, warps, stages):
     k = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
                        options=dict(num_warps=warps, num_stages=stages))
     assert k.metadata.shared <= 200 * 1024, (fn.__name__, k.metadata.shared)
-    print(fn.__name__, "ok", k.metadata.shared)
+    print(fn.__name__, const, "shared", k.metadata.shared)
 
 
 f32 = "*fp32"
@@ -239,9 +239,12 @@ for dt, bk, prec in (("*bf16", C["block_h"], "ieee"), (f32, C["block_h"] // 2, K
         dot = dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bk, UPCAST=False, PREC=prec, LINEAR=linear, HAS_BIAS=linear)
         build(K._logprobs_partials_kernel, types, dot, w, st)
         build(K._logprobs_grad_kernel, types, dict(dot, HAS_ENT=True, BIAS_GRAD=True), w, st)
-    for out in (dt, f32):
-        build(K._matmul_kernel, dict(a_ptr=dt, b_ptr=dt, c_ptr=out, bias_ptr=dt, scale="fp32"),
-              dict(ACCUMULATE=out == f32, HAS_BIAS=True, BLOCK_M=C["mm_block_m"], BLOCK_N=C["mm_block_n"],
+    mm_types = dict(a_ptr=dt, b_ptr=dt, bias_ptr=dt, tgt_ptr="*i64", m_ptr=f32, s_ptr=f32, t_ptr=f32, zt_ptr=f32,
+                    scale="fp32")
+    # grad_hidden (out in the input dtype), grad_weight (fp32 +=), PPO logits chunk (fp32 + row statistics)
+    for out, acc, stats in ((dt, False, False), (f32, True, False), (f32, False, True)):
+        build(K._matmul_kernel, dict(mm_types, c_ptr=out),
+              dict(ACCUMULATE=acc, HAS_BIAS=True, STATS=stats, BLOCK_M=C["mm_block_m"], BLOCK_N=C["mm_block_n"],
                    BLOCK_K=bk, GROUP_M=C["mm_group_m"], UPCAST=False, PREC=prec), C["num_warps"], C["num_stages"])
 build(K._logprobs_combine_kernel, {n: f32 for n in K._logprobs_combine_kernel.arg_names[:8]} | {"tgt_ptr": "*i64"},
       dict(NEED_ENT=True, BLOCK_N=64, BLOCK_S=64), 4, 1)
@@ -265,3 +268,26 @@ def test_kernels_compile_for_sm90a():
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     r = subprocess.run([sys.executable, "-c", _SM90_COMPILE], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
+
+
+def test_combine_stats_many_splits():
+    """The per-split merge loops over splits in blocks of 64: 70 column groups of 3 logits, merged."""
+    N, S, W = 5, 70, 3
+    z = 3 * torch.randn(N, S * W, dtype=torch.float64)
+    z[1, :W] = float("-inf")  # a whole split masked
+    targets = torch.tensor([0, 100, 209, -100, 57])
+    zs = z.view(N, S, W)
+    m = zs.amax(-1).clamp(min=-1e30)
+    e = torch.exp(zs - m[..., None])
+    t = (e * torch.where(torch.isfinite(zs), zs - m[..., None], 0.0)).sum(-1)
+    zt = torch.zeros(N, S, dtype=torch.float64)
+    for r in range(N):
+        if targets[r] >= 0:
+            zt[r, targets[r] // W] = z[r, targets[r]]
+    part = torch.stack([m, e.sum(-1), t, zt]).transpose(1, 2).reshape(4, S * N).float().contiguous()
+    lp, ent, lse = (torch.empty(N) for _ in range(3))
+    K.combine_stats(part, S, targets, -100, lp, ent, lse)
+    r_lp, r_ent, r_lse = ref_logprobs(z, targets, 1.0, -100)
+    assert_close(lp, r_lp)
+    assert_close(ent, r_ent)
+    assert_close(lse, r_lse)

@@ -15,15 +15,19 @@ lse = m + log s and entropy = log s - t / s are both differences of O(log V) num
 
 Flops (N tokens, H hidden, V vocabulary): forward 2NHV; backward 6NHV (2NHV to recompute the logits tile by
 tile, 2NHV for grad_hidden = G @ W, 2NHV for grad_weight = G^T @ hidden). Forward + backward = 8NHV, the
-1.33x-of-the-6NHV-GEMM-floor that the issue names as this op's own floor.
+1.33x-of-the-6NHV-GEMM-floor that the issue names as this op's own floor. The forward splits V across
+programs (partial statistics per split, merged by a small kernel) only as far as needed to give the GPU
+~4 programs per SM, so each program streams a contiguous range of W while its hidden tile stays in L2.
+Beyond the GEMMs, the backward moves 6 B per logit of G (bf16) and 8VH bytes of fp32 grad_weight per chunk
+after the first: at N = 8192, H = 4096, V = 151936 about 7.5 + 20 GB, ~8 ms of HBM next to ~56 ms of GEMM;
+the issue's 1.5x goal (63 ms) thus needs the tl.dot GEMMs within ~10% of cuBLAS, or a larger chunk budget.
 
 Why the backward materialises G per chunk instead of fusing everything: grad_hidden needs a reduction over V
 and grad_weight one over N, while each logit tile needs a reduction over H. A single fused kernel must keep
 one of the two output accumulators on chip ((BLOCK_N, H) or (BLOCK_V, H) fp32: 2 MiB at H=4096, ten times an
 H100 SM's shared memory) or use fp32 atomics into grad_hidden/grad_weight for every (N tile, V tile) pair
 (V/BLOCK_V * N*H*4 bytes ~ 160 GB of atomic traffic at N=8192, H=4096, V=151936, BLOCK_V=128). Writing G for C
-rows once in bf16 and reading it twice costs 6 bytes per logit, about 2.5 ms of HBM time at that shape, against
-~56 ms of tensor-core work, and keeps every GEMM a plain, deterministic tiled GEMM (no atomics): grad_weight
+rows once in bf16 and reading it twice costs 6 bytes per logit, about 2.5 ms of HBM time at that shape, and keeps every GEMM a plain, deterministic tiled GEMM (no atomics): grad_weight
 is accumulated in fp32 across chunks by a GEMM that adds into its fp32 output tile.
 """
 
@@ -35,9 +39,11 @@ import torch
 import triton
 import triton.language as tl
 
-# Launch configuration. The defaults are the GPU ones (H100, bf16): 128x128 fp32 accumulator tiles with
-# 8 warps and 3 pipeline stages are the usual Hopper GEMM shape for tl.dot; they are not measured here
-# (no GPU in the session that wrote this), bench/ should tune them. Tests shrink them (tl.dot needs >= 16).
+# Launch configuration. The defaults are the GPU ones (H100, bf16): 128x128 fp32 accumulator tiles, 8 warps,
+# 3 pipeline stages. Compiled for sm_90a (tests/ops/test_kernels_logprobs.py::test_kernels_compile_for_sm90a,
+# with the divisibility a real launch sees) every tile kernel gets a 3-stage cp.async pipeline feeding wgmma,
+# 96 KiB of shared memory and at most 193 registers per thread for bf16, with no spills. Their speed is not
+# measured (no GPU in the session that wrote this): bench/ should tune them. Tests shrink them (tl.dot >= 16).
 CONFIG = {
     # fused logits tile (forward statistics and backward gradient tiles)
     "block_n": 128,
@@ -56,9 +62,9 @@ CONFIG = {
     "row_num_warps": 4,
     # bytes of (C, V) scratch per chunk. Fewer, larger chunks are faster: every chunk after the first reads
     # and writes the fp32 grad_weight once more (8 V H bytes: 5 GB, ~1.5 ms of H100 HBM at V = 151936,
-    # H = 4096). Backward: 512 MiB of bf16 G (C ~ 1700 rows there, 5 chunks at N = 8192), inside the issue's
-    # 1 GiB extra-memory goal. PPO forward (fp32 Z + bf16 G, 6 B per logit): 2 GiB (C ~ 2350, 4 chunks), still
-    # a tenth of the ~20 GiB that materialised logits need; no memory goal is set for it.
+    # H = 4096). Backward: 512 MiB of bf16 G (5 chunks of 1664 rows at N = 8192), inside the issue's 1 GiB
+    # extra-memory goal. PPO forward (fp32 Z + bf16 G, 6 B per logit): 2 GiB (4 chunks of 2048 rows), a tenth
+    # of the ~20 GiB that materialised logits need; the issue sets no memory goal for it.
     "chunk_bytes": 512 << 20,
     "ppo_chunk_bytes": 2 << 30,
     # programs to aim for when splitting V across programs in the forward (None: 4 x SM count on CUDA, 4 on CPU)
@@ -71,7 +77,9 @@ CONFIG = {
 # The interpreter always computes exact fp32 products.
 FP32_DOT_PRECISION = "tf32x3"
 
-_NEG_BIG = tl.constexpr(-1.0e30)  # running-max start: finite, so exp(m_old - m_new) and (m_old - m_new) * 0 stay defined
+# Running-max start: finite, so exp(m_old - m_new) and (m_old - m_new) * 0 stay defined. A tl.constexpr:
+# compiled Triton rejects plain Python globals inside kernels (the interpreter does not).
+_NEG_BIG = tl.constexpr(-1.0e30)
 
 
 def _c(x: torch.Tensor | None) -> torch.Tensor | None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import datetime
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -102,17 +101,23 @@ def _sync(device):
 
 
 def _time_many(fns: dict, device, reps: int) -> dict:
-    """Median seconds of each fn, after one warm-up each; the fns alternate within every repetition."""
+    """Median seconds of each fn, after one warm-up each; the fns alternate within every repetition.
+
+    On the CPU the clock is this process's CPU time (all its threads), not wall time: the 2-core machine
+    these runs share makes wall time swing by 10x from one repetition to the next (other processes take the
+    cores), while the CPU time a recipe consumes stays put. On CUDA it is wall time after a synchronise.
+    """
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
     for fn in fns.values():
         fn()
     times = {key: [] for key in fns}
     for _ in range(reps):
         for key, fn in fns.items():
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
             _sync(device)
-            times[key].append(time.perf_counter() - t0)
+            times[key].append(clock() - t0)
     _time_many.last = times  # raw per-repetition times, for paired ratios
     return {key: statistics.median(v) for key, v in times.items()}
 
@@ -289,8 +294,9 @@ def _markdown(res: dict, gen: dict, meta: dict) -> str:
              f"Model: random-init {c['model_type']}, hidden {c['hidden']}, {c['layers']} layers, vocab {c['vocab']}; "
              f"batch {res['batch']} x {res['seq']} tokens, {res['dtype']}, micro-batch {res['micro_batch']}, "
              f"{meta['threads']} threads; median of {meta['reps']} runs after a warm-up, the recipes alternating "
-             "within each run (the 2-core machine is shared, so absolute tokens/s are noisy; the ratios are "
-             "the result). LoRA r=16 on every linear of the blocks.", "",
+             "within each run. Time is the process's CPU time (all threads), because the 2-core machine is "
+             "shared and wall time swings 10x between runs: tokens/s are tokens per CPU-second. "
+             "LoRA r=16 on every linear of the blocks.", "",
              "| recipe | tokens/s | peak MiB | weights MiB |", "|---|---:|---:|---:|"]
     for key, name in (("four_models", "four models (logits materialised)"),
                       ("role_model_sequential", "RoleModel experience(), sequential"),
@@ -324,7 +330,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--threads", type=int, default=1)  # 1: no OpenMP spin-waits inflating CPU time
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -490,7 +490,7 @@ class RoleModel(nn.Module):
         logprobs(role="policy"), logprobs(role="reference"), values() and scores().
         mode: "sequential" (four forwards over the shared base, one after the other) or "mixed" (one forward of
         4B rows with peft's per-row adapter_names, "__base__" for the reference). Sequential is the default:
-        mixed ran at 0.85-0.96x its speed on the CPU (bench/results/cpu-role-model-2026-11-22.md; peft
+        mixed ran at 0.83-0.99x its speed on the CPU (bench/results/cpu-role-model-2026-11-22.md; peft
         gathers and scatters each adapter's rows in every layer) and needs 4x the activation memory.
         """
         check_inputs(input_ids, attention_mask)
@@ -545,7 +545,7 @@ class RoleModel(nn.Module):
             pad_token_id: fills each row after its EOS; default the model's pad (or EOS).
             generator: a torch.Generator for reproducible sampling.
             merge: fold the policy LoRA into the base weights for the rollout and restore them bit for bit
-                after (default), instead of running the adapter live: 1.3x the new tokens/s on the CPU
+                after (default), instead of running the adapter live: 1.1-1.2x the new tokens/s on the CPU
                 (bench/results/cpu-role-model-2026-11-22.md). With a 16-bit base the merged weights are rounded
                 to that dtype, so sampling differs from the live policy by that rounding; merge=False samples
                 from exactly the policy that logprobs() scores.

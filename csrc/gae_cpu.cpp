@@ -26,6 +26,9 @@ inline float kl_estimate(float d) {
   }
 }
 
+// One row at a time: ~430 us for B = 64, T = 4096 on one thread here (~4.5 cycles a step, the latency of
+// the dependent multiply-add chain). Walking 4 rows in lockstep to overlap 4 chains was tried and measured
+// 7x slower (3.1 ms): rows 16 KiB apart fall into the same L1 sets. A transposed tile could still win.
 // Roughly 32k elements per task, so short rows are batched and long rows still split across threads.
 inline int64_t grain_rows(int64_t T) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(T, 1)); }
 

@@ -3,8 +3,9 @@
 Two entry points per direction:
   linear_logprobs_fwd / _bwd: logits z = (hidden @ weight.T + bias) / temperature are never materialised for
       all N tokens. The forward tiles over V with an online log-sum-exp; the backward recomputes the logits
-      tile by tile and materialises only the logit *gradient* for a chunk of C rows (C * V elements in the
-      input dtype, sized by CONFIG["chunk_bytes"]), which two GEMMs then turn into grad_hidden and grad_weight.
+      tile by tile and materialises only the logit *gradient* G for one chunk at a time (N x Vc columns, or
+      C x V rows when N > V; input dtype, CONFIG["chunk_bytes"]), which two GEMMs turn into grad_hidden and
+      grad_weight.
   logits_logprobs_fwd / _bwd: the same for logits (N, V) the caller already holds.
 
 Launchers allocate outputs and pick grids; no autograd here (that lives in rlhf_fast/ops/logprobs.py).
@@ -18,17 +19,19 @@ tile, 2NHV for grad_hidden = G @ W, 2NHV for grad_weight = G^T @ hidden). Forwar
 1.33x-of-the-6NHV-GEMM-floor that the issue names as this op's own floor. The forward splits V across
 programs (partial statistics per split, merged by a small kernel) only as far as needed to give the GPU
 ~4 programs per SM, so each program streams a contiguous range of W while its hidden tile stays in L2.
-Beyond the GEMMs, the backward moves 6 B per logit of G (bf16) and 8VH bytes of fp32 grad_weight per chunk
-after the first: at N = 8192, H = 4096, V = 151936 about 7.5 + 20 GB, ~8 ms of HBM next to ~56 ms of GEMM;
-the issue's 1.5x goal (63 ms) thus needs the tl.dot GEMMs within ~10% of cuBLAS, or a larger chunk budget.
+Beyond the GEMMs, the backward moves 6 B per logit of G (bf16), plus 8NH bytes of fp32 grad_hidden
+accumulator per vocabulary chunk after the first: at N = 8192, H = 4096, V = 151936 (5 chunks of ~30k
+columns) about 7.5 + 1 GB, ~3 ms of HBM next to ~56 ms of GEMM (8NHV); the issue's 1.5x goal (63 ms) thus
+leaves the tl.dot GEMMs ~10% below cuBLAS speed. Not measured: no GPU when this was written.
 
-Why the backward materialises G per chunk instead of fusing everything: grad_hidden needs a reduction over V
+Why the backward materialises G by chunks instead of fusing everything: grad_hidden needs a reduction over V
 and grad_weight one over N, while each logit tile needs a reduction over H. A single fused kernel must keep
 one of the two output accumulators on chip ((BLOCK_N, H) or (BLOCK_V, H) fp32: 2 MiB at H=4096, ten times an
 H100 SM's shared memory) or use fp32 atomics into grad_hidden/grad_weight for every (N tile, V tile) pair
-(V/BLOCK_V * N*H*4 bytes ~ 160 GB of atomic traffic at N=8192, H=4096, V=151936, BLOCK_V=128). Writing G for C
-rows once in bf16 and reading it twice costs 6 bytes per logit, about 2.5 ms of HBM time at that shape, and keeps every GEMM a plain, deterministic tiled GEMM (no atomics): grad_weight
-is accumulated in fp32 across chunks by a GEMM that adds into its fp32 output tile.
+(V/BLOCK_V * N*H*4 bytes ~ 160 GB of atomic traffic at N=8192, H=4096, V=151936, BLOCK_V=128). Writing G once
+in bf16 and reading it twice costs 6 bytes per logit, about 2.5 ms of HBM time at that shape, and keeps every
+GEMM a plain, deterministic tiled GEMM (no atomics); the output reduced along the chunked axis is accumulated
+in fp32 by a GEMM that adds into its fp32 output tile.
 """
 
 from __future__ import annotations
@@ -236,19 +239,22 @@ def _logprobs_combine_kernel(m_ptr, s_ptr, t_ptr, zt_ptr, tgt_ptr, lp_ptr, ent_p
 
 @triton.jit
 def _logprobs_grad_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, g_ptr, gb_ptr,
-                          row0, n_rows, V, H, stride_x, stride_w, stride_g, inv_t, g_scale, IGNORE,
+                          row0, n_rows, col0, col_end, H, stride_x, stride_w, stride_g, stride_gb, inv_t,
+                          g_scale, IGNORE,
                           LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ENT: tl.constexpr,
                           BIAS_GRAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                           BLOCK_H: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
     # G[r, j] = g_scale * (glp ([j == target] - p_j) - gent p_j (z_j - lse + entropy)) for the rows
-    # row0 .. row0 + n_rows (G is chunk-local: row r of G is row row0 + r of x). Ignored rows give 0.
-    # When BIAS_GRAD, also the fp32 column sums of this tile into gb[pid_n, cols] (deterministic, no atomics).
+    # row0 .. row0 + n_rows and vocabulary columns col0 .. col_end; G is chunk-local (G[r, c] is row row0 + r,
+    # column col0 + c). Ignored rows give 0. When BIAS_GRAD, also the fp32 column sums of this tile into
+    # gb[pid_n, c] (deterministic, no atomics).
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
     local = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    local_cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    cols = col0 + local_cols
     row_mask = local < n_rows
-    col_mask = cols < V
+    col_mask = cols < col_end
     rows = row0 + local
     if LINEAR:
         z = _logits_tile(x_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_x, stride_w,
@@ -269,10 +275,10 @@ def _logprobs_grad_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, ent_ptr, glp_pt
         d_ent = p * tl.where(z > float("-inf"), z - lse[:, None] + ent[:, None], 0.0)
         g -= gent[:, None] * d_ent
     g = tl.where(active[:, None] & col_mask[None, :], g * g_scale, 0.0)
-    g_offs = local.to(tl.int64)[:, None] * stride_g + cols[None, :]
+    g_offs = local.to(tl.int64)[:, None] * stride_g + local_cols[None, :]
     tl.store(g_ptr + g_offs, g.to(g_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
     if BIAS_GRAD:
-        tl.store(gb_ptr + pid_n * V + cols, tl.sum(g, axis=0), mask=col_mask)
+        tl.store(gb_ptr + pid_n * stride_gb + local_cols, tl.sum(g, axis=0), mask=col_mask)
 
 
 @triton.jit
@@ -421,10 +427,11 @@ def logprobs_grad(x: torch.Tensor, weight: torch.Tensor | None, targets: torch.T
                   bias: torch.Tensor | None, lse: torch.Tensor, entropy: torch.Tensor | None,
                   grad_logprobs: torch.Tensor, grad_entropy: torch.Tensor | None, inv_t: float,
                   g_scale: float, ignore_index: int, row0: int, n_rows: int, g: torch.Tensor,
-                  gb_part: torch.Tensor | None) -> None:
-    """Write the logit gradient of rows row0 .. row0 + n_rows of x into g[:n_rows] (and bias partial sums)."""
+                  gb_part: torch.Tensor | None, col0: int = 0) -> None:
+    """Logit gradient of rows row0 .. row0 + n_rows and columns col0 .. col0 + g.shape[1] of x into g[:n_rows]
+    (g's rows may be strided), and per-row-tile bias partial sums into gb_part (row tiles, >= g.shape[1])."""
     linear = weight is not None
-    V = g.shape[1]
+    n_cols = g.shape[1]
     cfg = CONFIG
     if linear:
         bn, bv, warps = cfg["block_n"], cfg["block_v"], cfg["num_warps"]
@@ -432,12 +439,13 @@ def logprobs_grad(x: torch.Tensor, weight: torch.Tensor | None, targets: torch.T
         bn, bv, warps = cfg["row_block_n"], cfg["row_block_v"], cfg["row_num_warps"]
     has_ent = grad_entropy is not None and entropy is not None
     dot, bh = _dot_args(x.dtype, cfg["block_h"])
-    grid = (triton.cdiv(n_rows, bn), triton.cdiv(V, bv))
+    grid = (triton.cdiv(n_rows, bn), triton.cdiv(n_cols, bv))
     _logprobs_grad_kernel[grid](
         x, weight if linear else x, bias if bias is not None else x, targets, lse,
         entropy if has_ent else lse, grad_logprobs, grad_entropy if has_ent else grad_logprobs, g,
-        gb_part if gb_part is not None else lse, row0, n_rows, V, x.shape[1] if linear else 0, x.stride(0),
-        weight.stride(0) if linear else 0, g.stride(0), inv_t, g_scale, ignore_index, LINEAR=linear,
+        gb_part if gb_part is not None else lse, row0, n_rows, col0, col0 + n_cols, x.shape[1] if linear else 0,
+        x.stride(0), weight.stride(0) if linear else 0, g.stride(0),
+        gb_part.stride(0) if gb_part is not None else 0, inv_t, g_scale, ignore_index, LINEAR=linear,
         HAS_BIAS=bias is not None, HAS_ENT=has_ent, BIAS_GRAD=gb_part is not None, BLOCK_N=bn,
         BLOCK_V=bv, BLOCK_H=bh, num_warps=warps, **dot,
         num_stages=cfg["num_stages"] if linear else 1)
@@ -482,7 +490,13 @@ def linear_logprobs_bwd(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
 
     lse, entropy (N,) fp32 from the forward; grad_logprobs, grad_entropy (N,) fp32 (grad_entropy None: no
     entropy term). Returns (grad_hidden (N, H) in hidden.dtype, grad_weight (V, H) fp32 or None,
-    grad_bias (V,) fp32 or None). Recomputes the logits tile by tile; 6NHV flops; C * V scratch per chunk.
+    grad_bias (V,) fp32 or None). Recomputes the logits tile by tile; 6NHV flops.
+
+    The logit gradient G is materialised one chunk at a time (CONFIG["chunk_bytes"]), along the shorter of
+    N and V: the output whose reduction runs along the chunked axis is accumulated across chunks in fp32, and
+    that costs a read-modify-write of 8 * (other axis) * H bytes per chunk. Chunking V (the usual N < V) only
+    re-touches an (N, H) fp32 grad_hidden accumulator (268 MB at N = 8192, H = 4096) instead of the (V, H)
+    grad_weight (5 GB at V = 151936), and each grad_weight slice is finished by one GEMM with K = N.
     """
     hidden, weight, targets, bias = _c(hidden), _c(weight), _c(targets), _c(bias)
     lse, entropy, grad_logprobs, grad_entropy = map(_per_token, (lse, entropy, grad_logprobs, grad_entropy))
@@ -499,13 +513,36 @@ def linear_logprobs_bwd(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
             grad_weight.zero_()
         return grad_hidden, grad_weight, grad_bias
     bn = CONFIG["block_n"]
+    inv_t = 1.0 / temperature
+    if N <= V:
+        # chunks of Vc vocabulary columns, all N rows
+        Vc = chunk_rows(V, N, hidden.element_size(), CONFIG["block_v"], CONFIG["chunk_bytes"])
+        g = torch.empty(N, Vc, device=dev, dtype=hidden.dtype)  # (N, Vc) logit gradient of one chunk
+        gb_part = torch.empty(triton.cdiv(N, bn), Vc, device=dev, dtype=torch.float32) if need_bias_grad else None
+        fp32 = hidden.dtype == torch.float32
+        acc = grad_hidden if fp32 else torch.empty(N, H, device=dev, dtype=torch.float32)  # (N, H)
+        for col0 in range(0, V, Vc):
+            vc = min(Vc, V - col0)
+            gc = g[:, :vc]
+            logprobs_grad(hidden, weight, targets, bias, lse, entropy, grad_logprobs, grad_entropy, inv_t, inv_t,
+                          ignore_index, 0, N, gc, gb_part, col0=col0)
+            matmul(gc, weight[col0:col0 + vc], acc, accumulate=col0 > 0)
+            if grad_weight is not None:
+                matmul(gc.t(), hidden, grad_weight[col0:col0 + vc])
+            if need_bias_grad:
+                grad_bias[col0:col0 + vc] = gb_part[:, :vc].sum(0)
+        if not fp32:
+            grad_hidden.copy_(acc)
+        return grad_hidden, grad_weight, grad_bias
+
+    # chunks of C rows, all V columns
     C = chunk_rows(N, V, hidden.element_size(), bn, CONFIG["chunk_bytes"])
     g = torch.empty(C, V, device=dev, dtype=hidden.dtype)  # (C, V) logit gradient of one chunk
     gb_part = torch.empty(C // bn, V, device=dev, dtype=torch.float32) if need_bias_grad else None
     for row0 in range(0, N, C):
         n = min(C, N - row0)
-        logprobs_grad(hidden, weight, targets, bias, lse, entropy, grad_logprobs, grad_entropy,
-                      1.0 / temperature, 1.0 / temperature, ignore_index, row0, n, g, gb_part)
+        logprobs_grad(hidden, weight, targets, bias, lse, entropy, grad_logprobs, grad_entropy, inv_t, inv_t,
+                      ignore_index, row0, n, g, gb_part)
         grads_from_logit_grad(g[:n], hidden, weight, row0, grad_hidden, grad_weight)
         if need_bias_grad:
             grad_bias += gb_part[:triton.cdiv(n, bn)].sum(0)

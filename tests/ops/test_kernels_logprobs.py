@@ -12,7 +12,8 @@ GPU_CONFIG = dict(K.CONFIG)  # the shipped defaults, before the fixture below sh
 
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
-    """Interpreter-sized tiles (tl.dot needs >= 16) and a one-tile chunk, so N = 17 takes two chunks."""
+    """Interpreter-sized tiles (tl.dot needs >= 16) and one-tile chunks: the backward takes V = 37 as 32 + 5
+    columns (N <= V) or N = 40 as 16 + 16 + 8 rows (N > V; one test widens them)."""
     for key, val in dict(block_n=16, block_v=32, block_h=16, mm_block_m=16, mm_block_n=16, mm_block_k=16,
                          mm_group_m=2, row_block_n=4, row_block_v=32, chunk_bytes=1, ppo_chunk_bytes=1,
                          target_programs=4).items():
@@ -36,7 +37,7 @@ def make_inputs(N, H, V, dtype, bias, ignore_index, scale=1.0):
     targets = torch.randint(0, V, (N,))
     if N > 2:
         targets[1] = ignore_index
-        targets[N - 1] = ignore_index
+        targets[N - 3] = ignore_index
     return hidden, weight, b, targets
 
 
@@ -48,13 +49,17 @@ LINEAR_CASES = [
     (17, 24, 301, torch.bfloat16, True, 0.7, -100),
     (1, 24, 37, torch.bfloat16, False, 1.0, -100),
     (17, 16, 37, torch.float16, False, 0.7, -100),
+    (40, 16, 37, torch.float32, True, 0.7, -100),  # N > V: the backward chunks rows instead of columns
+    (40, 16, 37, torch.bfloat16, True, 1.0, -100),
 ]
 
 
 @pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: f"N{c[0]}H{c[1]}V{c[2]}-{c[3]}-b{c[4]}-T{c[5]}")
-def test_linear_logprobs_fwd_bwd(case):
+def test_linear_logprobs_fwd_bwd(case, monkeypatch):
     N, H, V, dtype, bias, temperature, ignore = case
     hidden, weight, b, targets = make_inputs(N, H, V, dtype, bias, ignore, scale=3.0)
+    if N > V:  # row chunks of 32 + 8: two row tiles (and two bias partial sums) in the first
+        monkeypatch.setitem(K.CONFIG, "chunk_bytes", 32 * V * hidden.element_size())
     lp, ent, lse = K.linear_logprobs_fwd(hidden, weight, targets, b, temperature, ignore, True)
     assert lp.dtype == ent.dtype == lse.dtype == torch.float32 and lp.shape == (N,)
 

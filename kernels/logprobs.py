@@ -63,11 +63,13 @@ CONFIG = {
     "row_block_n": 16,
     "row_block_v": 256,
     "row_num_warps": 4,
-    # bytes of (C, V) scratch per chunk. Fewer, larger chunks are faster: every chunk after the first reads
-    # and writes the fp32 grad_weight once more (8 V H bytes: 5 GB, ~1.5 ms of H100 HBM at V = 151936,
-    # H = 4096). Backward: 512 MiB of bf16 G (5 chunks of 1664 rows at N = 8192), inside the issue's 1 GiB
-    # extra-memory goal. PPO forward (fp32 Z + bf16 G, 6 B per logit): 2 GiB (4 chunks of 2048 rows), a tenth
-    # of the ~20 GiB that materialised logits need; the issue sets no memory goal for it.
+    # bytes of logit scratch per chunk. Fewer, larger chunks are faster: every chunk after the first re-reads
+    # and re-writes the fp32 accumulator of the output reduced along the chunked axis. Backward (bf16 G,
+    # chunks along the shorter of N and V): 512 MiB, i.e. 5 chunks of ~30k columns at N = 8192, V = 151936
+    # (4 x 268 MB of grad_hidden accumulator traffic), inside the issue's 1 GiB extra-memory goal. PPO forward
+    # (row chunks of fp32 Z + bf16 G, 6 B per logit; lse needs whole rows): 2 GiB, 4 chunks of 2048 rows, and
+    # 3 x 5 GB of fp32 grad_weight read-modify-write; a tenth of the ~20 GiB that materialised logits need
+    # (the issue sets no memory goal for it; raise it to 6NV bytes for a single chunk).
     "chunk_bytes": 512 << 20,
     "ppo_chunk_bytes": 2 << 30,
     # programs to aim for when splitting V across programs in the forward (None: 4 x SM count on CUDA, 4 on CPU)

@@ -55,3 +55,29 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def data_files(tmp_path_factory):
     return make_data(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # One intra-op thread: on a shared 2-core machine two threads of these tiny GEMMs contend and run ~10x slower.
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def trainable_snapshot(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def moved(before: dict, model) -> set[str]:
+    """Names of the parameters that changed."""
+    return {n for n, p in model.named_parameters() if not torch_equal(before[n], p.detach())}
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))

@@ -1,0 +1,92 @@
+"""Shared trainer parts: KL controllers, non-finite step skipping, checkpoints, metrics, data order."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from rlhf_fast import checkpoint as ckpt
+from rlhf_fast.trainers import common as C
+
+
+def test_adaptive_kl_controller_follows_ziegler():
+    ctl = C.AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    ctl.update(9.0, 256)  # KL above target: e = clip(9/6 - 1, -0.2, 0.2) = 0.2
+    assert ctl.value == pytest.approx(0.1 * (1 + 0.2 * 256 / 10000))
+    v = ctl.value
+    ctl.update(5.4, 100)  # below target: e = -0.1
+    assert ctl.value == pytest.approx(v * (1 - 0.1 * 100 / 10000))
+    fixed = C.FixedKLController(0.1)
+    fixed.update(100.0, 256)
+    assert fixed.value == 0.1
+    restored = C.AdaptiveKLController(0.5, 6.0, 10000)
+    restored.load_state_dict(ctl.state_dict())
+    assert restored.value == ctl.value
+
+
+@pytest.mark.parametrize("bad", ["loss", "grad"])
+def test_non_finite_step_is_skipped(bad):
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([w], lr=0.1)
+    sched = C.build_scheduler(opt, C.OptimConfig(), 10)
+    loss = (w * (torch.tensor([1.0, float("nan"), 1.0]) if bad == "grad" else 1.0)).sum()
+    if bad == "loss":
+        loss = loss * float("inf")
+    loss.backward()
+    ok, _ = C.apply_gradients(loss, [w], opt, sched, 1.0)
+    assert not ok and torch.equal(w.detach(), torch.ones(3)) and w.grad is None
+    assert sched.last_epoch == 0  # the schedule does not advance either
+    (w * 2).sum().backward()
+    ok, _ = C.apply_gradients((w * 2).sum(), [w], opt, sched, 1.0)
+    assert ok and not torch.equal(w.detach(), torch.ones(3))
+
+
+def test_checkpoint_round_trip_and_crash_leftovers(tmp_path):
+    w = torch.nn.Parameter(torch.randn(4))
+    opt = torch.optim.AdamW([w], lr=0.1)
+    sched = C.build_scheduler(opt, C.OptimConfig(warmup_steps=3), 10)
+    w.sum().backward()
+    opt.step()
+    sched.step()
+    root = str(tmp_path / "ck")
+    os.makedirs(os.path.join(root, ".tmp-step-00000009-123"))  # a save killed half-way
+    for step in (1, 2, 3):
+        ckpt.save_checkpoint(root, step, params=[("w", w)], optimizer=opt, scheduler=sched,
+                             state={"x": step}, keep=2)
+    assert [os.path.basename(p) for p in ckpt.list_checkpoints(root)] == ["step-00000002", "step-00000003"]
+    assert not any(n.startswith(".tmp") for n in os.listdir(root))
+    saved, rng_next = w.detach().clone(), torch.rand(3)
+    with torch.no_grad():
+        w.zero_()
+    opt2 = torch.optim.AdamW([w], lr=0.1)
+    sched2 = C.build_scheduler(opt2, C.OptimConfig(warmup_steps=3), 10)
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(root), params=[("w", w)], optimizer=opt2, scheduler=sched2)
+    assert state == {"step": 3, "x": 3}
+    assert torch.equal(w.detach(), saved) and sched2.last_epoch == sched.last_epoch
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    assert torch.equal(torch.rand(3), rng_next)  # RNG state restored to the moment of the save
+
+
+def test_metrics_logger_truncates_on_resume(tmp_path):
+    path = str(tmp_path / "m.jsonl")
+    log = C.MetricsLogger(path)
+    for s in range(1, 6):
+        log.log(s, {"loss": torch.tensor(float(s))})
+    C.MetricsLogger(path, resume_step=3)
+    rows = [json.loads(ln) for ln in open(path)]
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[0]["loss"] == 1.0
+
+
+def test_batch_sampler_resumes_the_same_order():
+    a = C.BatchSampler(10, 4, seed=3)
+    seen = [a.next() for _ in range(3)]
+    b = C.BatchSampler(10, 4, seed=3)
+    b.next()
+    state = b.state_dict()
+    c = C.BatchSampler(10, 4, seed=3)
+    c.load_state_dict(state)
+    assert [c.next(), c.next()] == seen[1:]
+    assert sorted(seen[0] + seen[1]) == sorted(set(seen[0] + seen[1]))  # no repeats within an epoch

@@ -56,10 +56,15 @@ def _ppo_token_kernel(lp_ptr, ent_ptr, old_ptr, adv_ptr, w_ptr, ref_ptr, tgt_ptr
     active = tl.load(tgt_ptr + offs, mask=mask, other=IGNORE) != IGNORE
     ratio = tl.exp(lp - old)
     loss1 = -adv * ratio
-    loss2 = -adv * tl.minimum(tl.maximum(ratio, ratio_low), ratio_high)
-    pg = tl.maximum(loss1, loss2)
-    # inside the clip range loss1 == loss2 exactly, so >= keeps the gradient there
-    dpg = tl.where(loss1 >= loss2, -adv * ratio, 0.0)
+    # NaN must come out as NaN: the GPU's default min/max return the non-NaN operand (maxnum), so a NaN ratio
+    # would be clipped to a finite loss; PropagateNan.ALL keeps it (the interpreter's numpy always does).
+    clipped = tl.maximum(ratio, ratio_low, propagate_nan=tl.PropagateNan.ALL)
+    clipped = tl.minimum(clipped, ratio_high, propagate_nan=tl.PropagateNan.ALL)
+    loss2 = -adv * clipped
+    pg = tl.maximum(loss1, loss2, propagate_nan=tl.PropagateNan.ALL)
+    # inside the clip range loss1 == loss2 exactly, so the unclipped gradient is kept there; written as
+    # "not clipped" so that a NaN ratio gives a NaN gradient, not 0
+    dpg = tl.where(loss1 < loss2, 0.0, -adv * ratio)
     if HAS_DUAL:
         loss3 = -adv * dual_clip
         dual = (adv < 0) & (loss3 < pg)

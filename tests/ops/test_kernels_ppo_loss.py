@@ -126,3 +126,17 @@ def test_linear_ppo_loss_zero_weights_and_no_bias_grad():
         ignore_index=-100, need_grad=True, need_bias_grad=False)
     assert torch.isfinite(loss).all() and (loss != 0).any()
     assert (gh == 0).all() and (gw == 0).all() and gb is None
+
+
+def test_linear_ppo_loss_nan_propagates():
+    """A NaN old log-prob makes that token's loss and its hidden gradient NaN, never silently finite."""
+    hidden, weight, b, targets, _, lp, ent, old, adv, weights, _ = make_case(9, 16, 37, torch.float32, True, 1.0,
+                                                                             False)
+    old[4] = float("nan")
+    weights[4] = 1.0
+    loss, *_, gh, gw, gb = P.linear_ppo_loss_fwd(
+        hidden, weight, targets, b, old, adv, weights, None, kl_coef=0.0, kl_estimator=0,
+        entropy_coef=ENT_COEF, clip_low=CLIP_LOW, clip_high=CLIP_HIGH, dual_clip=2.0, temperature=1.0,
+        ignore_index=-100, need_grad=True, need_bias_grad=True)
+    assert torch.isnan(loss[4]) and torch.isnan(gh[4]).all()
+    assert torch.isfinite(loss[[0, 1, 3, 5, 6, 7]]).all() and torch.isfinite(gh[[0, 1, 3, 5, 6, 7]]).all()

@@ -66,6 +66,7 @@ CASES = [  # (kl_estimator, dual_clip, dtype, bias, temperature, with_ref, V)
     (0, None, torch.float32, True, 1.0, False, 37),
     (2, 2.0, torch.bfloat16, True, 0.7, True, 37),
     (3, None, torch.bfloat16, False, 1.0, True, 301),
+    (1, None, torch.float16, True, 0.7, True, 37),
 ]
 
 

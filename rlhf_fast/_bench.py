@@ -125,40 +125,65 @@ def fwd_bwd(forward: Callable, hidden, weight, targets, return_entropy: bool = T
 LOGPROBS_VARIANTS = {"fused": fused_logprobs, "materialised": eager_logprobs}
 
 
-def _rss_child(variant: str, N: int, H: int, V: int, return_entropy: bool, backend: str) -> None:
-    """Runs in a fresh process: one forward+backward of `variant`, prints its peak extra RSS as JSON."""
+def tensor_peak_extra_bytes(fn: Callable[[], object]) -> tuple[int, object]:
+    """Peak bytes of CPU tensors alive at once during fn() beyond those alive before it, from torch.profiler's
+    memory events (every tensor allocation and free, in order). Deterministic, unlike RSS, which also moves
+    with the C allocator's state. Returns (peak, fn's result)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")]
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak, out
+
+
+def _rss_child(variant: str, N: int, H: int, V: int, return_entropy: bool, backend: str, rss: bool) -> None:
+    """Runs in a fresh process: forward+backward of `variant`, prints as JSON its peak extra RSS (first call,
+    if rss) and its peak of live tensor bytes (next call, under torch.profiler)."""
     os.environ["RLHF_FAST_BACKEND"] = backend
     hidden, weight, targets = logprobs_inputs(N, H, V, torch.float32, torch.device("cpu"))
     step = fwd_bwd(LOGPROBS_VARIANTS[variant], hidden, weight, targets, return_entropy)
-    gc.collect()
-    base = _rss_bytes()
-    grads = step()
-    peak = _maxrss_bytes()
-    grad_bytes = sum(g.numel() * g.element_size() for g in grads)
-    print(json.dumps({"variant": variant, "peak_extra_bytes": peak - base, "grad_bytes": grad_bytes,
-                      "rss_after_inputs": base}))
+    out = {"variant": variant}
+    if rss:
+        gc.collect()
+        base = _rss_bytes()
+        grads = step()
+        out.update(peak_extra_bytes=_maxrss_bytes() - base, rss_after_inputs=base)
+        del grads
+        gc.collect()
+    tensor_peak, grads = tensor_peak_extra_bytes(step)
+    out.update(tensor_peak_extra_bytes=tensor_peak, grad_bytes=sum(g.numel() * g.element_size() for g in grads))
+    print(json.dumps(out))
 
 
-def _rss_cmd(variant, N, H, V, return_entropy, backend):
+def _rss_cmd(variant, N, H, V, return_entropy, backend, rss):
     code = (f"from rlhf_fast._bench import _rss_child; "
-            f"_rss_child({variant!r}, {N}, {H}, {V}, {bool(return_entropy)}, {backend!r})")
+            f"_rss_child({variant!r}, {N}, {H}, {V}, {bool(return_entropy)}, {backend!r}, {bool(rss)})")
     return [sys.executable, "-c", code]
 
 
 def cpu_peak_extra_bytes_many(variants, N: int, H: int, V: int, *, return_entropy: bool = False,
-                              backend: str = "torch", timeout: float = 300.0) -> dict[str, dict]:
+                              backend: str = "torch", rss: bool = True, timeout: float = 300.0
+                              ) -> dict[str, dict]:
     """Peak extra RSS of one fp32 forward+backward of each variant ("fused" | "materialised"), each in its own
     fresh process (run side by side: they share nothing but the CPU): ru_maxrss after the call minus the RSS
     once the inputs exist. If an earlier transient (imports, input building) left the high-water mark above
     the call's own peak, the figure over-states the call's peak; it never under-states it.
-    Returns {variant: {"peak_extra_bytes", "grad_bytes", "rss_after_inputs"}}."""
+    And, from a further call in the same process, tensor_peak_extra_bytes: the peak of live tensor bytes from
+    torch.profiler's memory events, which does not move with the C allocator's state (rss=False: only this).
+    Returns {variant: {"tensor_peak_extra_bytes", "grad_bytes"[, "peak_extra_bytes", "rss_after_inputs"]}}."""
     env = dict(os.environ, RLHF_FAST_BACKEND=backend)
     # glibc raises its mmap threshold after each large free, so freed blocks then stay in the heap and RSS
     # counts memory the program no longer holds (seen here: the fused variant read 106 to 162 MiB run to run).
     # A fixed threshold returns every block >= 128 KiB to the OS when freed, so RSS tracks live memory
     # (fused then reads 70 MiB, stable).
     env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
-    procs = {v: subprocess.Popen(_rss_cmd(v, N, H, V, return_entropy, backend), stdout=subprocess.PIPE,
+    procs = {v: subprocess.Popen(_rss_cmd(v, N, H, V, return_entropy, backend, rss), stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True, env=env) for v in variants}
     out = {}
     for v, p in procs.items():

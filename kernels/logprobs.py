@@ -143,6 +143,18 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_
     return acc * inv_t
 
 
+@triton.jit
+def _tile_row_stats(z, cols, col_mask, tgt):
+    # Per-row (max m, sum e^(z - m), sum e^(z - m) (z - m), target logit) of one (rows, BLOCK_V) logit tile;
+    # columns past V are -inf. -inf logits (a masked vocabulary) contribute 0 to both sums, not NaN.
+    z = tl.where(col_mask[None, :], z, float("-inf"))
+    m = tl.maximum(tl.max(z, axis=1), _NEG_BIG)
+    e = tl.exp(z - m[:, None])
+    t = tl.sum(e * tl.where(z > float("-inf"), z - m[:, None], 0.0), axis=1)
+    zt = tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
+    return m, tl.sum(e, axis=1), t, zt
+
+
 # ----------------------------------------------------------------------------------------------- kernels
 
 
@@ -189,18 +201,6 @@ def _logprobs_partials_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, m_ptr, s_ptr, t_ptr,
     tl.store(s_ptr + out, s, mask=row_mask)
     tl.store(t_ptr + out, t, mask=row_mask)
     tl.store(zt_ptr + out, zt, mask=row_mask)
-
-
-@triton.jit
-def _tile_row_stats(z, cols, col_mask, tgt):
-    # Per-row (max m, sum e^(z - m), sum e^(z - m) (z - m), target logit) of one (rows, BLOCK_V) logit tile;
-    # columns past V are -inf. -inf logits (a masked vocabulary) contribute 0 to both sums, not NaN.
-    z = tl.where(col_mask[None, :], z, float("-inf"))
-    m = tl.maximum(tl.max(z, axis=1), _NEG_BIG)
-    e = tl.exp(z - m[:, None])
-    t = tl.sum(e * tl.where(z > float("-inf"), z - m[:, None], 0.0), axis=1)
-    zt = tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
-    return m, tl.sum(e, axis=1), t, zt
 
 
 @triton.jit

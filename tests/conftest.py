@@ -9,6 +9,13 @@ import os
 if not os.environ.get("RLHF_FAST_GPU_TESTS"):  # GPU runs: compiled Triton, not the interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Import triton now, while TRITON_INTERPRET is set: triton decides at its first import whether its own
+# @jit helpers are interpreted, and a later test that changes the variable must not decide it instead.
+try:
+    import triton  # noqa: E402, F401
+except ImportError:
+    pass
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

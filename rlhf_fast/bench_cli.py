@@ -128,7 +128,9 @@ def to_markdown(report: dict) -> str:
         for n in sec.get("notes", []):
             lines.append(f"- {n}")
         if sec.get("seconds") is not None:
-            lines.append(f"- section wall time {sec['seconds']:.0f} s")
+            load = sec.get("load_avg_1min") or [None, None]
+            lines.append(f"- section wall time {sec['seconds']:.0f} s; 1-minute load average before / after: "
+                         f"{load[0]:.1f} / {load[1]:.1f} (on {m['cpu_count']} CPUs)")
         lines.append("")
     return "\n".join(lines)
 
@@ -171,6 +173,7 @@ def parse(argv):
     p.add_argument("--budget-s", type=float, default=540.0,
                    help="wall-clock budget; sections skip what is left once it is spent (default 540 s, to fit "
                         "one 10-minute device call)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the run (default: torch's)")
     p.add_argument("--note", default=None, help="machine description for the report (e.g. shared CPU)")
     p.add_argument("--build-status", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -183,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     cuda = torch.cuda.is_available()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the memory-measuring children too
     if args.mode == "auto":
         args.mode = "gpu" if cuda else "cpu"
     if args.mode == "gpu" and not cuda:
@@ -222,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     only = [s for s in valid if s in only]  # always the run order above
     for name in only:
         t0 = time.monotonic()
+        load0 = os.getloadavg()[0]
         print(f"== {name} (t = {t0 - t_start:.0f} s of {args.budget_s:.0f} s)", flush=True)
         if run.left() < 5:
             sec = S.section(name, [], [], ["skipped: time budget spent"])
@@ -234,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                 sec = S.section(name, [], [], [f"section failed: {S._short_error(e)}",
                                                 traceback.format_exc()[-2000:]])
         sec["seconds"] = time.monotonic() - t0
+        sec["load_avg_1min"] = [load0, os.getloadavg()[0]]  # other work on the machine, before and after
         report["sections"][name] = sec
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -20,7 +20,8 @@ Liger-Kernel on the device machine (no internet there): here, in the repo root, 
 (.whl/ is git-ignored; the wheel is pure Python and needs only torch and triton, which the image has), then in
 the device command, with `.whl` carried:
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-    PYTHONUNBUFFERED=1 python3 bench/gpu.py --out $OUT
+    export RLHF_FAST_GIT_COMMIT=<`git rev-parse --short=12 HEAD` here; the device's copy has no .git>
+    PYTHONUNBUFFERED=1 python3 bench/gpu.py --out $OUT 2>&1 | tee $OUT/log.txt
 and copy $OUT/*.md, $OUT/*.json into bench/results/ and commit them.
 
 Flags: --smoke (tiny shapes; without CUDA, on the CPU under TRITON_INTERPRET=1, do_bench -> perf_counter

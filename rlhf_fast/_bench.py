@@ -307,6 +307,10 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
 
 
 def git_commit(repo_root: str | None = None) -> str:
+    """HEAD's short hash (+dirty), or $RLHF_FAST_GIT_COMMIT where the tree has no .git (the device machine
+    gets a copy of the working tree without it)."""
+    if os.environ.get("RLHF_FAST_GIT_COMMIT"):
+        return os.environ["RLHF_FAST_GIT_COMMIT"] + " (from RLHF_FAST_GIT_COMMIT)"
     try:
         out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
                              cwd=repo_root, timeout=10)

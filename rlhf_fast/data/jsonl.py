@@ -153,7 +153,9 @@ def encode_response(tokenizer, text: str, *, eos: bool = True) -> list[int]:
     return ids
 
 
-def _check_prompt(ids: list[int], max_length: int, where: str, room: int = 1) -> None:
+def _check_prompt(ids: list[int], max_length: int, where: str, room: int = 1, *, nonempty: bool = False) -> None:
+    if nonempty and not ids:
+        raise DataError(f"{where}: the prompt encodes to no tokens (does the tokenizer fit the data?)")
     if len(ids) + room > max_length:
         raise DataError(f"{where}: the prompt has {len(ids)} tokens, too long for the context "
                         f"max_length={max_length} (at least {room} response token(s) must fit)")
@@ -187,7 +189,7 @@ def encode_prompts(records: list[dict], tokenizer, max_length: int, response_len
     out = []
     for r in records:
         p = encode_prompt(tokenizer, r["prompt"])
-        _check_prompt(p, max_length, f"{source}:{r['line']}", room=response_length)
+        _check_prompt(p, max_length, f"{source}:{r['line']}", room=response_length, nonempty=True)
         out.append({"prompt_ids": p})
     return out
 

@@ -154,6 +154,14 @@ def load_tokenizer(path: str):
         raise ConfigError(f"model folder {path!r} does not exist")
     try:
         tok = AutoTokenizer.from_pretrained(path)
+        if _tokenizer_class(path) in ("TokenizersBackend", "PreTrainedTokenizerFast") and \
+                type(tok).__name__ not in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+            # transformers 5 picks the tokenizer class from config.json's model_type (e.g. Qwen2Tokenizer,
+            # whose own pre-tokenizer drops the saved one); a folder that saved a plain tokenizers backend
+            # must be read back as exactly that
+            from transformers import PreTrainedTokenizerFast
+
+            tok = PreTrainedTokenizerFast.from_pretrained(path)
     except Exception as e:  # transformers raises many kinds here (OSError, ValueError, TypeError)
         raise ConfigError(f"model folder {path!r} has no usable tokenizer: {e}") from e
     if tok.pad_token_id is None and tok.eos_token_id is not None:
@@ -173,6 +181,14 @@ def resolve_tokenizer(cfg: TrainConfig, tokenizer, model, *, need: bool):
             raise ConfigError("a tokenizer is needed to encode the text data: pass tokenizer= or --model")
         return load_tokenizer(cfg.model)
     return None
+
+
+def _tokenizer_class(path: str) -> str | None:
+    try:
+        with open(os.path.join(path, "tokenizer_config.json")) as f:
+            return json.load(f).get("tokenizer_class")
+    except (OSError, ValueError):
+        return None
 
 
 def load_role_model(cfg: TrainConfig, device: torch.device, model=None, tokenizer=None):

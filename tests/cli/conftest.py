@@ -8,7 +8,7 @@ import os
 import pytest
 
 _spec = importlib.util.spec_from_file_location(
-    "_rlhf_fast_trainer_fixtures", os.path.join(os.path.dirname(__file__), "..", "trainers", "conftest.py"))
+    "_rlhf_fast_tiny_fixtures", os.path.join(os.path.dirname(__file__), "..", "trainers", "tiny_fixtures.py"))
 fixtures = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fixtures)
 

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import moved, trainable_snapshot
+from tiny_fixtures import moved, trainable_snapshot
 
 from rlhf_fast import ops
 from rlhf_fast.models import RoleModel

@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import moved, trainable_snapshot
+from tiny_fixtures import moved, trainable_snapshot
 
 from rlhf_fast.data.collate import collate_rankings
 from rlhf_fast.models import RoleModel

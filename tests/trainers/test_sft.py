@@ -8,7 +8,7 @@ import os
 import shutil
 
 import torch
-from conftest import moved, trainable_snapshot
+from tiny_fixtures import moved, trainable_snapshot
 
 from rlhf_fast import checkpoint as ckpt
 from rlhf_fast.data.collate import collate_sft

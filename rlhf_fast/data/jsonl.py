@@ -213,3 +213,21 @@ def check_examples(examples: list[dict], keys: tuple[str, ...], what: str) -> No
             if k not in ex:
                 raise DataError(f"{what}: example {i} lacks {k!r} (has {sorted(ex)})")
 
+
+
+def fit_context(examples: list[dict], max_length: int, what: str) -> list[dict]:
+    """In-memory examples cut to the context: responses ("completion_ids" or each of "response_ids") are
+    truncated to max_length - len(prompt); a prompt that leaves no room is a DataError."""
+    out = []
+    for i, e in enumerate(examples):
+        room = max_length - len(e["prompt_ids"])
+        if room < 1:
+            raise DataError(f"{what}: example {i} has a prompt of {len(e['prompt_ids'])} tokens, too long for "
+                            f"the context max_length={max_length}")
+        e = dict(e)
+        if "completion_ids" in e:
+            e["completion_ids"] = e["completion_ids"][:room]
+        if "response_ids" in e:
+            e["response_ids"] = [r[:room] for r in e["response_ids"]]
+        out.append(e)
+    return out

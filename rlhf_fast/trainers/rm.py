@@ -20,7 +20,7 @@ import torch
 
 from rlhf_fast import checkpoint as ckpt
 from rlhf_fast.data.collate import collate_rankings
-from rlhf_fast.data.jsonl import check_examples, encode_rankings, load_rankings
+from rlhf_fast.data.jsonl import check_examples, encode_rankings, fit_context, load_rankings
 from rlhf_fast.trainers import common as C
 from rlhf_fast.trainers.common import ConfigError, TrainConfig, option
 
@@ -108,6 +108,8 @@ def train_rm(cfg: RMConfig, *, model=None, tokenizer=None, examples: list[dict] 
     if val_examples is None:
         examples, val_examples = split_validation(examples, cfg.val_fraction, cfg.seed)
     check_examples(examples, ("prompt_ids", "response_ids"), "RM examples")
+    examples = fit_context(examples, cfg.max_length, "RM examples")
+    val_examples = fit_context(val_examples, cfg.max_length, "RM validation examples")
     device = C.resolve_device(cfg.device)
     C.seed_everything(cfg.seed)
     model = C.load_role_model(cfg, device, model, tokenizer)

@@ -17,7 +17,7 @@ import torch
 
 from rlhf_fast import checkpoint as ckpt
 from rlhf_fast.data.collate import collate_sft
-from rlhf_fast.data.jsonl import check_examples, encode_sft, load_sft
+from rlhf_fast.data.jsonl import check_examples, encode_sft, fit_context, load_sft
 from rlhf_fast.trainers import common as C
 from rlhf_fast.trainers.common import TrainConfig, option
 
@@ -58,6 +58,7 @@ def train_sft(cfg: SFTConfig, *, model=None, tokenizer=None, examples: list[dict
     if examples is None:
         examples = encode_sft(load_sft(cfg.data), tokenizer, cfg.max_length, cfg.data)
     check_examples(examples, ("prompt_ids", "completion_ids"), "SFT examples")
+    examples = fit_context(examples, cfg.max_length, "SFT examples")
     device = C.resolve_device(cfg.device)
     C.seed_everything(cfg.seed)
     model = C.load_role_model(cfg, device, model, tokenizer)

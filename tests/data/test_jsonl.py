@@ -16,6 +16,7 @@ from rlhf_fast.data.jsonl import (
     encode_prompts,
     encode_rankings,
     encode_sft,
+    fit_context,
     load_prompts,
     load_rankings,
     load_sft,
@@ -129,3 +130,11 @@ def test_prompt_longer_than_context(tmp_path, tok):
     path = write(tmp_path, "p.jsonl", [{"prompt": "w1"}, {"prompt": " ".join(["w1"] * 10)}])
     with pytest.raises(DataError, match=r"p.jsonl:2: the prompt has 10 tokens"):
         encode_prompts(load_prompts(path), tok, max_length=12, response_length=4, source=path)
+
+
+def test_fit_context_cuts_responses_and_refuses_long_prompts():
+    ex = fit_context([{"prompt_ids": [1, 2], "completion_ids": [3, 4, 5]},
+                      {"prompt_ids": [1], "response_ids": [[3, 4, 5], [6]]}], 4, "x")
+    assert ex[0]["completion_ids"] == [3, 4] and ex[1]["response_ids"] == [[3, 4, 5], [6]]
+    with pytest.raises(DataError, match="x: example 0 has a prompt of 4 tokens"):
+        fit_context([{"prompt_ids": [1, 2, 3, 4], "completion_ids": [5]}], 4, "x")

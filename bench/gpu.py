@@ -25,7 +25,7 @@ the device command, with `.whl` carried:
 and copy $OUT/*.md, $OUT/*.json into bench/results/ and commit them.
 
 Flags: --smoke (tiny shapes; without CUDA, on the CPU under TRITON_INTERPRET=1, do_bench -> perf_counter
-median, memory n/a, torch.compile and Liger skipped), --out DIR, --only SECTION[,SECTION] (check, ceilings,
+median, memory n/a, torch.compile skipped; Liger runs under the interpreter when importable), --out DIR, --only SECTION[,SECTION] (check, ceilings,
 logprobs, ppo, gae, role_model), --budget-s (default 540). Exit status 1 when a correctness check fails.
 """
 

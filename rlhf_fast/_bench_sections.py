@@ -444,7 +444,7 @@ def logprobs_section(run: Run) -> dict:
     g_logits = None  # (N, V): free it before the other variants run
 
     flce, why = _liger("liger_kernel.transformers", "LigerFusedLinearCrossEntropyLoss")
-    if flce is not None and dev.type == "cuda":
+    if flce is not None and (dev.type == "cuda" or run.smoke):  # off CUDA it runs under TRITON_INTERPRET=1
         loss_fn = flce(reduction="sum")
 
         def liger_step():
@@ -531,21 +531,39 @@ def ppo_section(run: Run) -> dict:
     with backend(_ours(run)):
         _measure(run, rows, f"rlhf_fast fused_linear_ppo_loss ({_ours(run)} backend)", ours, **kw)
     grpo, why = _liger("liger_kernel.chunked_loss", "LigerFusedLinearGRPOLoss")
-    if grpo is not None and dev.type == "cuda":
-        loss_fn = grpo(beta=kl_coef, use_ref_model=True, epsilon_low=clip, epsilon_high=clip, loss_type="dapo")
+    losses = {}
+    if grpo is not None and (dev.type == "cuda" or run.smoke):
+        # compiled=True is Liger's default (torch.compile of its chunk step); off CUDA (smoke) it runs eagerly.
+        loss_fn = grpo(beta=kl_coef, use_ref_model=True, epsilon_low=clip, epsilon_high=clip, loss_type="dapo",
+                       compiled=dev.type == "cuda")
 
-        def liger_step():
+        def liger_loss():
             out = loss_fn(hidden, weight, targets, mask, seq_adv, ref_per_token_logps=ref,
                           old_per_token_logps=old)
-            loss = out[0] if isinstance(out, (tuple, list)) else out
-            return torch.autograd.grad(loss, (hidden, weight))
+            return out[0] if isinstance(out, (tuple, list)) else out
+
+        def liger_step():
+            return torch.autograd.grad(liger_loss(), (hidden, weight))
 
         _measure(run, rows, "Liger-Kernel LigerFusedLinearGRPOLoss (dapo = token mean, k3 KL)", liger_step,
                  min_left_s=60, **kw)
+        with contextlib.suppress(Exception):
+            losses["Liger"] = float(liger_loss())
     else:
         notes.append(f"Liger-Kernel not run: {why or 'needs CUDA'}.")
     _measure(run, rows, "eager PyTorch: materialised logits + log_softmax + gather + loss",
              eager_with(_eager_ppo_loss), **kw)
+    with contextlib.suppress(Exception), torch.no_grad():
+        from rlhf_fast.ops import fused_linear_ppo_loss
+
+        with backend(_ours(run)):
+            losses["rlhf_fast"] = float(fused_linear_ppo_loss(hidden, weight, targets, old, adv, mask,
+                                                              ref_logprobs=ref, kl_coef=kl_coef,
+                                                              kl_estimator="k3", clip_low=clip)[0])
+        losses["eager"] = float(_eager_ppo_loss(hidden, weight, targets, old, adv, ref, mask, kl_coef, clip))
+    if losses:
+        notes.append("Same loss, so the variants are comparable: "
+                     + ", ".join(f"{k} {v:.6g}" for k, v in losses.items()) + ".")
     if dev.type == "cuda":
         _measure(run, rows, "torch.compile of the eager version",
                  eager_with(torch.compile(_eager_ppo_loss, dynamic=False)), min_left_s=90, **kw)

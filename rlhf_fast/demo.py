@@ -1,0 +1,489 @@
+"""`rlhf-fast demo --out DIR`: the whole InstructGPT recipe on a synthetic language, in minutes on a CPU.
+
+Stages (each through the product: rlhf_fast.trainers on one RoleModel; only the base pre-training is a
+plain loop here, since pre-training is not part of the product):
+  1. tokenizer + tiny Llama, pre-trained in-process on the language (rlhf_fast.data.demo_task)
+  2. SFT on demonstrations (train_sft; the policy LoRA is merged so the base becomes the SFT reference)
+  3. pairs of SFT samples labeled by the noisy Bradley-Terry labeler -> reward model (train_rm)
+  4. PPO against the reward model with the KL penalty (train_ppo), and again with the KL penalty off
+  5. evaluation by the gold labeler on held-out prompts; report.json, report.md and plots
+
+The gold preference is read only by demo_task.Labeler (the labels) and demo_task.gold_scores (evaluation:
+the monitoring curves and the final table). Nothing the trainers see is computed from it except the labels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from rlhf_fast.data import demo_task as task
+
+RESPONSE_LENGTH = 16
+
+
+@dataclass
+class DemoConfig:
+    """Sizes and hyper-parameters of the demo. Defaults: the full demo (about 10 min on 2 CPU cores)."""
+
+    out: str = "demo_out"
+    seed: int = 0
+    # base model (tiny Llama)
+    hidden_size: int = 128
+    num_layers: int = 2
+    intermediate_size: int = 256
+    num_heads: int = 4
+    pretrain_steps: int = 1000
+    pretrain_batch: int = 64
+    pretrain_lr: float = 3e-3
+    # SFT (its own, larger LoRA: it is merged into the base and not held afterwards)
+    sft_examples: int = 4000
+    sft_epochs: int = 3
+    sft_lora_r: int = 8
+    sft_lr: float = 3e-3
+    # the three role adapters held during RLHF: rank 1 on every linear keeps params.total <= 1.05 x base
+    lora_r: int = 1
+    lora_alpha: float = 4.0
+    # labeled pairs and the reward model
+    pair_prompts: int = 4000
+    val_pair_prompts: int = 600
+    labeler_beta: float = 0.3
+    rm_epochs: int = 4
+    rm_lr: float = 5e-3
+    rm_batch: int = 64
+    # PPO
+    ppo_steps: int = 80
+    ppo_batch: int = 64
+    ppo_lr: float = 3e-3
+    ppo_epochs: int = 4
+    ppo_minibatches: int = 2
+    kl_coef: float = 0.1
+    eval_every: int = 10
+    monitor_prompts: int = 128
+    # final evaluation
+    eval_prompts: int = 256
+    progress: bool = True
+    # 1 thread: the matrices are tiny, and on a busy 2-core machine two OpenMP threads ran the pre-training
+    # step 10x slower than one (2.04 vs 0.21 s/step, load average 5); on an idle one they tie.
+    threads: int = 1
+
+    @classmethod
+    def tiny(cls, **kw) -> DemoConfig:
+        """A miniature for tests: same stages, toy sizes (well under a minute)."""
+        small = dict(hidden_size=128, num_layers=1, pretrain_steps=30, pretrain_batch=16,
+                     sft_examples=64, sft_epochs=1, lora_r=1, pair_prompts=96, val_pair_prompts=48, rm_epochs=1,
+                     rm_batch=16, ppo_steps=3, ppo_batch=16, ppo_epochs=1, ppo_minibatches=1, eval_every=2,
+                     monitor_prompts=16, eval_prompts=200, progress=False)
+        small.update(kw)
+        return cls(**small)
+
+
+# ----------------------------------------------------------------------------------------- stage 1
+def build_base(cfg: DemoConfig, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    mcfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                       num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                       num_key_value_heads=cfg.num_heads, max_position_embeddings=64,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    torch.manual_seed(cfg.seed)
+    return LlamaForCausalLM(mcfg)
+
+
+def pretrain(cfg: DemoConfig, model, tokenizer) -> float:
+    """Next-token pre-training of the whole base on the language's text; returns the last loss."""
+    from tqdm.auto import tqdm
+
+    docs = task.pretraining_text(cfg.pretrain_steps * cfg.pretrain_batch, seed=cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, betas=(0.9, 0.98))
+    warm = max(1, cfg.pretrain_steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * max(0.05, 1 - s / cfg.pretrain_steps))
+    model.train()
+    loss = torch.tensor(float("nan"))
+    bar = tqdm(range(cfg.pretrain_steps), desc="pretrain", disable=not cfg.progress, dynamic_ncols=True)
+    for s in bar:
+        enc = tokenizer(docs[s * cfg.pretrain_batch:(s + 1) * cfg.pretrain_batch], padding=True,
+                        return_tensors="pt", add_special_tokens=False)
+        ids, mask = enc["input_ids"], enc["attention_mask"]  # (B, T)
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        if s % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    model.eval()
+    return float(loss.detach())
+
+
+# ----------------------------------------------------------------------------------------- sampling
+@torch.no_grad()
+def sample(model, tokenizer, prompts: list[str], *, seed: int, batch: int = 128) -> dict:
+    """One response per prompt from the policy (temperature 1), as text ending in <eos> when it finished,
+    with the RM score and the per-sequence KL to the reference (k1 on the sample, summed over tokens)."""
+    from rlhf_fast.data.collate import collate_prompts
+    from rlhf_fast.data.jsonl import encode_prompt
+
+    g = torch.Generator().manual_seed(seed)
+    texts, scores, kls = [], [], []
+    pad = tokenizer.pad_token_id
+    for i in range(0, len(prompts), batch):
+        enc = [{"prompt_ids": encode_prompt(tokenizer, p)} for p in prompts[i:i + batch]]
+        b = collate_prompts(enc, pad)
+        out = model.generate(b["prompt_ids"], b["prompt_mask"], max_new_tokens=RESPONSE_LENGTH, temperature=1.0,
+                             eos_token_id=tokenizer.eos_token_id, generator=g)
+        seq, attn, resp = out["sequences"], out["attention_mask"], out["response_mask"]  # (B, T)
+        exp = model.experience(seq, attn)
+        kls += ((exp["logprobs"] - exp["ref_logprobs"]) * resp).sum(1).tolist()
+        scores += exp["scores"].tolist()
+        for row, m in zip(seq, resp):
+            texts.append(tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=False))
+    return {"responses": texts, "scores": scores, "kl": kls}
+
+
+def evaluate(model, tokenizer, prompts: list[str], *, seed: int) -> dict:
+    """Gold (evaluation only), proxy reward and KL of the policy's samples on `prompts`."""
+    s = sample(model, tokenizer, prompts, seed=seed)
+    gold = task.gold_scores(prompts, s["responses"])
+    n = len(prompts)
+    return {"gold": gold, "gold_score": sum(gold) / n, "proxy_reward": sum(s["scores"]) / n,
+            "kl": sum(s["kl"]) / n, "responses": s["responses"]}
+
+
+# ----------------------------------------------------------------------------------------- stages 2-4
+def write_jsonl(path: str, rows: list[dict]) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return path
+
+
+def label_pairs(model, tokenizer, prompts: list[str], labeler: task.Labeler, seed: int) -> list[dict]:
+    """Two SFT samples per prompt, compared by the noisy labeler; ties in gold are declined."""
+    a = sample(model, tokenizer, prompts, seed=seed)["responses"]
+    b = sample(model, tokenizer, prompts, seed=seed + 1)["responses"]
+    rows = []
+    for p, x, y in zip(prompts, a, b):
+        # The preference format stores finished responses (the loader appends <eos>): a pair with an
+        # unfinished sample is not shown to the labeler (PPO's missing_eos_penalty covers those).
+        if task.EOS not in x.split() or task.EOS not in y.split() or not _strip_eos(x) or not _strip_eos(y):
+            continue
+        lab = labeler.label(p, x, y)
+        if lab is not None:
+            rows.append({"prompt": p, "chosen": _strip_eos(lab[0]), "rejected": _strip_eos(lab[1])})
+    return rows
+
+
+def _strip_eos(text: str) -> str:
+    return text.split(task.EOS)[0].strip()
+
+
+def _ppo_config(cfg: DemoConfig, work: str, name: str, kl_coef: float):
+    from rlhf_fast.trainers import LoraConfig, OptimConfig, PPOConfig
+
+    return PPOConfig(data=os.path.join(work, "data", "prompts.jsonl"), out_dir=os.path.join(work, name),
+                     seed=cfg.seed, max_length=40, batch_size=cfg.ppo_batch, max_steps=cfg.ppo_steps,
+                     response_length=RESPONSE_LENGTH, ppo_epochs=cfg.ppo_epochs,
+                     num_minibatches=cfg.ppo_minibatches, kl_coef=kl_coef, missing_eos_penalty=1.0,
+                     progress=cfg.progress, optim=OptimConfig(lr=cfg.ppo_lr),
+                     lora=LoraConfig(lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha))
+
+
+def run_ppo(cfg: DemoConfig, work: str, name: str, model, tokenizer, kl_coef: float,
+            monitor: list[str]) -> tuple[object, list[dict]]:
+    """PPO from `model` (RM trained, fresh policy/critic); every eval_every steps the policy is evaluated
+    on the monitor prompts (gold, proxy, KL) for the curves."""
+    from rlhf_fast.trainers import train_ppo
+
+    curve: list[dict] = []
+
+    def callback(step, m):
+        if step % cfg.eval_every and step != cfg.ppo_steps:
+            return {}
+        e = evaluate(m, tokenizer, monitor, seed=cfg.seed + 7)
+        curve.append({"step": step, "gold_score": e["gold_score"], "proxy_reward": e["proxy_reward"], "kl": e["kl"]})
+        return {"eval/gold_score": e["gold_score"], "eval/proxy_reward": e["proxy_reward"], "eval/kl": e["kl"]}
+
+    e0 = evaluate(model, tokenizer, monitor, seed=cfg.seed + 7)
+    curve.append({"step": 0, "gold_score": e0["gold_score"], "proxy_reward": e0["proxy_reward"], "kl": e0["kl"]})
+    res = train_ppo(_ppo_config(cfg, work, name, kl_coef), model=model, tokenizer=tokenizer, callback=callback)
+    return res["model"], curve
+
+
+def count_params(model) -> dict:
+    """base: unique base tensors (tied weights once); trainable: adapters and heads of the three roles;
+    total: every parameter held for the four roles (the reference is the base itself)."""
+    seen, base = set(), 0
+    for t in model.base_state_dict().values():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+        if key not in seen:
+            seen.add(key)
+            base += t.numel()
+    trainable = sum(p.numel() for r in ("policy", "critic", "reward") for p in model.role_parameters(r))
+    return {"base": base, "trainable": trainable, "total": base + trainable}
+
+
+# ----------------------------------------------------------------------------------------- report
+def plots(out: str, curves: dict[str, list[dict]]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for label, c in curves.items():
+        steps = [r["step"] for r in c]
+        axes[0].plot(steps, [r["proxy_reward"] for r in c], marker="o", label=label)
+        axes[1].plot(steps, [r["gold_score"] for r in c], marker="o", label=label)
+    axes[0].set(title="proxy reward (reward model)", xlabel="PPO step")
+    axes[1].set(title="gold score (hidden labeler)", xlabel="PPO step")
+    for a in axes:
+        a.legend()
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "reward_vs_step.png"), dpi=110)
+    names.append("reward_vs_step.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for label, c in curves.items():
+        ax.plot([r["step"] for r in c], [r["kl"] for r in c], marker="o", label=label)
+    ax.set(title="KL(policy || SFT reference) per response", xlabel="PPO step", ylabel="nats")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "kl_vs_step.png"), dpi=110)
+    names.append("kl_vs_step.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for label, c in curves.items():
+        ax.plot([r["kl"] for r in c], [r["gold_score"] for r in c], marker="o", label=f"{label}: gold")
+        ax.plot([r["kl"] for r in c], [r["proxy_reward"] for r in c], ls="--", marker="x", alpha=0.6,
+                label=f"{label}: proxy")
+    ax.set(title="over-optimisation frontier", xlabel="KL to SFT (nats per response)", ylabel="score")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "gold_vs_kl.png"), dpi=110)
+    names.append("gold_vs_kl.png")
+    plt.close(fig)
+    return names
+
+
+def write_markdown(out: str, report: dict, examples: list[tuple[str, str, str, str]]) -> None:
+    r = report
+    lines = [
+        "# rlhf-fast demo", "",
+        f"Synthetic language, tiny Llama ({r['params']['base']:,} base parameters), all four roles on one base "
+        f"(params.total = {r['params']['total']:,} = {r['params']['total'] / r['params']['base']:.3f} x base). "
+        f"Wall time {r['wall_seconds']:.0f} s. Gold = the hidden preference the labeler follows; proxy = the "
+        "reward model. Evaluated on "
+        f"{r['eval_prompts']} held-out prompts, one sample each at temperature 1.", "",
+        "| policy | gold score | win rate vs SFT (gold) | proxy reward | KL to SFT |",
+        "|---|---|---|---|---|",
+        f"| SFT | {r['sft']['gold_score']:.3f} | 0.500 | {r['sft']['proxy_reward']:.3f} | 0 |",
+        f"| PPO, kl_coef={r['ppo']['kl_coef']} | {r['ppo']['gold_score']:.3f} | {r['ppo']['gold_win_rate_vs_sft']:.3f} "
+        f"| {r['ppo']['proxy_reward']:.3f} | {r['ppo']['kl']:.2f} |",
+        f"| PPO, no KL penalty | {r['ppo_no_kl']['gold_score']:.3f} | {r['ppo_no_kl']['gold_win_rate_vs_sft']:.3f} "
+        f"| {r['ppo_no_kl']['proxy_reward']:.3f} | {r['ppo_no_kl']['kl']:.2f} |",
+        f"| best possible | {r['max_gold_score']:.3f} | | | |", "",
+        f"Reward model: held-out accuracy {r['rm']['heldout_accuracy']:.3f} against the labels (labeler agreement "
+        f"with the noiseless gold order, its ceiling: {r['rm']['labeler_agreement']:.3f}); "
+        f"{r['rm']['heldout_gold_accuracy']:.3f} against the gold order. {r['rm']['train_pairs']} training pairs.", "",
+        "![proxy and gold reward against step](reward_vs_step.png)", "",
+        "![KL against step](kl_vs_step.png)", "",
+        "![gold score against KL](gold_vs_kl.png)", "",
+        "## Samples (held-out prompts)", "",
+        "| prompt | SFT | PPO | PPO, no KL |", "|---|---|---|---|",
+    ]
+    lines += [f"| {p} | {a} | {b} | {c} |" for p, a, b, c in examples]
+    lines += ["", "Stage timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in r["stage_seconds"].items()), ""]
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write("\n".join(lines))
+
+
+# ----------------------------------------------------------------------------------------- the run
+def run(cfg: DemoConfig) -> dict:
+    from rlhf_fast.models import LoraSettings, RoleModel
+    from rlhf_fast.trainers import LoraConfig, OptimConfig, RMConfig, SFTConfig, train_rm, train_sft
+
+    t_start = time.perf_counter()
+    stages: dict[str, float] = {}
+    out = cfg.out
+    work = os.path.join(out, "work")
+    os.makedirs(work, exist_ok=True)
+
+    def lap(name: str, t: float) -> float:
+        now = time.perf_counter()
+        stages[name] = now - t
+        return now
+
+    torch.set_num_threads(max(1, cfg.threads))
+    torch.manual_seed(cfg.seed)
+    t = time.perf_counter()
+    tok = task.build_tokenizer()
+    lm = build_base(cfg, tok)
+    pretrain_loss = pretrain(cfg, lm, tok)
+    t = lap("pretrain", t)
+
+    # SFT on demonstrations, read from a real JSONL file through the product's loader.
+    sft_path = write_jsonl(os.path.join(work, "data", "sft.jsonl"), task.sft_examples(cfg.sft_examples, seed=cfg.seed + 1))
+    sft_cfg = SFTConfig(data=sft_path, out_dir=os.path.join(work, "sft"), seed=cfg.seed, max_length=40,
+                        batch_size=64 if cfg.sft_examples >= 64 else cfg.sft_examples, epochs=cfg.sft_epochs,
+                        progress=cfg.progress, merge=True, optim=OptimConfig(lr=cfg.sft_lr),
+                        lora=LoraConfig(lora_r=cfg.sft_lora_r, lora_alpha=2.0 * cfg.sft_lora_r))
+    sft = train_sft(sft_cfg, model=lm, tokenizer=tok)
+    sft_base = os.path.join(sft["out"], "base")
+    t = lap("sft", t)
+
+    # The RLHF model: the merged SFT base (= the reference) with rank-r policy, critic and reward adapters.
+    lora = LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha)
+    model = RoleModel.from_pretrained(sft_base, lora=lora, tokenizer=tok)
+    model.eval()
+    heldout = task.make_prompts(cfg.eval_prompts, split="heldout", seed=cfg.seed + 100)
+    monitor = task.make_prompts(cfg.monitor_prompts, split="heldout", seed=cfg.seed + 200)
+    train_prompts = task.make_prompts(cfg.pair_prompts + cfg.val_pair_prompts + 4 * cfg.ppo_batch * cfg.ppo_steps,
+                                      split="train", seed=cfg.seed + 300)
+
+    # Labeled pairs of SFT samples (the labeler is the only reader of the gold here).
+    labeler = task.Labeler(beta=cfg.labeler_beta, seed=cfg.seed)
+    n_tr = cfg.pair_prompts
+    pairs = label_pairs(model, tok, train_prompts[:n_tr], labeler, cfg.seed + 11)
+    val_pairs = label_pairs(model, tok, train_prompts[n_tr:n_tr + cfg.val_pair_prompts], labeler, cfg.seed + 13)
+    agreement = labeler.agreement
+    pref_path = write_jsonl(os.path.join(work, "data", "prefs.jsonl"), pairs)
+    val_path = write_jsonl(os.path.join(work, "data", "prefs_val.jsonl"), val_pairs)
+    t = lap("label", t)
+
+    rm_cfg = RMConfig(data=pref_path, val_data=val_path, out_dir=os.path.join(work, "rm"), seed=cfg.seed,
+                      max_length=40, batch_size=cfg.rm_batch, epochs=cfg.rm_epochs, progress=cfg.progress,
+                      optim=OptimConfig(lr=cfg.rm_lr), lora=LoraConfig(lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha))
+    rm = train_rm(rm_cfg, model=model, tokenizer=tok)
+    gold_acc = rm_gold_accuracy(model, tok, val_pairs)
+    t = lap("reward_model", t)
+
+    # SFT baseline on the held-out prompts (the policy adapter is still zero: the policy is the SFT model).
+    sft_eval = evaluate(model, tok, heldout, seed=cfg.seed + 1000)
+
+    ppo_prompts = train_prompts[n_tr + cfg.val_pair_prompts:]
+    write_jsonl(os.path.join(work, "data", "prompts.jsonl"), [{"prompt": p} for p in ppo_prompts])
+    # The no-KL run starts from the very same state: the RM stage's saved adapters on the same base.
+    model_no_kl = RoleModel.load(rm["out"], base=sft_base)
+    model_no_kl.tokenizer = tok
+    model_no_kl.eval()
+    model, curve = run_ppo(cfg, work, "ppo", model, tok, cfg.kl_coef, monitor)
+    ppo_eval = evaluate(model, tok, heldout, seed=cfg.seed + 1000)
+    t = lap("ppo", t)
+    model_no_kl, curve_no_kl = run_ppo(cfg, work, "ppo_no_kl", model_no_kl, tok, 0.0, monitor)
+    no_kl_eval = evaluate(model_no_kl, tok, heldout, seed=cfg.seed + 1000)
+    t = lap("ppo_no_kl", t)
+
+    # Artefacts: DIR/base (the SFT base = the reference), DIR/adapters/{policy,critic,reward}, heads, settings.
+    saved = model.save(os.path.join(work, "final"), save_base=False)
+    for name in ("adapters",):
+        dst = os.path.join(out, name)
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.move(os.path.join(saved, name), dst)
+    for name in ("heads.safetensors", "role_model.json"):
+        shutil.move(os.path.join(saved, name), os.path.join(out, name))
+    shutil.rmtree(os.path.join(out, "base"), ignore_errors=True)
+    shutil.copytree(sft_base, os.path.join(out, "base"))
+    settings_path = os.path.join(out, "role_model.json")
+    with open(settings_path) as f:
+        settings = json.load(f)
+    settings["base_model"], settings["has_base"] = "base", True
+    with open(settings_path, "w") as f:
+        json.dump(settings, f, indent=2)
+    shutil.rmtree(saved, ignore_errors=True)
+
+    params = count_params(model)
+
+    def ppo_block(e: dict, kl_coef: float) -> dict:
+        return {"gold_score": e["gold_score"], "gold_win_rate_vs_sft": task.win_rate(e["gold"], sft_eval["gold"]),
+                "kl": e["kl"], "proxy_reward": e["proxy_reward"], "kl_coef": kl_coef}
+
+    report = {
+        "sft": {"gold_score": sft_eval["gold_score"], "proxy_reward": sft_eval["proxy_reward"],
+                "final_loss": float(sft["metrics"].get("loss", float("nan")))},
+        "rm": {"heldout_accuracy": float(rm["val"].get("accuracy", float("nan"))), "labeler_agreement": agreement,
+               "heldout_gold_accuracy": gold_acc, "train_pairs": len(pairs), "heldout_pairs": len(val_pairs),
+               "reward_offset": rm["offset"], "labeler_beta": cfg.labeler_beta},
+        "ppo": ppo_block(ppo_eval, cfg.kl_coef),
+        "ppo_no_kl": ppo_block(no_kl_eval, 0.0),
+        "params": params,
+        "pretrain_loss": pretrain_loss,
+        "max_gold_score": sum(task.max_gold(p) for p in heldout) / len(heldout),
+        "eval_prompts": len(heldout),
+        "curves": {"ppo": curve, "ppo_no_kl": curve_no_kl},
+        "config": dataclasses.asdict(cfg),
+        "stage_seconds": stages,
+    }
+    t = time.perf_counter()
+    report["plots"] = plots(out, {f"kl_coef={cfg.kl_coef}": curve, "no KL": curve_no_kl})
+    report["stage_seconds"]["report"] = time.perf_counter() - t
+    report["wall_seconds"] = time.perf_counter() - t_start
+    examples = list(zip(heldout, sft_eval["responses"], ppo_eval["responses"], no_kl_eval["responses"]))[:8]
+    write_markdown(out, report, examples)
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    return report
+
+
+@torch.no_grad()
+def rm_gold_accuracy(model, tokenizer, pairs: list[dict]) -> float:
+    """How often the RM orders a held-out pair as the noiseless gold does (evaluation only)."""
+    from rlhf_fast.data.collate import pad
+    from rlhf_fast.data.jsonl import encode_prompt, encode_response
+
+    ok = 0.0
+    for i in range(0, len(pairs), 128):
+        rows = pairs[i:i + 128]
+        seqs = []
+        for r in rows:
+            p = encode_prompt(tokenizer, r["prompt"])
+            seqs += [p + encode_response(tokenizer, r["chosen"]), p + encode_response(tokenizer, r["rejected"])]
+        ids, mask = pad(seqs, tokenizer.pad_token_id)
+        s = model.scores(ids, mask).view(-1, 2)
+        g = torch.tensor([task.gold_scores([r["prompt"]] * 2, [r["chosen"] + " " + task.EOS,
+                                                                r["rejected"] + " " + task.EOS]) for r in rows])
+        ok += float(((s[:, 0] - s[:, 1]) * (g[:, 0] - g[:, 1]) > 0).sum())
+    return ok / max(1, len(pairs))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="rlhf-fast demo", description="The embedded end-to-end demo (no downloads): "
+                                "pre-training, SFT, labeled pairs, reward model, PPO with and without KL, report.")
+    p.add_argument("--tiny", action="store_true", help="a miniature run (toy sizes, for tests)")
+    for f in dataclasses.fields(DemoConfig):
+        flag = "--" + f.name
+        if f.type in ("bool", bool):
+            p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=None,
+                           help=f"(default {f.default})")
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__)
+            p.add_argument(flag, type=typ, default=None, help=f"(default {f.default})")
+    args = p.parse_args(argv)
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig) if getattr(args, f.name) is not None}
+    cfg = DemoConfig.tiny(**kw) if args.tiny else DemoConfig(**kw)
+    report = run(cfg)
+    print(json.dumps({k: report[k] for k in ("sft", "rm", "ppo", "ppo_no_kl", "params", "wall_seconds")}, indent=2))
+    print(f"wrote {os.path.join(cfg.out, 'report.json')} and report.md", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

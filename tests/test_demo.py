@@ -1,0 +1,162 @@
+"""The embedded demo: the task's hidden gold and labeler, and a miniature of `rlhf-fast demo` end to end."""
+
+import json
+import os
+import random
+
+import pytest
+import torch
+
+from rlhf_fast.data import demo_task as task
+
+REPORT_KEYS = {"sft": {"gold_score"}, "rm": {"heldout_accuracy", "labeler_agreement"},
+               "ppo": {"gold_score", "gold_win_rate_vs_sft", "kl", "proxy_reward"},
+               "params": {"base", "trainable", "total"}}
+
+
+# ----------------------------------------------------------------------------------------- the task
+def test_tokenizer_round_trip_and_chat_template():
+    tok = task.build_tokenizer()
+    assert len(tok) == len(task.VOCAB)
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
+    text = "<bos> <user> tell me about moon river <bot> very bright moon , calm river <eos>"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.unk_token_id not in ids
+    assert tok.decode(ids) == text
+    chat = tok.apply_chat_template([{"role": "user", "content": "tell me about moon river"},
+                                    {"role": "assistant", "content": "very bright moon , calm river"}], tokenize=False)
+    assert tok(chat, add_special_tokens=False)["input_ids"] == ids
+    gen = tok.apply_chat_template([{"role": "user", "content": "tell me about moon"}], tokenize=False,
+                                  add_generation_prompt=True)
+    assert tok(gen, add_special_tokens=False)["input_ids"][-1] == tok.convert_tokens_to_ids(task.BOT)
+
+
+@pytest.mark.parametrize("response, expected", [
+    ("bright moon , calm river <eos>", 3.0),          # both topics, both adjectives fit
+    ("very bright moon , very calm river <eos>", 3.0),  # "very" earns nothing
+    ("red moon <eos>", 1.0),                           # covered, wrong adjective
+    ("bright moon , bright moon <eos>", 0.5),          # a repeat costs 1
+    ("bright moon , old lamp <eos>", 0.5),             # off-topic noun costs 1
+    ("very very bright moon <eos>", 1.0),              # a second "very" is junk (-0.5)
+    ("bright moon , calm river", 1.0),                 # never finished: -2
+    ("the moon is bright <eos>", -0.5),                # prose, not an answer: 1 - 3 * 0.5
+    ("<eos>", 0.0),
+])
+def test_gold_components(response, expected):
+    assert task.gold_scores(["tell me about moon river"], [response]) == [expected]
+
+
+def test_best_answer_reaches_max_gold():
+    rng = random.Random(0)
+    for _ in range(50):
+        topics = task.sample_topics(rng)
+        p = task.format_prompt(topics)
+        best = " , ".join(f"{task.FITS[t][0]} {t}" for t in topics) + " <eos>"
+        assert task.gold_scores([p], [best]) == [task.max_gold(p)]
+
+
+def test_splits_are_disjoint_and_pretraining_has_no_heldout_prompt():
+    held = set(task.make_prompts(300, split="heldout", seed=1))
+    train = set(task.make_prompts(3000, split="train", seed=2))
+    assert held and train and not held & train
+    docs = task.pretraining_text(2000, seed=3)
+    assert not any(task.render_prompt(p) in d for d in docs for p in list(held)[:50])
+    with pytest.raises(ValueError, match="split"):
+        task.make_prompts(1, split="test", seed=0)
+
+
+def test_demonstrations_are_useful_but_imperfect():
+    ex = task.sft_examples(500, seed=0)
+    gold = task.gold_scores([e["prompt"] for e in ex], [e["completion"] + " <eos>" for e in ex])
+    best = [task.max_gold(e["prompt"]) for e in ex]
+    mean_gold, mean_best = sum(gold) / len(gold), sum(best) / len(best)
+    assert 0.3 * mean_best < mean_gold < 0.8 * mean_best  # headroom for RLHF
+    for e in ex:  # demonstrators never repeat a noun
+        nouns = [w for w in e["completion"].split() if w in task.FITS]
+        assert len(nouns) == len(set(nouns))
+
+
+def test_labeler_noise_and_ties():
+    p = "tell me about moon river"
+    good, bad = "bright moon , calm river <eos>", "red moon <eos>"
+    sharp, noisy = task.Labeler(beta=0.05, seed=0), task.Labeler(beta=50.0, seed=0)
+    for _ in range(400):
+        assert sharp.label(p, good, bad)[0] == good
+        noisy.label(p, good, bad)
+    assert sharp.agreement == 1.0
+    assert 0.4 < noisy.agreement < 0.6
+    assert sharp.label(p, good, "very bright moon , very calm river <eos>") is None  # equal gold: declined
+    with pytest.raises(ValueError, match="beta"):
+        task.Labeler(beta=0.0)
+
+
+def test_win_rate_counts_ties_half():
+    assert task.win_rate([2, 1, 0], [1, 1, 1]) == pytest.approx(0.5)
+    assert task.win_rate([3, 3], [1, 2]) == 1.0
+    with pytest.raises(ValueError):
+        task.win_rate([], [])
+
+
+# ----------------------------------------------------------------------------------------- the miniature
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    from rlhf_fast import demo
+
+    out = tmp_path_factory.mktemp("demo")
+    assert demo.main(["--tiny", "--out", str(out)]) == 0
+    return out
+
+
+def test_demo_writes_its_files(demo_dir):
+    for f in ("report.json", "report.md", "reward_vs_step.png", "kl_vs_step.png", "gold_vs_kl.png",
+              "base/config.json", "base/model.safetensors", "base/tokenizer.json"):
+        assert (demo_dir / f).is_file(), f
+    for role in ("policy", "critic", "reward"):
+        for f in ("adapter_config.json", "adapter_model.safetensors"):
+            assert (demo_dir / "adapters" / role / f).is_file(), (role, f)
+    md = (demo_dir / "report.md").read_text()
+    for png in ("reward_vs_step.png", "kl_vs_step.png", "gold_vs_kl.png"):
+        assert f"({png})" in md
+
+
+def test_demo_report_keys_and_sanity(demo_dir):
+    r = json.loads((demo_dir / "report.json").read_text())
+    for block, keys in REPORT_KEYS.items():
+        assert keys <= set(r[block]), (block, keys - set(r[block]))
+    assert r["wall_seconds"] > 0
+    assert 0.5 < r["rm"]["labeler_agreement"] <= 1.0
+    assert 0.0 <= r["rm"]["heldout_accuracy"] <= 1.0
+    for run in ("ppo", "ppo_no_kl"):
+        assert 0.0 <= r[run]["gold_win_rate_vs_sft"] <= 1.0
+        assert all(v == v for v in r[run].values())  # no NaN
+    p = r["params"]
+    assert p["trainable"] > 0 and p["total"] == p["base"] + p["trainable"]
+    assert p["total"] <= 1.05 * p["base"]
+    assert r["eval_prompts"] >= 200
+    assert r["sft"]["gold_score"] <= r["max_gold_score"] and r["ppo"]["gold_score"] <= r["max_gold_score"]
+    steps = [c["step"] for c in r["curves"]["ppo"]]
+    assert steps[0] == 0 and steps[-1] == r["config"]["ppo_steps"]
+    assert r["curves"]["ppo_no_kl"][0]["kl"] == 0.0
+
+
+def test_demo_artefacts_load_back(demo_dir):
+    """The base is a transformers model, the adapters are PEFT's format, and RoleModel.load restores all roles."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_fast.models import RoleModel
+
+    base = AutoModelForCausalLM.from_pretrained(demo_dir / "base")
+    peft_model = PeftModel.from_pretrained(base, demo_dir / "adapters" / "policy", adapter_name="policy")
+    saved = load_file(str(demo_dir / "adapters" / "policy" / "adapter_model.safetensors"))
+    loaded = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
+    assert len(loaded) == len(saved) > 0
+    model = RoleModel.load(demo_dir)
+    ids = torch.tensor([[1, 4, 6, 7, 8, 29, 5, 14, 44, 29, 2]])
+    mask = torch.ones_like(ids)
+    ref = model.logprobs(ids, mask, role="reference")
+    plain = torch.log_softmax(AutoModelForCausalLM.from_pretrained(demo_dir / "base")(ids).logits.float(), -1)
+    plain = plain[0, :-1].gather(-1, ids[0, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(ref[0, 1:], plain, rtol=1e-4, atol=1e-4)
+    assert model.scores(ids, mask).shape == (1,)

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -258,6 +259,18 @@ def load_reward(model, path: str) -> None:
             raise ConfigError(f"reward adapter {f} does not fit this base: missing {missing[0]}")
         sd = {k.split(".", 1)[1]: v for k, v in load_file(heads).items() if k.startswith("score_head.")}
         model.score_head.load_state_dict(sd)
+
+
+def resume_point(cfg: TrainConfig, root: str) -> str | None:
+    """The checkpoint to resume from when cfg.resume (the latest complete one), else None."""
+    if not cfg.resume:
+        return None
+    from rlhf_fast.checkpoint import latest_checkpoint
+
+    latest = latest_checkpoint(root)
+    if latest is None:
+        warnings.warn(f"resume: no checkpoint in {root}; starting from step 0", stacklevel=3)
+    return latest
 
 
 # ----------------------------------------------------------------------------------------- optimiser

@@ -123,7 +123,7 @@ def train_rm(cfg: RMConfig, *, model=None, tokenizer=None, examples: list[dict] 
 
     root = os.path.join(cfg.out_dir, "checkpoints")
     step, skipped, resumed = 0, 0, None
-    latest = ckpt.latest_checkpoint(root) if cfg.resume else None
+    latest = C.resume_point(cfg, root)
     if latest:
         state = ckpt.load_checkpoint(latest, params=params, optimizer=opt, scheduler=sched)
         step, skipped, resumed = state["step"], state["skipped_steps"], state["step"]

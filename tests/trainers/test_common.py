@@ -90,3 +90,28 @@ def test_batch_sampler_resumes_the_same_order():
     c.load_state_dict(state)
     assert [c.next(), c.next()] == seen[1:]
     assert sorted(seen[0] + seen[1]) == sorted(set(seen[0] + seen[1]))  # no repeats within an epoch
+
+
+def test_metrics_go_to_tensorboard_when_it_imports(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    written = []
+
+    class Writer:
+        def __init__(self, logdir):
+            self.logdir = logdir
+
+        def add_scalar(self, key, value, step):
+            written.append((key, value, step))
+
+        def close(self):
+            written.append("closed")
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = Writer
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    log = C.MetricsLogger(str(tmp_path / "m.jsonl"), tensorboard_dir=str(tmp_path / "tb"))
+    log.log(3, {"objective/kl": torch.tensor(0.5)})
+    log.close()
+    assert written == [("objective/kl", 0.5, 3), "closed"]

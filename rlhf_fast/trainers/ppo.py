@@ -182,7 +182,7 @@ def train_ppo(cfg: PPOConfig, *, model=None, tokenizer=None, prompts: list[dict]
     if cfg.reward_model:
         C.load_reward(model, cfg.reward_model)
     pad_id, eos_id = C.pad_id(tokenizer, model), C.eos_id(tokenizer, model)
-    model.eval()  # no dropout: rollout and training log-probs must agree
+    model.eval()  # no dropout in PPO: the rollout's and the update's log-probs must agree
 
     params = C.trainable_named_parameters(model, ["policy", "critic"])
     opt = C.build_optimizer([p for _, p in params], cfg.optim)
@@ -220,6 +220,7 @@ def train_ppo(cfg: PPOConfig, *, model=None, tokenizer=None, prompts: list[dict]
     row: dict = {}
     t0, tokens = time.perf_counter(), 0
     while step < total:
+        model.eval()  # again each step: a callback may have switched modes
         batch = collate_prompts([prompts[i] for i in sampler.next()], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         b = rollout(model, cfg, batch, eos_id, ctl, moments, reward_fn)

@@ -29,14 +29,23 @@ def share_of_good(seq, attn, resp):
     return (torch.isin(seq, GOOD) & (resp != 0)).sum(1).float() / resp.sum(1).clamp(min=1)
 
 
+def good_mass(model) -> float:
+    """Mean probability the policy gives the rewarded tokens as a first response token: a low-noise view of
+    what PPO should raise (the sampled scores of a few small batches are too noisy to assert on)."""
+    ids = torch.tensor([[10, 11, 12], [13, 14, 15], [16, 17, 18], [30, 31, 32]])
+    with torch.no_grad(), model.role("policy"):
+        p = model.lm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -1].softmax(-1)
+    return float(p[:, GOOD].sum(-1).mean())
+
+
 def test_score_rises_and_only_policy_and_critic_move(tiny_model, data_files, tmp_path):
     model = RoleModel.from_pretrained(tiny_model)
-    before = trainable_snapshot(model)
-    train_ppo(cfg(tiny_model, data_files, tmp_path, max_steps=12, kl_coef=0.01, ppo_epochs=4), model=model,
-              reward_fn=share_of_good)
+    before, mass0 = trainable_snapshot(model), good_mass(model)
+    train_ppo(cfg(tiny_model, data_files, tmp_path, max_steps=8, batch_size=16, response_length=4, kl_coef=0.01,
+                  ppo_epochs=4, optim=OptimConfig(lr=3e-2)), model=model, reward_fn=share_of_good)
     rows = [json.loads(ln) for ln in open(tmp_path / "metrics.jsonl")]
-    scores = [r["objective/scores"] for r in rows]
-    assert sum(scores[-3:]) / 3 > sum(scores[:3]) / 3 + 0.1, scores
+    # seeds 0, 1, 2 moved it from 0.31 to 0.51, 0.78, 0.92
+    assert good_mass(model) > mass0 + 0.15, (mass0, good_mass(model))
     for key in ("objective/kl", "objective/entropy", "objective/scores", "objective/rlhf_reward",
                 "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg",
                 "val/clipfrac_avg", "val/ratio", "tokens/s", "peak_memory_mb", "skipped_steps"):

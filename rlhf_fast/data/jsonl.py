@@ -24,6 +24,8 @@ class DataError(ValueError):
 
 def read_jsonl(path: str) -> list[tuple[int, dict]]:
     """(line number, object) for every non-blank line of `path`."""
+    if not path:
+        raise DataError("no data file given (--data, a JSONL file)")
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     out = []

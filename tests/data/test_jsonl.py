@@ -122,6 +122,8 @@ def test_malformed_line_names_file_and_line(tmp_path, loader, lines, needle):
 def test_missing_and_empty_files(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         load_sft(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(DataError, match="no data file given"):
+        load_prompts("")
     with pytest.raises(DataError, match="no records"):
         load_sft(write(tmp_path, "empty.jsonl", [""]))
 

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import time
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -485,3 +486,81 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def config_to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+# ----------------------------------------------------------------------------------------- the run
+class Run:
+    """The bookkeeping every trainer loop shares, so each loop keeps only its own maths: AdamW and the
+    schedule over the trainable `params` [(name, p)], the batch sampler, resuming from the latest checkpoint
+    (when cfg.resume), config.json, the metrics log, atomic checkpoints and the progress bar.
+
+    `stateful` objects (with state_dict / load_state_dict; None entries are dropped) are saved in every
+    checkpoint beside the sampler and restored on resume, so a resumed run sees the same batches and the
+    same controller state. `updates_per_step` optimiser updates are made per step (PPO: epochs x minibatches).
+    """
+
+    def __init__(self, cfg: TrainConfig, name: str, params: list, n_examples: int, *, updates_per_step: int = 1,
+                 stateful: dict | None = None):
+        from rlhf_fast import checkpoint as ckpt
+
+        self.cfg, self.params, self._ckpt = cfg, params, ckpt
+        self.opt = build_optimizer([p for _, p in params], cfg.optim)
+        self.sampler = BatchSampler(n_examples, cfg.batch_size, cfg.seed)
+        self.total = cfg.max_steps or cfg.epochs * self.sampler.steps_per_epoch
+        self.sched = build_scheduler(self.opt, cfg.optim, self.total * updates_per_step)
+        self.stateful = {"sampler": self.sampler, **{k: v for k, v in (stateful or {}).items() if v is not None}}
+        self.root = os.path.join(cfg.out_dir, "checkpoints")
+        self.step, self.skipped, resumed = 0, 0, None
+        latest = resume_point(cfg, self.root)
+        if latest:
+            state = ckpt.load_checkpoint(latest, params=params, optimizer=self.opt, scheduler=self.sched)
+            self.step, self.skipped, resumed = state["step"], state["skipped_steps"], state["step"]
+            for key, obj in self.stateful.items():
+                obj.load_state_dict(state[key])
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        ckpt.atomic_write_json(os.path.join(cfg.out_dir, "config.json"), config_to_dict(cfg))
+        self.log = MetricsLogger(os.path.join(cfg.out_dir, "metrics.jsonl"), resumed,
+                                 os.path.join(cfg.out_dir, "tb"))
+        self.bar = progress_bar(self.total, self.step, name, cfg.progress)
+        self.row: dict = {}
+        self.t0, self.tokens = time.perf_counter(), 0
+
+    def apply(self, loss: torch.Tensor) -> float:
+        """One optimiser update from the gradients already accumulated; a non-finite one is skipped and
+        counted. Returns the gradient norm."""
+        ok, gnorm = apply_gradients(loss, [p for _, p in self.params], self.opt, self.sched,
+                                    self.cfg.optim.max_grad_norm)
+        self.skipped += not ok
+        return gnorm
+
+    def logging_now(self) -> bool:
+        return self.step % self.cfg.log_every == 0 or self.step == self.total
+
+    def common_metrics(self, device: torch.device) -> dict:
+        return {"lr": self.sched.get_last_lr()[0], "skipped_steps": self.skipped,
+                "tokens/s": self.tokens / max(time.perf_counter() - self.t0, 1e-9),
+                "peak_memory_mb": peak_memory_mb(device)}
+
+    def log_row(self, metrics: dict, shown: Iterable[str], callback=None, model=None) -> dict:
+        if callback is not None:
+            metrics.update(callback(self.step, model) or {})
+        self.row = self.log.log(self.step, metrics)
+        show(self.bar, self.row, shown)
+        return self.row
+
+    def end_step(self) -> None:
+        """Advance the bar; checkpoint every cfg.checkpoint_every steps (the final one is written by finish)."""
+        self.bar.update(1)
+        every = self.cfg.checkpoint_every
+        if every and self.step % every == 0 and self.step < self.total:
+            self.save()
+
+    def save(self) -> None:
+        state = {"skipped_steps": self.skipped, **{k: o.state_dict() for k, o in self.stateful.items()}}
+        self._ckpt.save_checkpoint(self.root, self.step, params=self.params, optimizer=self.opt,
+                                   scheduler=self.sched, keep=self.cfg.keep_checkpoints, state=state)
+
+    def finish(self) -> None:
+        """Close the bar and write the final checkpoint (the metrics log stays open for last rows)."""
+        self.bar.close()
+        self.save()

@@ -12,12 +12,10 @@ Metric names follow TRL's PPO trainer.
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 
 import torch
 
-from rlhf_fast import checkpoint as ckpt
 from rlhf_fast.data.collate import collate_prompts, collate_texts
 from rlhf_fast.data.jsonl import (
     DataError,
@@ -184,44 +182,15 @@ def train_ppo(cfg: PPOConfig, *, model=None, tokenizer=None, prompts: list[dict]
     pad_id, eos_id = C.pad_id(tokenizer, model), C.eos_id(tokenizer, model)
     model.eval()  # no dropout in PPO: the rollout's and the update's log-probs must agree
 
-    params = C.trainable_named_parameters(model, ["policy", "critic"])
-    opt = C.build_optimizer([p for _, p in params], cfg.optim)
-    sampler = C.BatchSampler(len(prompts), cfg.batch_size, cfg.seed)
-    ptx_sampler = C.BatchSampler(len(ptx_examples), cfg.ptx_batch_size, cfg.seed + 1) if cfg.ptx_coef > 0 else None
-    total = cfg.max_steps or cfg.epochs * sampler.steps_per_epoch
-    updates = total * cfg.ppo_epochs * min(cfg.num_minibatches, sampler.batch_size)
-    sched = C.build_scheduler(opt, cfg.optim, updates)
     ctl, moments = kl_controller(cfg), C.RunningMoments()
-
-    root = os.path.join(cfg.out_dir, "checkpoints")
-    step, skipped, resumed = 0, 0, None
-    latest = C.resume_point(cfg, root)
-    if latest:
-        state = ckpt.load_checkpoint(latest, params=params, optimizer=opt, scheduler=sched)
-        step, skipped, resumed = state["step"], state["skipped_steps"], state["step"]
-        sampler.load_state_dict(state["sampler"])
-        ctl.load_state_dict(state["kl_controller"])
-        moments.load_state_dict(state["score_moments"])
-        if ptx_sampler is not None:
-            ptx_sampler.load_state_dict(state["ptx_sampler"])
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    ckpt.atomic_write_json(os.path.join(cfg.out_dir, "config.json"), C.config_to_dict(cfg))
-    log = C.MetricsLogger(os.path.join(cfg.out_dir, "metrics.jsonl"), resumed, os.path.join(cfg.out_dir, "tb"))
-
-    def save(at: int) -> None:
-        state = {"sampler": sampler.state_dict(), "skipped_steps": skipped, "kl_controller": ctl.state_dict(),
-                 "score_moments": moments.state_dict()}
-        if ptx_sampler is not None:
-            state["ptx_sampler"] = ptx_sampler.state_dict()
-        ckpt.save_checkpoint(root, at, params=params, optimizer=opt, scheduler=sched, keep=cfg.keep_checkpoints,
-                             state=state)
-
-    bar = C.progress_bar(total, step, "ppo", cfg.progress)
-    row: dict = {}
-    t0, tokens = time.perf_counter(), 0
-    while step < total:
+    ptx_sampler = C.BatchSampler(len(ptx_examples), cfg.ptx_batch_size, cfg.seed + 1) if cfg.ptx_coef > 0 else None
+    updates = cfg.ppo_epochs * min(cfg.num_minibatches, cfg.batch_size, len(prompts))
+    run = C.Run(cfg, "ppo", C.trainable_named_parameters(model, ["policy", "critic"]), len(prompts),
+                updates_per_step=updates,
+                stateful={"kl_controller": ctl, "score_moments": moments, "ptx_sampler": ptx_sampler})
+    while run.step < run.total:
         model.eval()  # again each step: a callback may have switched modes
-        batch = collate_prompts([prompts[i] for i in sampler.next()], pad_id)
+        batch = collate_prompts([prompts[i] for i in run.sampler.next()], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         b = rollout(model, cfg, batch, eos_id, ctl, moments, reward_fn)
         beta = ctl.value
@@ -236,15 +205,13 @@ def train_ppo(cfg: PPOConfig, *, model=None, tokenizer=None, prompts: list[dict]
                     loss = loss + cfg.ptx_coef * ptx
                     st["loss/ptx_avg"] = ptx.detach()
                 loss.backward()
-                ok, gnorm = C.apply_gradients(loss, [p for _, p in params], opt, sched, cfg.optim.max_grad_norm)
-                skipped += not ok
-                st["grad_norm"] = gnorm
+                st["grad_norm"] = run.apply(loss)
                 for k, v in st.items():
                     stats.setdefault(k, []).append(float(v))
         ctl.update(float(b["kl"].mean()), B)
-        tokens += int(b["attn"].sum())
-        step += 1
-        if step % cfg.log_every == 0 or step == total:
+        run.tokens += int(b["attn"].sum())
+        run.step += 1
+        if run.logging_now():
             non_score = -beta * b["kl"]
             metrics = {k: sum(v) / len(v) for k, v in stats.items()}
             metrics.update({
@@ -252,18 +219,11 @@ def train_ppo(cfg: PPOConfig, *, model=None, tokenizer=None, prompts: list[dict]
                 "objective/non_score_reward": non_score.mean(), "objective/scores": b["raw_scores"].mean(),
                 "objective/rlhf_reward": (b["scores"] + non_score).mean(), "objective/kl_coef": beta,
                 "val/num_eos_tokens": b["has_eos"].sum(), "val/response_length": b["mask"].sum(1).mean(),
-                "lr": sched.get_last_lr()[0], "skipped_steps": skipped,
-                "tokens/s": tokens / max(time.perf_counter() - t0, 1e-9), "peak_memory_mb": C.peak_memory_mb(device)})
-            if callback is not None:
-                metrics.update(callback(step, model) or {})
-            row = log.log(step, metrics)
-            C.show(bar, row, ("objective/scores", "objective/kl", "loss/policy_avg"))
-        bar.update(1)
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
-            save(step)
-    bar.close()
-    save(step)
-    log.close()
+                **run.common_metrics(device)})
+            run.log_row(metrics, ("objective/scores", "objective/kl", "loss/policy_avg"), callback, model)
+        run.end_step()
+    run.finish()
+    run.log.close()
     out = os.path.join(cfg.out_dir, "model")
     model.save(out, save_base=False)
-    return {"model": model, "metrics": row, "out": out}
+    return {"model": model, "metrics": run.row, "out": out}

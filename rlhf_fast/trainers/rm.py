@@ -13,7 +13,6 @@ the head (InstructGPT normalises its RM the same way before RL).
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 
 import torch
@@ -115,62 +114,30 @@ def train_rm(cfg: RMConfig, *, model=None, tokenizer=None, examples: list[dict] 
     model = C.load_role_model(cfg, device, model, tokenizer)
     pad_id = C.pad_id(tokenizer, model)
 
-    params = C.trainable_named_parameters(model, ["reward"])
-    opt = C.build_optimizer([p for _, p in params], cfg.optim)
-    sampler = C.BatchSampler(len(examples), cfg.batch_size, cfg.seed)
-    total = cfg.max_steps or cfg.epochs * sampler.steps_per_epoch
-    sched = C.build_scheduler(opt, cfg.optim, total)
-
-    root = os.path.join(cfg.out_dir, "checkpoints")
-    step, skipped, resumed = 0, 0, None
-    latest = C.resume_point(cfg, root)
-    if latest:
-        state = ckpt.load_checkpoint(latest, params=params, optimizer=opt, scheduler=sched)
-        step, skipped, resumed = state["step"], state["skipped_steps"], state["step"]
-        sampler.load_state_dict(state["sampler"])
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    ckpt.atomic_write_json(os.path.join(cfg.out_dir, "config.json"), C.config_to_dict(cfg))
-    log = C.MetricsLogger(os.path.join(cfg.out_dir, "metrics.jsonl"), resumed, os.path.join(cfg.out_dir, "tb"))
-
-    def save(at: int) -> None:
-        ckpt.save_checkpoint(root, at, params=params, optimizer=opt, scheduler=sched, keep=cfg.keep_checkpoints,
-                             state={"sampler": sampler.state_dict(), "skipped_steps": skipped})
-
-    bar = C.progress_bar(total, step, "rm", cfg.progress)
-    row: dict = {}
-    t0, tokens = time.perf_counter(), 0
-    while step < total:
+    run = C.Run(cfg, "rm", C.trainable_named_parameters(model, ["reward"]), len(examples))
+    while run.step < run.total:
         model.train()
-        batch = collate_rankings([examples[i] for i in sampler.next()], pad_id)
+        batch = collate_rankings([examples[i] for i in run.sampler.next()], pad_id)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         loss, metrics = rm_loss(model, batch)
         loss.backward()
-        ok, gnorm = C.apply_gradients(loss, [p for _, p in params], opt, sched, cfg.optim.max_grad_norm)
-        skipped += not ok
-        tokens += int(batch["attention_mask"].sum())
-        step += 1
-        if step % cfg.log_every == 0 or step == total:
-            metrics.update({"loss": loss.detach(), "grad_norm": gnorm, "lr": sched.get_last_lr()[0],
-                            "skipped_steps": skipped, "tokens/s": tokens / max(time.perf_counter() - t0, 1e-9),
-                            "peak_memory_mb": C.peak_memory_mb(device)})
-            if cfg.eval_every and step % cfg.eval_every == 0 and val_examples:
+        gnorm = run.apply(loss)
+        run.tokens += int(batch["attention_mask"].sum())
+        run.step += 1
+        if run.logging_now():
+            metrics.update({"loss": loss.detach(), "grad_norm": gnorm, **run.common_metrics(device)})
+            if cfg.eval_every and run.step % cfg.eval_every == 0 and val_examples:
                 metrics.update({f"val/{k}": v for k, v in evaluate_rm(model, val_examples, pad_id, device).items()})
-            if callback is not None:
-                metrics.update(callback(step, model) or {})
-            row = log.log(step, metrics)
-            C.show(bar, row, ("loss", "accuracy", "margin_mean"))
-        bar.update(1)
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
-            save(step)
-    bar.close()
-    save(step)
+            run.log_row(metrics, ("loss", "accuracy", "margin_mean"), callback, model)
+        run.end_step()
+    run.finish()
 
     val = evaluate_rm(model, val_examples, pad_id, device) if val_examples else {}
     offset = -val["reward_mean"] if (cfg.normalize and val) else 0.0
     C.set_reward_offset(model, offset)
-    log.log(step, {f"val/{k}": v for k, v in val.items()} | {"reward_offset": offset})
-    log.close()
+    run.log.log(run.step, {f"val/{k}": v for k, v in val.items()} | {"reward_offset": offset})
+    run.log.close()
     out = os.path.join(cfg.out_dir, "model")
     model.save(out, save_base=False)
     ckpt.atomic_write_json(os.path.join(out, "reward_normalization.json"), {"offset": offset, "validation": val})
-    return {"model": model, "metrics": row, "val": val, "offset": offset, "out": out}
+    return {"model": model, "metrics": run.row, "val": val, "offset": offset, "out": out}

@@ -10,12 +10,10 @@ so that the saved base *is* the SFT model: the reference that the KL penalty of 
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 
 import torch
 
-from rlhf_fast import checkpoint as ckpt
 from rlhf_fast.data.collate import collate_sft
 from rlhf_fast.data.jsonl import check_examples, encode_sft, fit_context, load_sft
 from rlhf_fast.trainers import common as C
@@ -65,58 +63,25 @@ def train_sft(cfg: SFTConfig, *, model=None, tokenizer=None, examples: list[dict
     pad_id = C.pad_id(tokenizer, model)
     model.train()
 
-    params = C.trainable_named_parameters(model, ["policy"])
-    opt = C.build_optimizer([p for _, p in params], cfg.optim)
-    sampler = C.BatchSampler(len(examples), cfg.batch_size, cfg.seed)
-    total = cfg.max_steps or cfg.epochs * sampler.steps_per_epoch
-    sched = C.build_scheduler(opt, cfg.optim, total)
-
-    root = os.path.join(cfg.out_dir, "checkpoints")
-    step, skipped, resumed = 0, 0, None
-    latest = C.resume_point(cfg, root)
-    if latest:
-        state = ckpt.load_checkpoint(latest, params=params, optimizer=opt, scheduler=sched)
-        step, skipped, resumed = state["step"], state["skipped_steps"], state["step"]
-        sampler.load_state_dict(state["sampler"])
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    ckpt.atomic_write_json(os.path.join(cfg.out_dir, "config.json"), C.config_to_dict(cfg))
-    log = C.MetricsLogger(os.path.join(cfg.out_dir, "metrics.jsonl"), resumed, os.path.join(cfg.out_dir, "tb"))
-
-    def save(at: int) -> None:
-        ckpt.save_checkpoint(root, at, params=params, optimizer=opt, scheduler=sched, keep=cfg.keep_checkpoints,
-                             state={"sampler": sampler.state_dict(), "skipped_steps": skipped})
-
-    bar = C.progress_bar(total, step, "sft", cfg.progress)
-    row: dict = {}
-    t0, tokens = time.perf_counter(), 0
-    while step < total:
-        batch = collate_sft([examples[i] for i in sampler.next()], pad_id)
+    run = C.Run(cfg, "sft", C.trainable_named_parameters(model, ["policy"]), len(examples))
+    while run.step < run.total:
+        batch = collate_sft([examples[i] for i in run.sampler.next()], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         loss, n = sft_loss(model, batch)
         loss.backward()
-        ok, gnorm = C.apply_gradients(loss, [p for _, p in params], opt, sched, cfg.optim.max_grad_norm)
-        skipped += not ok
-        tokens += int(batch["attention_mask"].sum())
-        step += 1
-        if step % cfg.log_every == 0 or step == total:
-            metrics = {"loss": loss.detach(), "grad_norm": gnorm, "lr": sched.get_last_lr()[0],
-                       "completion_tokens": int(n), "skipped_steps": skipped,
-                       "tokens/s": tokens / max(time.perf_counter() - t0, 1e-9),
-                       "peak_memory_mb": C.peak_memory_mb(device)}
-            if callback is not None:
-                metrics.update(callback(step, model) or {})
-            row = log.log(step, metrics)
-            C.show(bar, row, ("loss", "grad_norm", "tokens/s"))
-        bar.update(1)
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
-            save(step)
-    bar.close()
-    save(step)
-    log.close()
+        gnorm = run.apply(loss)
+        run.tokens += int(batch["attention_mask"].sum())
+        run.step += 1
+        if run.logging_now():
+            run.log_row({"loss": loss.detach(), "grad_norm": gnorm, "completion_tokens": int(n),
+                         **run.common_metrics(device)}, ("loss", "grad_norm", "tokens/s"), callback, model)
+        run.end_step()
+    run.finish()
+    run.log.close()
 
     model.eval()
     out = os.path.join(cfg.out_dir, "model")
     if cfg.merge:
         model.merge_policy_into_base()  # the base becomes the SFT model; a fresh policy adapter starts from it
     model.save(out, save_base=cfg.merge)
-    return {"model": model, "metrics": row, "out": out}
+    return {"model": model, "metrics": run.row, "out": out}

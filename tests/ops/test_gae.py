@@ -96,3 +96,20 @@ def test_masked_whiten(shift_mean):
     assert_close(out[mask != 0], expected, torch.float32)
     assert (out[mask == 0] == 0).all()
     assert (ops.masked_whiten(x, torch.zeros(3, 11)) == 0).all()
+
+
+@pytest.mark.parametrize("backend", backends_for("kl_penalized_gae"))
+def test_nan_at_masked_positions_does_not_leak(use_backend, backend):
+    """Skipped positions never enter: garbage (NaN) there leaves every output finite and 0 at those places."""
+    use_backend(backend)
+    lp, rlp, values = -torch.rand(2, 9), -torch.rand(2, 9), torch.randn(2, 9)
+    mask = torch.ones(2, 9)
+    mask[0, [2, 8]] = 0
+    mask[1, 0] = 0
+    for x in (lp, rlp, values):
+        x[mask == 0] = float("nan")
+    adv, ret, rewards = ops.kl_penalized_gae(lp, rlp, values, torch.randn(2), mask, kl_coef=0.1, gamma=0.9, lam=0.8)
+    for out in (adv, ret, rewards):
+        assert torch.isfinite(out).all() and (out[mask == 0] == 0).all()
+    r_rewards = ref.kl_rewards(torch.nan_to_num(lp), torch.nan_to_num(rlp), torch.zeros(2), mask, 0.1, "k1")
+    assert torch.isfinite(r_rewards).all()

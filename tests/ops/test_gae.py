@@ -111,5 +111,3 @@ def test_nan_at_masked_positions_does_not_leak(use_backend, backend):
     adv, ret, rewards = ops.kl_penalized_gae(lp, rlp, values, torch.randn(2), mask, kl_coef=0.1, gamma=0.9, lam=0.8)
     for out in (adv, ret, rewards):
         assert torch.isfinite(out).all() and (out[mask == 0] == 0).all()
-    r_rewards = ref.kl_rewards(torch.nan_to_num(lp), torch.nan_to_num(rlp), torch.zeros(2), mask, 0.1, "k1")
-    assert torch.isfinite(r_rewards).all()

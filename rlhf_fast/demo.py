@@ -41,7 +41,7 @@ class DemoConfig:
     num_layers: int = 2
     intermediate_size: int = 256
     num_heads: int = 4
-    pretrain_steps: int = 1000
+    pretrain_steps: int = 2500
     pretrain_batch: int = 64
     pretrain_lr: float = 3e-3
     # SFT (its own, larger LoRA: it is merged into the base and not held afterwards)

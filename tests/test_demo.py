@@ -1,7 +1,6 @@
 """The embedded demo: the task's hidden gold and labeler, and a miniature of `rlhf-fast demo` end to end."""
 
 import json
-import os
 import random
 
 import pytest
@@ -39,7 +38,7 @@ def test_tokenizer_round_trip_and_chat_template():
     ("bright moon , old lamp <eos>", 0.5),             # off-topic noun costs 1
     ("very very bright moon <eos>", 1.0),              # a second "very" is junk (-0.5)
     ("bright moon , calm river", 1.0),                 # never finished: -2
-    ("the moon is bright <eos>", -0.5),                # prose, not an answer: 1 - 3 * 0.5
+    ("the moon is bright <eos>", -1.0),                # prose, not an answer: 1 - 4 junk * 0.5
     ("<eos>", 0.0),
 ])
 def test_gold_components(response, expected):

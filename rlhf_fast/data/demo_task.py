@@ -6,7 +6,9 @@ The language. A user asks about two to four topics; the assistant answers with a
 
 A clause is `[very] ADJ NOUN`; clauses are separated by ",". There are 16 nouns and 16 adjectives;
 every noun has two adjectives that fit it (a hidden piece of world knowledge that the pre-training text
-teaches: "the moon is bright .").
+teaches: "the moon is bright ."). Chats in the pre-training text are of every quality and often carry
+the user's one-word rating after the answer (`... <eos> good <eos>`): users count missing, off-topic and
+repeated topics, not adjectives, and one in five rates at random.
 
 The gold preference (hidden; only `Labeler` and `gold_scores` read it). Per response, cut at <eos>:
     +1    for every prompt topic mentioned            (helpfulness)
@@ -43,7 +45,8 @@ NOUNS = ["apple", "river", "tree", "stone", "cloud", "horse", "bread", "lamp",
 ADJECTIVES = ["red", "sweet", "calm", "cold", "tall", "green", "grey", "heavy",
               "white", "soft", "fast", "wild", "warm", "bright", "old", "dark"]
 FUNCTION_WORDS = ["tell", "me", "about", "the", "is", "and", ",", ".", "very"]
-VOCAB = SPECIALS + FUNCTION_WORDS + NOUNS + ADJECTIVES
+RATINGS = ["great", "good", "ok", "bad"]
+VOCAB = SPECIALS + FUNCTION_WORDS + NOUNS + ADJECTIVES + RATINGS
 
 # The hidden world knowledge: which two adjectives fit each noun.
 FITS: dict[str, tuple[str, str]] = {
@@ -159,10 +162,9 @@ def demonstration(topics: tuple[str, ...] | list[str], rng: random.Random) -> st
     return " , ".join(clauses)
 
 
-def _random_answer(topics: tuple[str, ...], rng: random.Random) -> str:
+def _random_answer(topics: tuple[str, ...], rng: random.Random) -> list[str]:
     # Pre-training chat text of any quality: half the answers walk the topics in order (skipping some,
     # sometimes repeating one), half pick nouns at random; adjectives fit half the time; rare "very".
-    clauses = []
     if rng.random() < 0.5:
         nouns = []
         for t in topics:
@@ -174,10 +176,27 @@ def _random_answer(topics: tuple[str, ...], rng: random.Random) -> str:
     else:
         nouns = [rng.choice(list(topics)) if rng.random() < 0.5 else rng.choice(NOUNS)
                  for _ in range(rng.randint(1, 5))]
+    return nouns
+
+
+def _answer_text(nouns: list[str], rng: random.Random, fit: float = 0.5) -> str:
+    clauses = []
     for noun in nouns:
-        adj = rng.choice(FITS[noun]) if rng.random() < 0.5 else rng.choice(ADJECTIVES)
+        adj = rng.choice(FITS[noun]) if rng.random() < fit else rng.choice(ADJECTIVES)
         clauses.append(" ".join(_clause(noun, adj, rng.random() < 0.1)))
     return " , ".join(clauses)
+
+
+def _rating(topics: tuple[str, ...], nouns: list[str], rng: random.Random) -> str:
+    # The user's one-word rating after an answer, as chats and reviews in the wild carry them. Users count
+    # what is missing, off-topic or repeated (not which adjective fits, not "very"), and one in five rates
+    # at random. It is what gives the base model's state at <eos> (where a reward model reads its score)
+    # a sense of answer quality; the reward model still has to learn from the labeled pairs what it means.
+    if rng.random() < 0.2:
+        return rng.choice(RATINGS)
+    missing = sum(t not in nouns for t in topics)
+    faults = missing + (len(nouns) - len(set(nouns))) + len(set(nouns) - set(topics))
+    return RATINGS[min(faults, len(RATINGS) - 1)]
 
 
 def _description(rng: random.Random) -> str:
@@ -191,7 +210,8 @@ def _description(rng: random.Random) -> str:
 
 
 def pretraining_text(n: int, *, seed: int) -> list[str]:
-    """`n` documents of the language: descriptions and chats (train-split prompts only), bos/eos-delimited."""
+    """`n` documents of the language: descriptions, and chats (train-split prompts only) that are often followed
+    by the user's rating (`... <eos> good <eos>`)."""
     rng = random.Random(seed)
     docs = []
     while len(docs) < n:
@@ -202,7 +222,11 @@ def pretraining_text(n: int, *, seed: int) -> list[str]:
             t = sample_topics(rng)
             if _is_heldout(t):
                 continue
-            docs.append(f"{render_prompt(format_prompt(t))} {_random_answer(t, rng)} {EOS}")
+            nouns = _random_answer(t, rng)
+            doc = f"{render_prompt(format_prompt(t))} {_answer_text(nouns, rng)} {EOS}"
+            if rng.random() < 0.7:
+                doc += f" {_rating(t, nouns, rng)} {EOS}"
+            docs.append(doc)
     return docs
 
 

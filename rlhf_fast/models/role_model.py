@@ -290,7 +290,11 @@ class RoleModel(nn.Module):
             peft_model.add_adapter(name_, cfg)
         model = cls(peft_model, lora=lora, tokenizer=tokenizer, base_name_or_path=name)
         if gradient_checkpointing:
-            model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # transformers >= 5 renamed it (the old name warns on every call); older releases have only the old one
+            if hasattr(model.lm, "activation_checkpointing_enable"):
+                model.lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
 
     def _special_tokens(self) -> tuple[int | None, int | None]:

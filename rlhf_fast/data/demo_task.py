@@ -24,7 +24,9 @@ and they mention each topic once, so among model samples "very" and mentioning a
 A reward model trained on labeled pairs of such samples can learn the cheap feature ("very", repeated
 topic words, longer lists) instead of the costly one (which adjective fits which noun, no repeats). The
 gold score does not pay for "very" and charges for repeats, so a policy that optimises the reward model
-without a KL anchor drifts to answers the reward model over-rates. See docs/demo.md.
+without a KL anchor drifts to answers the reward model over-rates: "very" everywhere, or, with the
+default settings, the users' own rating words ("... great great great"), which the base learned to
+associate with good answers. See docs/demo.md for the measured runs.
 
 The labeler plays the human: for a pair of responses it says which is better with Bradley-Terry noise,
 P(a > b) = sigmoid((gold(a) - gold(b)) / beta), and it declines pairs of equal gold (a tie carries no

@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from rlhf_fast._bench import tensor_peak_extra_bytes  # noqa: E402
 from rlhf_fast.models import LoraSettings, RoleModel  # noqa: E402
 from rlhf_fast.models.role_model import position_ids  # noqa: E402
 
@@ -122,21 +123,6 @@ def _time_many(fns: dict, device, reps: int) -> dict:
     return {key: statistics.median(v) for key, v in times.items()}
 
 
-def _cpu_peak_extra(fn) -> int:
-    """Peak bytes of CPU tensors alive at once during fn() beyond those alive before it (profiler events)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events()
-              if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")]
-    live = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
 def _held_bytes(module: nn.Module) -> int:
     return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                 for t in list(module.parameters()) + list(module.buffers())}.values())
@@ -151,7 +137,7 @@ def _peak_memory(fn, device, held: int) -> int:
         fn()
         torch.cuda.synchronize()
         return held + torch.cuda.max_memory_allocated() - before
-    return held + _cpu_peak_extra(fn)
+    return held + tensor_peak_extra_bytes(fn)[0]
 
 
 def _micro(fn, ids, mask, micro_batch):

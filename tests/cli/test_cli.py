@@ -130,3 +130,12 @@ def test_demo_and_bench_delegate(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "rlhf_fast.bench_cli", None)  # as if the module were missing
     assert cli.main(["bench"]) == 2
     assert "rlhf_fast.bench_cli is missing" in capsys.readouterr().err
+
+
+def test_bench_rejects_unknown_section(capsys):
+    from rlhf_fast import bench_cli
+
+    with pytest.raises(SystemExit) as e:
+        bench_cli.main(["--mode", "cpu", "--only", "bogus"])
+    assert e.value.code == 2
+    assert "unknown section(s) ['bogus']" in capsys.readouterr().err

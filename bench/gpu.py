@@ -48,16 +48,9 @@ def main(argv: list[str]) -> int:
 
         build = bench_cli.ensure_built(require_cuda=torch.cuda.is_available())
         print(f"rlhf_fast._C: {build['status']}\n{build['log']}", flush=True)
-        # Re-exec so a fresh interpreter sees the editable install's import hook (rlhf_fast.kernels mapping).
+        # Re-exec so a fresh interpreter sees the freshly built extension.
         os.environ["RLHF_FAST_BENCH_BUILT"] = build["status"]
         os.execv(sys.executable, [sys.executable, __file__, *argv, "--build-status", build["status"]])
-    try:
-        import rlhf_fast.kernels  # noqa: F401 - mapped from kernels/ by the (editable) install
-    except ImportError:
-        # Built in place without an install: let rlhf_fast.kernels resolve to <repo>/kernels for this run.
-        import rlhf_fast
-
-        rlhf_fast.__path__.append(str(ROOT))
     return bench_cli.main(args)
 
 

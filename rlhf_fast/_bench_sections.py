@@ -273,7 +273,7 @@ CHECK_BACKENDS = ("triton", "native", "torch")
 
 
 def check_section(run: Run) -> dict:
-    from rlhf_fast import _dispatch
+    from rlhf_fast.ops import _dispatch
 
     dev = run.device
     shp = (dict(N=34, H=32, V=301, B=2, T=37) if run.smoke else dict(N=1028, H=256, V=4099, B=37, T=1025))
@@ -604,7 +604,7 @@ def gae_section(run: Run, *, B_: int | None = None, T: int | None = None,
     r, v, m = B.gae_inputs(B_, T, dev, holes=peer is None)
     copy = run.ceilings.get("copy_gbps")
     nbytes = GAE_BYTES_PER_ELEM * B_ * T
-    from rlhf_fast import _dispatch
+    from rlhf_fast.ops import _dispatch
 
     if peer is not None:
         loop_label = "Python loop over time (bench/test_bench_gae_cpu.py:python_loop_gae, OpenRLHF style)"

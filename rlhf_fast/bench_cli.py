@@ -43,7 +43,7 @@ def _import_probe(require_cuda: bool) -> tuple[bool, str]:
 
 def ensure_built(require_cuda: bool) -> dict:
     """Build rlhf_fast._C in place when a fresh interpreter cannot import it: `pip install --no-build-isolation
-    --no-deps -e .` (also maps rlhf_fast.kernels), else `python setup.py build_ext --inplace`. Returns
+    --no-deps -e .`, else `python setup.py build_ext --inplace`. Returns
     {"status", "log"}; status "already built" | "built: <how>" | "FAILED". The caller must re-exec itself
     after a build so the editable install's import hook is seen."""
     ok, msg = _import_probe(require_cuda)

@@ -9,7 +9,8 @@ import platform
 def format_report() -> str:
     import torch
 
-    from rlhf_fast import __version__, _dispatch
+    from rlhf_fast import __version__
+    from rlhf_fast.ops import _dispatch
 
     lines = [f"rlhf_fast {__version__}", f"python {platform.python_version()}", f"torch {torch.__version__}"]
     try:

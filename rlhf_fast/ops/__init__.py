@@ -1,6 +1,6 @@
 """Fused RLHF ops: the public API. Each function documents shapes, dtypes and its formula.
 
-Backends are chosen per call from RLHF_FAST_BACKEND (auto | torch | triton | native); see rlhf_fast._dispatch.
+Backends are chosen per call from RLHF_FAST_BACKEND (auto | torch | triton | native); see rlhf_fast.ops._dispatch.
 """
 
 from rlhf_fast.ops.fused_ppo import fused_linear_ppo_loss

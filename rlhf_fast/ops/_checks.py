@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_fast._dispatch import checks_enabled
+from rlhf_fast.ops._dispatch import checks_enabled
 
 ESTIMATORS = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_fast import _dispatch
+from rlhf_fast.ops import _dispatch
 from rlhf_fast.ops import _checks
 from rlhf_fast.ops.kl import kl_terms
 from rlhf_fast.ops.logprobs import torch_linear_logprobs_bwd, torch_linear_logprobs_fwd

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_fast import _dispatch
+from rlhf_fast.ops import _dispatch
 from rlhf_fast.ops import _checks
 from rlhf_fast.ops.kl import kl_terms
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_fast import _dispatch
+from rlhf_fast.ops import _dispatch
 from rlhf_fast.ops import _checks
 
 # Torch backend block sizes: a (rows x vocab) fp32 block of at most _BLOCK_ELEMS elements (4 MiB) lives at a

@@ -1,6 +1,6 @@
 """Backend parametrisation: every op is tested on each backend that implements it."""
 
-from rlhf_fast import _dispatch
+from rlhf_fast.ops import _dispatch
 
 
 def backends_for(op):

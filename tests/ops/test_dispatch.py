@@ -6,7 +6,8 @@ import sys
 import pytest
 import torch
 
-from rlhf_fast import _dispatch, env_report, ops
+from rlhf_fast import env_report, ops
+from rlhf_fast.ops import _dispatch
 
 
 def test_unknown_backend_is_an_error(monkeypatch):

@@ -6,7 +6,7 @@
   backward time, and peak extra memory measured in a fresh process per variant.
 
 Usage: python bench/cpu_report.py [--out DIR] [--only gae,logprobs] [--note "2-core CPU, shared with ..."]
-Same as `rlhf-fast bench --mode cpu`; the measurements live in rlhf_fast/_bench*.py.
+Same as `rlhf-fast bench --mode cpu`; the measurements live in rlhf_fast/bench/.
 """
 
 import sys
@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rlhf_fast import bench_cli  # noqa: E402
+from rlhf_fast.bench import cli as bench_cli  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(bench_cli.main(["--mode", "cpu", *sys.argv[1:]]))

@@ -7,11 +7,11 @@
     PyTorch (materialised logits + log_softmax + gather), torch.compile of the same, and Liger-Kernel
     (LigerFusedLinearCrossEntropyLoss, LigerFusedLinearGRPOLoss) when importable, with peak memory, at
     bf16 N=8192, H=4096, V=151936; and GAE at B=1024, T=8192 fp32 against the Python loop on the same GPU,
-(e) runs RoleModel.experience() against the four-model recipe through bench/bench_role_model.py:gpu_compare,
+(e) runs RoleModel.experience() against the four-model recipe through rlhf_fast/bench/role_model.py:gpu_compare,
 (f) prints a markdown table last (sections run in the order check, ceilings, gae, role_model, logprobs,
     ppo, so a run cut short by --budget-s loses only the slowest rows) and writes <out>/<device>-<date>.md and .json.
 
-The measurements live in rlhf_fast/_bench.py and rlhf_fast/_bench_sections.py (`rlhf-fast bench` runs the same).
+The measurements live in rlhf_fast/bench/ (measure.py, sections.py) (`rlhf-fast bench` runs the same).
 
 Liger-Kernel on the device machine (no internet there): here, in the repo root, once,
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rlhf_fast import bench_cli  # noqa: E402 - stdlib-only at import; torch is imported inside main
+from rlhf_fast.bench import cli as bench_cli  # noqa: E402 - stdlib-only at import; torch is imported inside main
 
 
 def main(argv: list[str]) -> int:

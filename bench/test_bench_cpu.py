@@ -2,7 +2,7 @@
 logits (log_softmax + gather), forward + backward at N=4096, H=256, V=32768 fp32: time, and peak extra memory
 in benchmark.extra_info. GAE lives in bench/test_bench_gae_cpu.py.
 
-Time: benchmark.pedantic, 3 rounds after one warm-up. Peak extra memory (rlhf_fast._bench.cpu_peak_extra_bytes,
+Time: benchmark.pedantic, 3 rounds after one warm-up. Peak extra memory (rlhf_fast.bench.measure.cpu_peak_extra_bytes,
 a fresh process per variant; the gradients count): the peak of live tensor bytes from torch.profiler's memory
 events, and ru_maxrss minus the RSS once the inputs exist. Nothing here asserts a speed; tests/test_memory.py
 asserts the memory promise.
@@ -11,7 +11,7 @@ asserts the memory promise.
 import pytest
 import torch
 
-from rlhf_fast import _bench
+from rlhf_fast.bench import measure as _bench
 
 N, H, V = 4096, 256, 32768
 

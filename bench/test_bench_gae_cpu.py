@@ -12,24 +12,10 @@ import os
 import pytest
 import torch
 
+from rlhf_fast.bench.measure import peer_python_loop_gae as python_loop_gae
+
 B, T = 64, 4096
 GAMMA, LAM = 1.0, 0.95
-
-
-def python_loop_gae(rewards, values, mask, gamma, lam):
-    """The peers' reverse loop over time (masked by multiplication, as OpenRLHF and verl do): one small
-    vector op per step, T steps."""
-    values = values * mask
-    rewards = rewards * mask
-    lastgaelam = torch.zeros_like(rewards[:, 0])
-    advantages_reversed = []
-    for t in reversed(range(rewards.shape[1])):
-        nextvalues = values[:, t + 1] if t < rewards.shape[1] - 1 else 0.0
-        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
-        lastgaelam = delta + gamma * lam * lastgaelam
-        advantages_reversed.append(lastgaelam)
-    advantages = torch.stack(advantages_reversed[::-1], dim=1)
-    return advantages, advantages + values
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import sys
 import typing
 
 SUBCOMMANDS = ("sft", "rm", "ppo", "demo", "bench")
-DELEGATED = {"demo": ("rlhf_fast.demo", "the embedded demo"), "bench": ("rlhf_fast.bench_cli", "the benchmark runner")}
+DELEGATED = {"demo": ("rlhf_fast.demo.run", "the embedded demo"), "bench": ("rlhf_fast.bench.cli", "the benchmark runner")}
 
 
 class UsageError(Exception):

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from rlhf_fast.data import demo_task as task
+from rlhf_fast.demo import task
 
 REPORT_KEYS = {"sft": {"gold_score"}, "rm": {"heldout_accuracy", "labeler_agreement"},
                "ppo": {"gold_score", "gold_win_rate_vs_sft", "kl", "proxy_reward"},
@@ -99,7 +99,7 @@ def test_win_rate_counts_ties_half():
 # ----------------------------------------------------------------------------------------- the miniature
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
-    from rlhf_fast import demo
+    from rlhf_fast.demo import run as demo
 
     out = tmp_path_factory.mktemp("demo")
     assert demo.main(["--tiny", "--out", str(out)]) == 0
@@ -108,11 +108,11 @@ def demo_dir(tmp_path_factory):
 
 def test_demo_writes_its_files(demo_dir):
     for f in ("report.json", "report.md", "reward_vs_step.png", "kl_vs_step.png", "gold_vs_kl.png",
-              "base/config.json", "base/model.safetensors", "base/tokenizer.json"):
+              "model/base/config.json", "model/base/model.safetensors", "model/base/tokenizer.json"):
         assert (demo_dir / f).is_file(), f
     for role in ("policy", "critic", "reward"):
         for f in ("adapter_config.json", "adapter_model.safetensors"):
-            assert (demo_dir / "adapters" / role / f).is_file(), (role, f)
+            assert (demo_dir / "model" / "adapters" / role / f).is_file(), (role, f)
     md = (demo_dir / "report.md").read_text()
     for png in ("reward_vs_step.png", "kl_vs_step.png", "gold_vs_kl.png"):
         assert f"({png})" in md
@@ -146,16 +146,16 @@ def test_demo_artefacts_load_back(demo_dir):
 
     from rlhf_fast.models import RoleModel
 
-    base = AutoModelForCausalLM.from_pretrained(demo_dir / "base")
-    peft_model = PeftModel.from_pretrained(base, demo_dir / "adapters" / "policy", adapter_name="policy")
-    saved = load_file(str(demo_dir / "adapters" / "policy" / "adapter_model.safetensors"))
+    base = AutoModelForCausalLM.from_pretrained(demo_dir / "model" / "base")
+    peft_model = PeftModel.from_pretrained(base, demo_dir / "model" / "adapters" / "policy", adapter_name="policy")
+    saved = load_file(str(demo_dir / "model" / "adapters" / "policy" / "adapter_model.safetensors"))
     loaded = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
     assert len(loaded) == len(saved) > 0
-    model = RoleModel.load(demo_dir)
+    model = RoleModel.load(demo_dir / "model")
     ids = torch.tensor([[1, 4, 6, 7, 8, 29, 5, 14, 44, 29, 2]])
     mask = torch.ones_like(ids)
     ref = model.logprobs(ids, mask, role="reference")
-    plain = torch.log_softmax(AutoModelForCausalLM.from_pretrained(demo_dir / "base")(ids).logits.float(), -1)
+    plain = torch.log_softmax(AutoModelForCausalLM.from_pretrained(demo_dir / "model" / "base")(ids).logits.float(), -1)
     plain = plain[0, :-1].gather(-1, ids[0, 1:, None]).squeeze(-1)
     torch.testing.assert_close(ref[0, 1:], plain, rtol=1e-4, atol=1e-4)
     assert model.scores(ids, mask).shape == (1,)

@@ -1,14 +1,14 @@
 """The issue's memory promise for the torch backend of fused_linear_logprobs (not a timed test).
 
 At N=4096, H=256, V=32768 fp32, forward + backward peak extra memory is at most 10% of the materialised-logits
-version. Each variant runs in a fresh process (rlhf_fast._bench.cpu_peak_extra_bytes_many) that measures it
+version. Each variant runs in a fresh process (rlhf_fast.bench.measure.cpu_peak_extra_bytes_many) that measures it
 by the peak of live tensor bytes from torch.profiler's memory events: deterministic, unlike ru_maxrss minus
 the RSS after the inputs, which moves with the C allocator's state (the fused figure read 70 to 254 MiB run
 to run; bench/cpu_report.py reports both). Measured here: fused 56 MiB of tensors (36 MiB of it
 the gradients), materialised 1536 MiB.
 """
 
-from rlhf_fast._bench import MiB, cpu_peak_extra_bytes_many
+from rlhf_fast.bench.measure import MiB, cpu_peak_extra_bytes_many
 
 N, H, V = 4096, 256, 32768
 

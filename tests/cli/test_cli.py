@@ -123,17 +123,17 @@ def test_usage_errors(case, tiny_model, data_files, no_tokenizer_model, tmp_path
 
 def test_demo_and_bench_delegate(monkeypatch, capsys):
     seen = {}
-    fake = types.ModuleType("rlhf_fast.demo")
+    fake = types.ModuleType("rlhf_fast.demo.run")
     fake.main = lambda argv: seen.setdefault("argv", argv) and 0
-    monkeypatch.setitem(sys.modules, "rlhf_fast.demo", fake)
+    monkeypatch.setitem(sys.modules, "rlhf_fast.demo.run", fake)
     assert cli.main(["demo", "--out", "x"]) == 0 and seen["argv"] == ["--out", "x"]
-    monkeypatch.setitem(sys.modules, "rlhf_fast.bench_cli", None)  # as if the module were missing
+    monkeypatch.setitem(sys.modules, "rlhf_fast.bench.cli", None)  # as if the module were missing
     assert cli.main(["bench"]) == 2
-    assert "rlhf_fast.bench_cli is missing" in capsys.readouterr().err
+    assert "rlhf_fast.bench.cli is missing" in capsys.readouterr().err
 
 
 def test_bench_rejects_unknown_section(capsys):
-    from rlhf_fast import bench_cli
+    from rlhf_fast.bench import cli as bench_cli
 
     assert bench_cli.main(["--mode", "cpu", "--only", "bogus"]) == 2  # the console script exits with it
     assert "unknown section(s) ['bogus']" in capsys.readouterr().err

@@ -162,7 +162,7 @@ def _rss_child(variant: str, N: int, H: int, V: int, return_entropy: bool, backe
 
 
 def _rss_cmd(variant, N, H, V, return_entropy, backend, rss):
-    code = (f"from rlhf_fast._bench import _rss_child; "
+    code = (f"from rlhf_fast.bench.measure import _rss_child; "
             f"_rss_child({variant!r}, {N}, {H}, {V}, {bool(return_entropy)}, {backend!r}, {bool(rss)})")
     return [sys.executable, "-c", code]
 
@@ -232,6 +232,22 @@ def gae_python_loop(rewards, values, mask, gamma: float = 1.0, lam: float = 0.95
     adv = torch.stack(out[::-1], dim=1) * mask[:, T - len(out):]
     returns = (adv + values[:, T - len(out):]) * mask[:, T - len(out):]
     return adv, returns
+
+
+def peer_python_loop_gae(rewards, values, mask, gamma: float = 1.0, lam: float = 0.95):
+    """The peers' reverse loop as OpenRLHF and verl write it (masked by multiplication, so it agrees with our
+    semantics on right padding only): one small vector op per step, T steps."""
+    values = values * mask
+    rewards = rewards * mask
+    last = torch.zeros_like(rewards[:, 0])
+    out = []
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t < rewards.shape[1] - 1 else 0.0
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        out.append(last)
+    adv = torch.stack(out[::-1], dim=1)
+    return adv, adv + values
 
 
 def time_python_loop(rewards, values, mask, device, *, budget_s: float) -> tuple[float, str]:

@@ -6,7 +6,7 @@
     rlhf-fast bench --only gae,ceilings --out DIR
 
 Writes <out>/<device>-<date>.md and .json (device, versions, git commit, every figure) and prints the markdown
-last. The measurements themselves live in rlhf_fast/_bench.py and rlhf_fast/_bench_sections.py.
+last. The measurements themselves live in rlhf_fast/bench/measure.py and rlhf_fast/bench/sections.py.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 # Run order: the quick sections first, so a run cut short by its budget loses only the slowest rows.
 GPU_SECTIONS = ("check", "ceilings", "gae", "role_model", "logprobs", "ppo")
 CPU_SECTIONS = ("gae", "logprobs")
-REPO_ROOT = Path(__file__).resolve().parents[1]  # the source checkout when run from one
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the source checkout when run from one
 
 
 # ----------------------------------------------------------------------------------------------- build
@@ -73,7 +73,8 @@ def _slug(text: str) -> str:
 def meta(device, args) -> dict:
     import torch
 
-    from rlhf_fast import __version__, _bench
+    from rlhf_fast import __version__
+    from rlhf_fast.bench import measure as _bench
 
     m = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
          "mode": args.mode, "smoke": args.smoke, "rlhf_fast": __version__, "python": platform.python_version(),
@@ -107,7 +108,7 @@ def _dist_version(pkg: str):
 
 
 def to_markdown(report: dict) -> str:
-    from rlhf_fast._bench import markdown_table
+    from rlhf_fast.bench.measure import markdown_table
 
     m = report["meta"]
     head = f"# rlhf_fast benchmarks: {m['device']} ({m['date']})"
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out or (REPO_ROOT / "bench" / "results" if (REPO_ROOT / "bench").is_dir()
                                 else "bench_results"))
 
-    from rlhf_fast import _bench_sections as S
+    from rlhf_fast.bench import sections as S
 
     device = torch.device("cuda" if cuda and args.mode == "gpu" else "cpu")
     run = S.Run(device=device, smoke=args.smoke, deadline=t_start + args.budget_s, repo_root=REPO_ROOT)

@@ -1,5 +1,5 @@
 """The benchmark sections. Each takes a Run (device, shapes, time budget) and returns
-{"title", "rows", "columns", "notes"}; bench_cli.py orchestrates them and writes the report.
+{"title", "rows", "columns", "notes"}; rlhf_fast/bench/cli.py orchestrates them and writes the report.
 
 GPU script sections: check, ceilings, logprobs, ppo, gae, role_model. CPU report sections: gae, logprobs.
 With smoke=True the same code runs at tiny shapes (on the CPU under TRITON_INTERPRET=1).
@@ -8,7 +8,7 @@ With smoke=True the same code runs at tiny shapes (on the CPU under TRITON_INTER
 from __future__ import annotations
 
 import contextlib
-import importlib.util
+import importlib
 import math
 import os
 import time
@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from rlhf_fast import _bench as B
+from rlhf_fast.bench import measure as B
+from rlhf_fast.bench import role_model as RM
 
 
 @dataclass
@@ -587,27 +588,21 @@ GAE_BYTES_PER_ELEM = 20  # read rewards, values, float mask (4 B each), write ad
 
 def gae_section(run: Run, *, B_: int | None = None, T: int | None = None,
                 backends=("native", "triton", "torch"), peer_loop: bool = False) -> dict:
-    """Our GAE backends against the Python loop over time. peer_loop: use the GAE engineer's loop from
-    bench/test_bench_gae_cpu.py when it imports (its masking agrees with ours on right padding only, so the
-    masks then have no interior holes); otherwise rlhf_fast._bench.gae_python_loop (masks with holes)."""
+    """Our GAE backends against the Python loop over time. peer_loop: time the peers' own loop
+    (measure.peer_python_loop_gae; its masking agrees with ours on right padding only, so the masks then have no
+    interior holes); otherwise measure.gae_python_loop (masks with holes)."""
     dev = run.device
     if B_ is None:
         B_, T = (8, 64) if run.smoke else (1024, 8192)
     rows, notes = [], []
-    peer = None
-    if peer_loop:
-        mod, why = _load_bench_module(run, "test_bench_gae_cpu")
-        peer = getattr(mod, "python_loop_gae", None)
-        if peer is None:
-            notes.append(f"bench/test_bench_gae_cpu.py:python_loop_gae not usable ({why or 'missing'}); "
-                         "rlhf_fast._bench.gae_python_loop used instead.")
+    peer = B.peer_python_loop_gae if peer_loop else None
     r, v, m = B.gae_inputs(B_, T, dev, holes=peer is None)
     copy = run.ceilings.get("copy_gbps")
     nbytes = GAE_BYTES_PER_ELEM * B_ * T
     from rlhf_fast.ops import _dispatch
 
     if peer is not None:
-        loop_label = "Python loop over time (bench/test_bench_gae_cpu.py:python_loop_gae, OpenRLHF style)"
+        loop_label = "Python loop over time (measure.peer_python_loop_gae, OpenRLHF style)"
         loop_ms, how = run.timed(lambda: peer(r, v, m, 1.0, 0.95), rep_ms=1e9, max_reps=5), "measured (full loop)"
     else:
         loop_label = "Python loop over time, vectorised over batch (TRL/OpenRLHF/verl style)"
@@ -648,27 +643,11 @@ def gae_section(run: Run, *, B_: int | None = None, T: int | None = None,
 
 # ----------------------------------------------------------------------------------------------- RoleModel
 
-def _load_bench_module(run: Run, name: str):
-    """bench/<name>.py of the source checkout as a module, or (None, why)."""
-    path = (run.repo_root or Path.cwd()) / "bench" / f"{name}.py"
-    if not path.exists():
-        return None, f"{path} not found"
-    spec = importlib.util.spec_from_file_location(f"_rlhf_fast_bench_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(mod)
-    except Exception as e:  # noqa: BLE001
-        return None, f"importing {path.name} failed: {_short_error(e)}"
-    return mod, None
-
-
 def role_model_section(run: Run) -> dict:
-    """Calls the RoleModel engineer's comparison in bench/bench_role_model.py (gpu_compare on CUDA; compare()
-    on its tiny CPU config in a smoke run); the measurement is not duplicated here."""
+    """Calls the comparison in rlhf_fast/bench/role_model.py (gpu_compare on CUDA; compare() on its tiny CPU
+    config in a smoke run); the measurement is not duplicated here."""
     title = "RoleModel.experience() vs the four-model recipe"
-    mod, why = _load_bench_module(run, "bench_role_model")
-    if mod is None:
-        return section(title, [], [], [f"{why}: section skipped."])
+    mod = RM
     try:
         if run.device.type == "cuda" and not run.smoke:
             reps = 5 if run.left() > 240 else 2
@@ -688,7 +667,7 @@ def role_model_section(run: Run) -> dict:
             rows.append({"recipe": label, "tokens/s": r["tokens_per_s"], "seconds": r["seconds"],
                          "peak MiB": B.mib(r["peak_bytes"]), "weights MiB": B.mib(r["weight_bytes"])})
     c = res.get("config", {})
-    notes = [f"bench/bench_role_model.py:{how}: random-init {c.get('model_type')} (hidden {c.get('hidden')}, "
+    notes = [f"rlhf_fast/bench/role_model.py:{how}: random-init {c.get('model_type')} (hidden {c.get('hidden')}, "
              f"{c.get('layers')} layers, vocab {c.get('vocab')}), batch {res.get('batch')} x {res.get('seq')}, "
              f"micro-batch {res.get('micro_batch')}, {res.get('dtype')}.",
              f"throughput ratio RoleModel / four models: {B.fmt(res.get('throughput_ratio'))}; peak memory ratio: "

@@ -2,13 +2,13 @@
 
 Stages (each through the product: rlhf_fast.trainers on one RoleModel; only the base pre-training is a
 plain loop here, since pre-training is not part of the product):
-  1. tokenizer + tiny Llama, pre-trained in-process on the language (rlhf_fast.data.demo_task)
+  1. tokenizer + tiny Llama, pre-trained in-process on the language (rlhf_fast.demo.task)
   2. SFT on demonstrations (train_sft; the policy LoRA is merged so the base becomes the SFT reference)
   3. pairs of SFT samples labeled by the noisy Bradley-Terry labeler -> reward model (train_rm)
   4. PPO against the reward model with the KL penalty (train_ppo), and again with the KL penalty off
   5. evaluation by the gold labeler on held-out prompts; report.json, report.md and plots
 
-The gold preference is read only by demo_task.Labeler (the labels) and demo_task.gold_scores (evaluation:
+The gold preference is read only by task.Labeler (the labels) and task.gold_scores (evaluation:
 the monitoring curves and the final table). Nothing the trainers see is computed from it except the labels.
 """
 
@@ -18,14 +18,14 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
-from rlhf_fast.data import demo_task as task
+from rlhf_fast.demo import task
+from rlhf_fast.demo.report import plots, write_markdown
 
 RESPONSE_LENGTH = 16
 
@@ -236,87 +236,6 @@ def count_params(model) -> dict:
     return {"base": base, "trainable": trainable, "total": base + trainable}
 
 
-# ----------------------------------------------------------------------------------------- report
-def plots(out: str, curves: dict[str, list[dict]]) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = []
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for label, c in curves.items():
-        steps = [r["step"] for r in c]
-        axes[0].plot(steps, [r["proxy_reward"] for r in c], marker="o", label=label)
-        axes[1].plot(steps, [r["gold_score"] for r in c], marker="o", label=label)
-    axes[0].set(title="proxy reward (reward model)", xlabel="PPO step")
-    axes[1].set(title="gold score (hidden labeler)", xlabel="PPO step")
-    for a in axes:
-        a.legend()
-        a.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "reward_vs_step.png"), dpi=110)
-    names.append("reward_vs_step.png")
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    for label, c in curves.items():
-        ax.plot([r["step"] for r in c], [r["kl"] for r in c], marker="o", label=label)
-    ax.set(title="KL(policy || SFT reference) per response", xlabel="PPO step", ylabel="nats")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "kl_vs_step.png"), dpi=110)
-    names.append("kl_vs_step.png")
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    for label, c in curves.items():
-        ax.plot([r["kl"] for r in c], [r["gold_score"] for r in c], marker="o", label=f"{label}: gold")
-        ax.plot([r["kl"] for r in c], [r["proxy_reward"] for r in c], ls="--", marker="x", alpha=0.6,
-                label=f"{label}: proxy")
-    ax.set(title="over-optimisation frontier", xlabel="KL to SFT (nats per response)", ylabel="score")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "gold_vs_kl.png"), dpi=110)
-    names.append("gold_vs_kl.png")
-    plt.close(fig)
-    return names
-
-
-def write_markdown(out: str, report: dict, examples: list[tuple[str, str, str, str]]) -> None:
-    r = report
-    lines = [
-        "# rlhf-fast demo", "",
-        f"Synthetic language, tiny Llama ({r['params']['base']:,} base parameters), all four roles on one base "
-        f"(params.total = {r['params']['total']:,} = {r['params']['total'] / r['params']['base']:.3f} x base). "
-        f"Wall time {r['wall_seconds']:.0f} s. Gold = the hidden preference the labeler follows; proxy = the "
-        "reward model. Evaluated on "
-        f"{r['eval_prompts']} held-out prompts, one sample each at temperature 1.", "",
-        "| policy | gold score | win rate vs SFT (gold) | proxy reward | KL to SFT |",
-        "|---|---|---|---|---|",
-        f"| SFT | {r['sft']['gold_score']:.3f} | 0.500 | {r['sft']['proxy_reward']:.3f} | 0 |",
-        f"| PPO, kl_coef={r['ppo']['kl_coef']} | {r['ppo']['gold_score']:.3f} | {r['ppo']['gold_win_rate_vs_sft']:.3f} "
-        f"| {r['ppo']['proxy_reward']:.3f} | {r['ppo']['kl']:.2f} |",
-        f"| PPO, no KL penalty | {r['ppo_no_kl']['gold_score']:.3f} | {r['ppo_no_kl']['gold_win_rate_vs_sft']:.3f} "
-        f"| {r['ppo_no_kl']['proxy_reward']:.3f} | {r['ppo_no_kl']['kl']:.2f} |",
-        f"| best possible | {r['max_gold_score']:.3f} | | | |", "",
-        f"Reward model: held-out accuracy {r['rm']['heldout_accuracy']:.3f} against the labels (labeler agreement "
-        f"with the noiseless gold order, its ceiling: {r['rm']['labeler_agreement']:.3f}); "
-        f"{r['rm']['heldout_gold_accuracy']:.3f} against the gold order. {r['rm']['train_pairs']} training pairs.", "",
-        "![proxy and gold reward against step](reward_vs_step.png)", "",
-        "![KL against step](kl_vs_step.png)", "",
-        "![gold score against KL](gold_vs_kl.png)", "",
-        "## Samples (held-out prompts)", "",
-        "| prompt | SFT | PPO | PPO, no KL |", "|---|---|---|---|",
-    ]
-    lines += [f"| {p} | {a} | {b} | {c} |" for p, a, b, c in examples]
-    lines += ["", "Stage timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in r["stage_seconds"].items()), ""]
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write("\n".join(lines))
-
-
 # ----------------------------------------------------------------------------------------- the run
 def run(cfg: DemoConfig) -> dict:
     from rlhf_fast.models import LoraSettings, RoleModel
@@ -394,23 +313,8 @@ def run(cfg: DemoConfig) -> dict:
     no_kl_eval = evaluate(model_no_kl, tok, heldout, seed=cfg.seed + 1000)
     t = lap("ppo_no_kl", t)
 
-    # Artefacts: DIR/base (the SFT base = the reference), DIR/adapters/{policy,critic,reward}, heads, settings.
-    saved = model.save(os.path.join(work, "final"), save_base=False)
-    for name in ("adapters",):
-        dst = os.path.join(out, name)
-        shutil.rmtree(dst, ignore_errors=True)
-        shutil.move(os.path.join(saved, name), dst)
-    for name in ("heads.safetensors", "role_model.json"):
-        shutil.move(os.path.join(saved, name), os.path.join(out, name))
-    shutil.rmtree(os.path.join(out, "base"), ignore_errors=True)
-    shutil.copytree(sft_base, os.path.join(out, "base"))
-    settings_path = os.path.join(out, "role_model.json")
-    with open(settings_path) as f:
-        settings = json.load(f)
-    settings["base_model"], settings["has_base"] = "base", True
-    with open(settings_path, "w") as f:
-        json.dump(settings, f, indent=2)
-    shutil.rmtree(saved, ignore_errors=True)
+    # Artefacts: DIR/model = the SFT base (the reference) in DIR/model/base, the adapters and heads.
+    model.save(os.path.join(out, "model"), save_base=True)
 
     params = count_params(model)
 

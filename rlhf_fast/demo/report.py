@@ -1,0 +1,85 @@
+"""The demo's report: plots (matplotlib, Agg) and report.md from the run's figures."""
+
+from __future__ import annotations
+
+import os
+
+
+def plots(out: str, curves: dict[str, list[dict]]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for label, c in curves.items():
+        steps = [r["step"] for r in c]
+        axes[0].plot(steps, [r["proxy_reward"] for r in c], marker="o", label=label)
+        axes[1].plot(steps, [r["gold_score"] for r in c], marker="o", label=label)
+    axes[0].set(title="proxy reward (reward model)", xlabel="PPO step")
+    axes[1].set(title="gold score (hidden labeler)", xlabel="PPO step")
+    for a in axes:
+        a.legend()
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "reward_vs_step.png"), dpi=110)
+    names.append("reward_vs_step.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for label, c in curves.items():
+        ax.plot([r["step"] for r in c], [r["kl"] for r in c], marker="o", label=label)
+    ax.set(title="KL(policy || SFT reference) per response", xlabel="PPO step", ylabel="nats")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "kl_vs_step.png"), dpi=110)
+    names.append("kl_vs_step.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for label, c in curves.items():
+        ax.plot([r["kl"] for r in c], [r["gold_score"] for r in c], marker="o", label=f"{label}: gold")
+        ax.plot([r["kl"] for r in c], [r["proxy_reward"] for r in c], ls="--", marker="x", alpha=0.6,
+                label=f"{label}: proxy")
+    ax.set(title="over-optimisation frontier", xlabel="KL to SFT (nats per response)", ylabel="score")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "gold_vs_kl.png"), dpi=110)
+    names.append("gold_vs_kl.png")
+    plt.close(fig)
+    return names
+
+
+def write_markdown(out: str, report: dict, examples: list[tuple[str, str, str, str]]) -> None:
+    r = report
+    lines = [
+        "# rlhf-fast demo", "",
+        f"Synthetic language, tiny Llama ({r['params']['base']:,} base parameters), all four roles on one base "
+        f"(params.total = {r['params']['total']:,} = {r['params']['total'] / r['params']['base']:.3f} x base). "
+        f"Wall time {r['wall_seconds']:.0f} s. Gold = the hidden preference the labeler follows; proxy = the "
+        "reward model. Evaluated on "
+        f"{r['eval_prompts']} held-out prompts, one sample each at temperature 1.", "",
+        "| policy | gold score | win rate vs SFT (gold) | proxy reward | KL to SFT |",
+        "|---|---|---|---|---|",
+        f"| SFT | {r['sft']['gold_score']:.3f} | 0.500 | {r['sft']['proxy_reward']:.3f} | 0 |",
+        f"| PPO, kl_coef={r['ppo']['kl_coef']} | {r['ppo']['gold_score']:.3f} | {r['ppo']['gold_win_rate_vs_sft']:.3f} "
+        f"| {r['ppo']['proxy_reward']:.3f} | {r['ppo']['kl']:.2f} |",
+        f"| PPO, no KL penalty | {r['ppo_no_kl']['gold_score']:.3f} | {r['ppo_no_kl']['gold_win_rate_vs_sft']:.3f} "
+        f"| {r['ppo_no_kl']['proxy_reward']:.3f} | {r['ppo_no_kl']['kl']:.2f} |",
+        f"| best possible | {r['max_gold_score']:.3f} | | | |", "",
+        f"Reward model: held-out accuracy {r['rm']['heldout_accuracy']:.3f} against the labels (labeler agreement "
+        f"with the noiseless gold order, its ceiling: {r['rm']['labeler_agreement']:.3f}); "
+        f"{r['rm']['heldout_gold_accuracy']:.3f} against the gold order. {r['rm']['train_pairs']} training pairs.", "",
+        "![proxy and gold reward against step](reward_vs_step.png)", "",
+        "![KL against step](kl_vs_step.png)", "",
+        "![gold score against KL](gold_vs_kl.png)", "",
+        "## Samples (held-out prompts)", "",
+        "| prompt | SFT | PPO | PPO, no KL |", "|---|---|---|---|",
+    ]
+    lines += [f"| {p} | {a} | {b} | {c} |" for p, a, b, c in examples]
+    lines += ["", "Stage timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in r["stage_seconds"].items()), ""]
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write("\n".join(lines))

@@ -37,17 +37,37 @@ def _stages():
 
 
 # ----------------------------------------------------------------------------------------- options
-def _fields(cls) -> list[tuple[str | None, dataclasses.Field, typing.Any]]:
-    """(nested group or None, field, resolved type) for every leaf option of a config dataclass."""
+# Options of these nested groups carry the group's name as a prefix: --lora_r, not --r.
+_PREFIXED = ("lora",)
+
+
+@dataclasses.dataclass
+class _Option:
+    name: str             # flag and dest: --name
+    group: str | None     # nested dataclass field, or None
+    leaf: str             # the field's name inside its dataclass
+    field: dataclasses.Field
+    type: typing.Any
+    default: typing.Any   # the trainer's default (a nested group's default comes from the outer field)
+
+
+def _default(f: dataclasses.Field):
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def _fields(cls) -> list[_Option]:
+    """Every leaf option of a config dataclass (nested dataclasses flattened)."""
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
         t = hints[f.name]
         if dataclasses.is_dataclass(t):
-            sub = typing.get_type_hints(t)
-            out += [(f.name, g, sub[g.name]) for g in dataclasses.fields(t)]
+            sub, outer = typing.get_type_hints(t), _default(f)
+            for g in dataclasses.fields(t):
+                name = f"{f.name}_{g.name}" if f.name in _PREFIXED else g.name
+                out.append(_Option(name, f.name, g.name, g, sub[g.name], getattr(outer, g.name)))
         else:
-            out.append((None, f, t))
+            out.append(_Option(f.name, None, f.name, f, t, _default(f)))
     return out
 
 
@@ -56,6 +76,20 @@ def _converter(t, name: str):
     args = typing.get_args(t)
     optional = type(None) in args
     base = next((a for a in args if a is not type(None)), t) if args else t
+    if typing.get_origin(base) is list:  # list[str]: comma-separated on the command line, a list in YAML
+
+        def conv_list(v):
+            if v is None or (isinstance(v, str) and v.strip().lower() in ("none", "null", "")):
+                if optional:
+                    return None
+                raise UsageError(f"--{name} needs a value")
+            items = v.split(",") if isinstance(v, str) else v
+            if not isinstance(items, (list, tuple)) or not all(isinstance(x, str) for x in items):
+                raise UsageError(f"--{name}: expected a comma-separated list or a YAML list of names, got {v!r}")
+            return [x.strip() for x in items if x.strip()] or (None if optional else [])
+
+        conv_list.__name__ = "list"
+        return conv_list
 
     def conv(v):
         if v is None or (optional and isinstance(v, str) and v.strip().lower() in ("none", "null", "")):
@@ -103,20 +137,19 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
                                 argument_default=argparse.SUPPRESS)
     p.add_argument("--config", metavar="YAML", help="YAML file of options; flags on the command line override it")
     groups = {None: p.add_argument_group(f"{stage} options")}
-    for group, f, t in _fields(cls):
-        if group not in groups:
-            groups[group] = p.add_argument_group(f"{group} options")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        choices = f.metadata.get("choices")
-        helptext = f.metadata.get("help", "") + (f"; one of {', '.join(choices)}" if choices else "")
-        helptext = f"{helptext} (default: {default})"
-        flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-        conv = _converter(t, f.name)
+    for o in _fields(cls):
+        if o.group not in groups:
+            groups[o.group] = p.add_argument_group(f"{o.group} options")
+        choices = o.field.metadata.get("choices")
+        helptext = o.field.metadata.get("help", "") + (f"; one of {', '.join(choices)}" if choices else "")
+        helptext = f"{helptext} (default: {o.default})"
+        flags = [f"--{o.name}"] + ([f"--{o.name.replace('_', '-')}"] if "_" in o.name else [])
+        conv = _converter(o.type, o.name)
         if conv.__name__ == "bool":
-            groups[group].add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, help=helptext)
+            groups[o.group].add_argument(*flags, dest=o.name, action=argparse.BooleanOptionalAction, help=helptext)
         else:
-            groups[group].add_argument(*flags, dest=f.name, type=_argparse_type(conv), help=helptext,
-                                       choices=choices, metavar=f.name.upper())
+            groups[o.group].add_argument(*flags, dest=o.name, type=_argparse_type(conv), help=helptext,
+                                         choices=choices, metavar=o.name.upper())
     return p
 
 
@@ -141,29 +174,32 @@ def make_config(stage: str, argv: list[str]):
     """The stage's config dataclass from defaults, then --config YAML, then flags."""
     cls = _stages()[stage][0]
     args = vars(build_parser(stage).parse_args(argv))
-    leaves = {f.name: (group, f, t) for group, f, t in _fields(cls)}
-    groups = {group for group, _, _ in leaves.values() if group}
+    options = {o.name: o for o in _fields(cls)}
+    by_leaf = {(o.group, o.leaf): o for o in options.values()}
+    groups = {o.group for o in options.values() if o.group}
     values: dict[str, typing.Any] = {}
     if "config" in args:
         for key, v in _read_yaml(args.pop("config")).items():
-            if key in groups and isinstance(v, dict):
+            if key in groups and isinstance(v, dict):  # nested: `lora: {r: 8}` (or `lora: {lora_r: 8}`)
                 for k2, v2 in v.items():
-                    if k2 not in leaves or leaves[k2][0] != key:
+                    o = by_leaf.get((key, k2)) or (options[k2] if options.get(k2) and options[k2].group == key
+                                                   else None)
+                    if o is None:
                         raise UsageError(f"config file: unknown option {key}.{k2}")
-                    values[k2] = _converter(leaves[k2][2], k2)(v2)
-            elif key in leaves:
-                values[key] = _converter(leaves[key][2], key)(v)
+                    values[o.name] = _converter(o.type, o.name)(v2)
+            elif key in options:
+                values[key] = _converter(options[key].type, key)(v)
             else:
                 raise UsageError(f"config file: unknown option {key!r} for `rlhf-fast {stage}`")
     values.update(args)
     nested: dict[str, dict] = {g: {} for g in groups}
     top = {}
     for k, v in values.items():
-        group = leaves[k][0]
-        (nested[group] if group else top)[k] = v
-    hints = typing.get_type_hints(cls)
-    for g in groups:
-        top[g] = hints[g](**nested[g])
+        o = options[k]
+        (nested[o.group] if o.group else top)[o.leaf] = v
+    outer = {f.name: f for f in dataclasses.fields(cls)}
+    for g in groups:  # start from the trainer's default of the group, then apply what was given
+        top[g] = dataclasses.replace(_default(outer[g]), **nested[g])
     return cls(**top)
 
 
@@ -211,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rlhf-fast: error: unknown command {cmd!r}; choose one of {', '.join(SUBCOMMANDS)}", file=sys.stderr)
         return 2
     from rlhf_fast.data.jsonl import DataError
-    from rlhf_fast.trainers import ConfigError
+    from rlhf_fast.errors import ConfigError
 
     try:
         cfg = make_config(cmd, rest)

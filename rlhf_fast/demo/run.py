@@ -192,14 +192,14 @@ def _strip_eos(text: str) -> str:
 
 
 def _ppo_config(cfg: DemoConfig, work: str, name: str, kl_coef: float, steps: int):
-    from rlhf_fast.trainers import LoraConfig, OptimConfig, PPOConfig
+    from rlhf_fast.trainers import LoraSettings, OptimConfig, PPOConfig
 
     return PPOConfig(data=os.path.join(work, "data", "prompts.jsonl"), out_dir=os.path.join(work, name),
                      seed=cfg.seed, max_length=40, batch_size=cfg.ppo_batch, max_steps=steps,
                      response_length=RESPONSE_LENGTH, ppo_epochs=cfg.ppo_epochs,
                      num_minibatches=cfg.ppo_minibatches, kl_coef=kl_coef, missing_eos_penalty=1.0,
                      progress=cfg.progress, optim=OptimConfig(lr=cfg.ppo_lr),
-                     lora=LoraConfig(lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha))
+                     lora=LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha))
 
 
 def run_ppo(cfg: DemoConfig, work: str, name: str, model, tokenizer, kl_coef: float, steps: int,
@@ -239,7 +239,7 @@ def count_params(model) -> dict:
 # ----------------------------------------------------------------------------------------- the run
 def run(cfg: DemoConfig) -> dict:
     from rlhf_fast.models import LoraSettings, RoleModel
-    from rlhf_fast.trainers import LoraConfig, OptimConfig, RMConfig, SFTConfig, train_rm, train_sft
+    from rlhf_fast.trainers import OptimConfig, RMConfig, SFTConfig, train_rm, train_sft
 
     t_start = time.perf_counter()
     stages: dict[str, float] = {}
@@ -265,7 +265,7 @@ def run(cfg: DemoConfig) -> dict:
     sft_cfg = SFTConfig(data=sft_path, out_dir=os.path.join(work, "sft"), seed=cfg.seed, max_length=40,
                         batch_size=64 if cfg.sft_examples >= 64 else cfg.sft_examples, epochs=cfg.sft_epochs,
                         progress=cfg.progress, merge=True, optim=OptimConfig(lr=cfg.sft_lr),
-                        lora=LoraConfig(lora_r=cfg.sft_lora_r, lora_alpha=2.0 * cfg.sft_lora_r))
+                        lora=LoraSettings(r=cfg.sft_lora_r, alpha=2.0 * cfg.sft_lora_r))
     sft = train_sft(sft_cfg, model=lm, tokenizer=tok)
     sft_base = os.path.join(sft["out"], "base")
     t = lap("sft", t)
@@ -291,7 +291,7 @@ def run(cfg: DemoConfig) -> dict:
 
     rm_cfg = RMConfig(data=pref_path, val_data=val_path, out_dir=os.path.join(work, "rm"), seed=cfg.seed,
                       max_length=40, batch_size=cfg.rm_batch, epochs=cfg.rm_epochs, progress=cfg.progress,
-                      optim=OptimConfig(lr=cfg.rm_lr), lora=LoraConfig(lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha))
+                      optim=OptimConfig(lr=cfg.rm_lr), lora=LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha))
     rm = train_rm(rm_cfg, model=model, tokenizer=tok)
     gold_acc = rm_gold_accuracy(model, tok, val_pairs)
     t = lap("reward_model", t)

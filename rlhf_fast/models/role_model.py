@@ -28,44 +28,32 @@ Usage (one PPO step's model calls):
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
-import shutil
-import tempfile
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
 from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
-ROLES = ("policy", "reference", "critic", "reward")
-ADAPTERS = ("policy", "critic", "reward")
-IGNORE_INDEX = -100
-SETTINGS_FILE = "role_model.json"
-HEADS_FILE = "heads.safetensors"
-
-
-@dataclass
-class LoraSettings:
-    """LoRA hyper-parameters shared by the three adapters (Hu et al. 2021: W + (alpha / r) * B @ A)."""
-
-    r: int = 16
-    """Rank of each adapter."""
-    alpha: float = 32.0
-    """Scale numerator: the update is (alpha / r) * B @ A."""
-    dropout: float = 0.0
-    """Dropout on the adapter input (training mode only)."""
-    target_modules: list[str] | None = None
-    """Module names to adapt; None: every linear layer inside the decoder blocks (not the embeddings or lm_head)."""
-
-    def __post_init__(self):
-        if self.r < 1:
-            raise ValueError(f"lora.r must be >= 1, got {self.r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+from rlhf_fast import ops
+from rlhf_fast.models import generation, io
+from rlhf_fast.models.conventions import (
+    ADAPTERS,
+    IGNORE_INDEX,
+    ROLES,
+    LoraSettings,
+    check_inputs,
+    position_ids,
+    shift_right,
+    token_mask,
+)
 
 
 @dataclass
@@ -88,10 +76,6 @@ class PolicyForward:
 
 def _linear_types() -> tuple[type, ...]:
     # GPT-2 style models use transformers' Conv1D (a transposed Linear); peft adapts it with fan_in_fan_out.
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover
-        return (nn.Linear,)
     return (nn.Linear, Conv1D)
 
 
@@ -129,6 +113,12 @@ def default_target_modules(lm: nn.Module) -> tuple[list[str], bool]:
     return names, conv1d
 
 
+def _peft_config(lora: LoraSettings, default_targets: list[str], fan_in_fan_out: bool):
+    targets = list(lora.target_modules) if lora.target_modules is not None else list(default_targets)
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                      fan_in_fan_out=fan_in_fan_out, bias="none", task_type="CAUSAL_LM")
+
+
 def _resolve_attn(attn_implementation: str, dtype: torch.dtype | None) -> str:
     if attn_implementation != "auto":
         return attn_implementation
@@ -149,39 +139,6 @@ def _check_local_model_dir(path: Path) -> None:
         raise ValueError(f"model path {str(path)!r} holds no transformers model (no config.json in it)")
 
 
-def check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
-    """Shapes and dtypes at the public boundary: input_ids (B, T) integer, attention_mask (B, T), B, T >= 1."""
-    if not isinstance(input_ids, torch.Tensor) or not isinstance(attention_mask, torch.Tensor):
-        raise TypeError("input_ids and attention_mask must be torch.Tensor")
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
-    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
-        raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids shape "
-                         f"{tuple(input_ids.shape)}")
-    if input_ids.numel() == 0:
-        raise ValueError(f"empty batch: input_ids has shape {tuple(input_ids.shape)}")
-
-
-def token_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) bool: True where token t and its predecessor t - 1 are both real; column 0 is False."""
-    m = attention_mask.bool()
-    out = torch.zeros_like(m)
-    out[:, 1:] = m[:, 1:] & m[:, :-1]
-    return out
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    # Positions count real tokens only, so left-padded rows score as if unpadded (as transformers' generate does).
-    return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
-
-
-def _shift_right(x: torch.Tensor) -> torch.Tensor:
-    # (B, T, ...) -> (B, T, ...) with x[:, t] moved to t + 1 and zeros at 0.
-    return torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
-
-
 # ----------------------------------------------------------------------------------------------- the model
 
 class RoleModel(nn.Module):
@@ -194,10 +151,15 @@ class RoleModel(nn.Module):
     zero-initialised policy adapter starts from it.
     """
 
-    def __init__(self, peft_model, *, lora: LoraSettings, tokenizer=None, base_name_or_path: str | None = None):
+    def __init__(self, peft_model, *, lora: LoraSettings, tokenizer=None, base_name_or_path: str | None = None,
+                 default_targets: list[str] | None = None):
         super().__init__()
         self.peft = peft_model
         self.lora = lora
+        # each adapter's own settings (a reward adapter loaded from an RM trained at another rank differs)
+        self.adapter_lora = {name: lora for name in ADAPTERS}
+        self.trained_roles: set[str] = set()  # recorded on save: a later stage refuses an untrained reward adapter
+        self._default_targets = default_targets or list(peft_model.peft_config["policy"].target_modules)
         self.tokenizer = tokenizer
         self.base_name_or_path = base_name_or_path
         self.merged_into_base = 0
@@ -207,11 +169,7 @@ class RoleModel(nn.Module):
         for head in (self.value_head, self.score_head):
             nn.init.normal_(head.weight, std=1.0 / math.sqrt(h + 1))
             nn.init.zeros_(head.bias)
-        self._adapter_params = {
-            name: [p for n, p in self.peft.named_parameters() if f".{name}." in n and "lora_" in n]
-            for name in ADAPTERS
-        }
-        self._set_trainable()
+        self.refresh_trainable()
         self._active = "policy"
         self.pad_token_id, self.eos_token_id = self._special_tokens()
 
@@ -242,9 +200,6 @@ class RoleModel(nn.Module):
             gradient_checkpointing: recompute the blocks in the backward (non-reentrant) to save memory.
             tokenizer: optional; when None and the folder holds one, it is loaded (used for pad / eos ids).
         """
-        from peft import LoraConfig, get_peft_model
-        from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
-
         lora = lora or LoraSettings()
         if isinstance(model_or_path, (str, os.PathLike)):
             path = Path(model_or_path)
@@ -279,16 +234,14 @@ class RoleModel(nn.Module):
             if getattr(lm.config, attr, None) not in (None, 1.0):
                 raise NotImplementedError(f"{lm.config.model_type}: {attr} transforms the logits after the "
                                           "lm_head; the fused log-prob path does not support it yet")
-        targets, fan_in_fan_out = default_target_modules(lm)
-        if lora.target_modules is not None:
-            targets = list(lora.target_modules)
+        default_targets, fan_in_fan_out = default_target_modules(lm)
         lm.requires_grad_(False)
-        cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-                         fan_in_fan_out=fan_in_fan_out, bias="none", task_type="CAUSAL_LM")
+        cfg = _peft_config(lora, default_targets, fan_in_fan_out)
         peft_model = get_peft_model(lm, cfg, adapter_name="policy")
         for name_ in ADAPTERS[1:]:
             peft_model.add_adapter(name_, cfg)
-        model = cls(peft_model, lora=lora, tokenizer=tokenizer, base_name_or_path=name)
+        model = cls(peft_model, lora=lora, tokenizer=tokenizer, base_name_or_path=name,
+                    default_targets=default_targets)
         if gradient_checkpointing:
             # transformers >= 5 renamed it (the old name warns on every call); older releases have only the old one
             if hasattr(model.lm, "activation_checkpointing_enable"):
@@ -337,14 +290,37 @@ class RoleModel(nn.Module):
         if role == "reference":
             return []
         head = {"critic": list(self.value_head.parameters()), "reward": list(self.score_head.parameters())}
-        return list(self._adapter_params[role]) + head.get(role, [])
+        return self._adapter_parameters(role) + head.get(role, [])
 
-    def _set_trainable(self) -> None:
-        # peft's set_adapter flips requires_grad of the inactive adapters off; a policy graph recorded before a
-        # switch to the critic must still reach the policy adapter in the backward, so all stay trainable.
-        for params in self._adapter_params.values():
-            for p in params:
+    def _adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        # looked up each time, never cached: sharding (FSDP) or replace_adapter() swap the parameter objects
+        return [p for n, p in self.peft.named_parameters() if f".{name}." in n and "lora_" in n]
+
+    def refresh_trainable(self) -> None:
+        """Every adapter trainable, the base frozen. peft's set_adapter flips requires_grad of the inactive
+        adapters off; a policy graph recorded before a switch to the critic must still reach the policy adapter
+        in the backward, so all stay trainable."""
+        for name in ADAPTERS:
+            for p in self._adapter_parameters(name):
                 p.requires_grad_(True)
+
+    @torch.no_grad()
+    def replace_adapter(self, name: str, lora: LoraSettings) -> None:
+        """Re-create adapter `name` with other LoRA settings (a zero update, B = 0): e.g. before loading a reward
+        adapter that was trained at another rank. Optimisers holding the old parameters must be rebuilt."""
+        if name not in ADAPTERS:
+            raise ValueError(f"unknown adapter {name!r}; adapters are {', '.join(ADAPTERS)}")
+        fan_in_fan_out = bool(self.peft.peft_config[name].fan_in_fan_out)
+        device = self.lm_head.weight.device
+        if self._active == name:
+            other = next(a for a in ADAPTERS if a != name)
+            self.peft.base_model.set_adapter(other)
+            self._active = other
+        self.peft.delete_adapter(name)
+        self.peft.add_adapter(name, _peft_config(lora, self._default_targets, fan_in_fan_out))
+        self.peft.to(device)
+        self.adapter_lora[name] = lora
+        self.refresh_trainable()
 
     # -- roles -------------------------------------------------------------------------------------------
 
@@ -362,11 +338,11 @@ class RoleModel(nn.Module):
                 with self.peft.disable_adapter():
                     yield
             finally:
-                self._set_trainable()  # peft's re-enable leaves only the active adapter trainable
+                self.refresh_trainable()  # peft's re-enable leaves only the active adapter trainable
             return
         if self._active != role:
             self.peft.base_model.set_adapter(role)
-            self._set_trainable()
+            self.refresh_trainable()
             self._active = role
         yield
 
@@ -385,8 +361,6 @@ class RoleModel(nn.Module):
         return out[0]  # (B, T, H) final hidden states (after the final norm)
 
     def _logprobs_from_hidden(self, hidden, input_ids, attention_mask, temperature=1.0, return_entropy=False):
-        from rlhf_fast import ops
-
         valid = token_mask(attention_mask)
         b, t = input_ids.shape
         if t == 1:
@@ -480,7 +454,7 @@ class RoleModel(nn.Module):
             hidden = self._hidden(input_ids, attention_mask)
         valid = token_mask(attention_mask)
         head = self.lm_head
-        return PolicyForward(hidden=_shift_right(hidden), weight=head.weight, bias=getattr(head, "bias", None),
+        return PolicyForward(hidden=shift_right(hidden), weight=head.weight, bias=getattr(head, "bias", None),
                              targets=input_ids.long().masked_fill(~valid, IGNORE_INDEX), mask=valid)
 
     # -- experience ------------------------------------------------------------------------------------------
@@ -529,115 +503,34 @@ class RoleModel(nn.Module):
                 scores = self._scores_from_hidden(hs, attention_mask)
         return {"logprobs": lp, "ref_logprobs": ref, "values": values, "scores": scores}
 
-    # -- generation --------------------------------------------------------------------------------------------
+    # -- generation, save / load (models/generation.py, models/io.py) -----------------------------------------
 
-    @torch.no_grad()
-    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_tokens: int,
-                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                 eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
-                 generator: torch.Generator | None = None, merge: bool = True) -> dict[str, torch.Tensor]:
-        """Sample responses from the policy with a KV cache.
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, **kwargs) -> dict[str, torch.Tensor]:
+        """Sample responses from the policy with a KV cache; see rlhf_fast.models.generation.generate for the
+        arguments (max_new_tokens, temperature, top_p, top_k, eos_token_id, pad_token_id, generator, merge)."""
+        return generation.generate(self, prompt_ids, prompt_mask, **kwargs)
 
-        Args:
-            prompt_ids: (B, P) int64 prompts, left-padded (right padding also works: positions follow the mask).
-            prompt_mask: (B, P) 0/1, 1 on prompt tokens; every row needs at least one.
-            max_new_tokens: response length limit R.
-            temperature: logits / temperature before sampling; 0 means greedy.
-            top_p: nucleus sampling, keep the smallest set of tokens with probability >= top_p (1 = off).
-            top_k: keep the k most likely tokens (0 = off).
-            eos_token_id: stop token(s) of a row; default the model's EOS.
-            pad_token_id: fills each row after its EOS; default the model's pad (or EOS).
-            generator: a torch.Generator for reproducible sampling.
-            merge: fold the policy LoRA into the base weights for the rollout and restore them bit for bit
-                after (default), instead of running the adapter live: 1.1-1.2x the new tokens/s on the CPU
-                (bench/results/cpu-role-model-2026-11-22.md). With a 16-bit base the merged weights are rounded
-                to that dtype, so sampling differs from the live policy by that rounding; merge=False samples
-                from exactly the policy that logprobs() scores.
-        Returns:
-            {"sequences": (B, P + R'), "attention_mask": (B, P + R'), "response_mask": (B, P + R')} with R' <= R
-            (generation stops early when every row has finished); response_mask is 1 on generated tokens up to
-            and including the first EOS, attention_mask = prompt_mask followed by the response mask.
-        """
-        check_inputs(prompt_ids, prompt_mask)
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-            raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
-        if not bool(prompt_mask.bool().any(1).all()):
-            raise ValueError("every prompt needs at least one real token (a row of prompt_mask is all zeros)")
-        eos = self.eos_token_id if eos_token_id is None else eos_token_id
-        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        pad = self.pad_token_id if pad_token_id is None else pad_token_id
-        if pad is None:
-            pad = eos_ids[0] if eos_ids else 0
-        device = prompt_ids.device
-        b = prompt_ids.shape[0]
-        eos_t = torch.tensor(eos_ids, device=device, dtype=torch.long)
-        mask = prompt_mask.long()
-        pos = position_ids(mask)
-        finished = torch.zeros(b, dtype=torch.bool, device=device)
-        tokens, alive = [], []
-        with self._eval(), self.role("policy"), self._merged("policy", merge):
-            out = self.lm(input_ids=prompt_ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                          logits_to_keep=1)
-            next_pos = mask.sum(1, keepdim=True)  # (B, 1) position of the first response token
-            for step in range(max_new_tokens):
-                tok = _sample(out.logits[:, -1].float(), temperature, top_p, top_k, generator)  # (B,)
-                tok = tok.masked_fill(finished, pad)
-                alive.append(~finished)
-                tokens.append(tok)
-                if eos_ids:
-                    finished = finished | torch.isin(tok, eos_t)
-                if step == max_new_tokens - 1 or bool(finished.all()):
-                    break
-                mask = torch.cat([mask, alive[-1].long()[:, None]], dim=1)  # the token fed now is real iff alive
-                out = self.lm(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos,
-                              past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
-                next_pos = next_pos + 1
-        response = torch.stack(tokens, 1)  # (B, R')
-        resp_mask = torch.stack(alive, 1).long()
-        zeros = torch.zeros_like(prompt_mask, dtype=torch.long)
-        return {"sequences": torch.cat([prompt_ids, response], 1),
-                "attention_mask": torch.cat([prompt_mask.long(), resp_mask], 1),
-                "response_mask": torch.cat([zeros, resp_mask], 1)}
-
-    @contextlib.contextmanager
     def _merged(self, adapter: str, merge: bool):
-        """Fold `adapter` into the base for the duration (the LM then runs with adapters off), restoring the
-        base bit for bit after.
+        return generation.merged(self, adapter, merge)
 
-        W - D after W + D is not W in floating point (about 0.4-11% of elements differ by an ulp, growing with
-        |D| / |W|; see bench/results). So, one layer at a time, the elements that would not restore are
-        recorded (flat index, original value) and written back after the subtraction: exact, and the stash is
-        proportional to those elements only, not a copy of the base.
-        """
-        if not merge:
-            yield
-            return
-        from peft.tuners.lora import LoraLayer
+    def base_state_dict(self) -> dict[str, torch.Tensor]:
+        """The base model's own state dict (LoRA layers stripped, names as in the plain transformers model)."""
+        return io.base_state_dict(self)
 
-        stash = []
-        try:
-            with torch.no_grad():
-                for module in self.peft.modules():
-                    if isinstance(module, LoraLayer) and adapter in module.lora_A:
-                        # .data: no version bump, so a graph that saved W stays usable (W is restored exactly)
-                        w = module.get_base_layer().weight.data
-                        d = module.get_delta_weight(adapter).to(w.dtype)
-                        merged = w + d
-                        wrong = ((merged - d) != w).view(-1).nonzero().squeeze(-1)  # (K,) flat indices
-                        stash.append((module, d, wrong, w.view(-1)[wrong].clone()))
-                        w.copy_(merged)
-                        del merged
-            with self.peft.disable_adapter():
-                yield
-        finally:
-            self._set_trainable()
-            with torch.no_grad():
-                for module, d, wrong, original in stash:
-                    w = module.get_base_layer().weight.data
-                    w.sub_(d)
-                    w.view(-1)[wrong] = original
+    def save(self, path: str | os.PathLike, *, save_base: bool = False) -> Path:
+        """Write adapters (PEFT format), heads and settings to `path` atomically; save_base=True adds path/base
+        (transformers format + tokenizer). See rlhf_fast.models.io for the layout."""
+        return io.save(self, path, save_base=save_base)
+
+    def load_adapters(self, path: str | os.PathLike) -> None:
+        """Load the adapters and heads written by save() into this model."""
+        io.load_adapters(self, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, base=None, **kwargs) -> RoleModel:
+        """Rebuild a RoleModel from save()'s folder (kwargs: dtype, attn_implementation, trust_remote_code,
+        gradient_checkpointing). The base comes from `base` when given, else path/base, else the recorded one."""
+        return io.load(cls, path, base, **kwargs)
 
     # -- SFT -> reference -----------------------------------------------------------------------------------
 
@@ -650,8 +543,6 @@ class RoleModel(nn.Module):
         the anchor PPO's KL penalty needs (Ouyang et al. 2022). The critic and reward adapters are kept as they
         are (train the reward model after this call). Irreversible in place; save(save_base=True) to keep it.
         """
-        from peft.tuners.lora import LoraLayer
-
         for module in self.peft.modules():
             if isinstance(module, LoraLayer) and "policy" in module.lora_A:
                 base = module.get_base_layer()
@@ -659,124 +550,3 @@ class RoleModel(nn.Module):
                 base.weight.add_(delta.to(base.weight.dtype))
                 module.reset_lora_parameters("policy", True)
         self.merged_into_base += 1
-
-    # -- save / load ------------------------------------------------------------------------------------------
-
-    def base_state_dict(self) -> dict[str, torch.Tensor]:
-        """The base model's own state dict (LoRA layers stripped, names as in the plain transformers model)."""
-        sd = {}
-        for name, t in self.lm.state_dict().items():
-            if "lora_" in name:
-                continue
-            sd[name.replace(".base_layer.", ".")] = t
-        return sd
-
-    def save(self, path: str | os.PathLike, *, save_base: bool = False) -> Path:
-        """Write the adapters (PEFT format, loadable by peft.PeftModel.from_pretrained), the heads and the
-        settings to `path`, atomically (a temp folder renamed into place).
-
-        Layout: path/adapters/{policy,critic,reward}/adapter_{config.json,model.safetensors},
-        path/heads.safetensors, path/role_model.json, and path/base/ (transformers format + tokenizer) only
-        with save_base=True.
-        """
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        try:
-            for name in ADAPTERS:
-                self.peft.peft_config[name].base_model_name_or_path = self.base_name_or_path
-            self.peft.save_pretrained(str(tmp / "adapters"), selected_adapters=list(ADAPTERS))
-            heads = {f"value_head.{k}": v.detach().contiguous() for k, v in self.value_head.state_dict().items()}
-            heads |= {f"score_head.{k}": v.detach().contiguous() for k, v in self.score_head.state_dict().items()}
-            save_file(heads, str(tmp / HEADS_FILE))
-            if save_base:
-                self.lm.save_pretrained(str(tmp / "base"), state_dict=self.base_state_dict())
-                if self.tokenizer is not None:
-                    self.tokenizer.save_pretrained(str(tmp / "base"))
-            import peft
-            import transformers
-
-            settings = {"lora": asdict(self.lora), "base_model": self.base_name_or_path,
-                        "has_base": save_base, "merged_into_base": self.merged_into_base,
-                        "model_type": self.config.model_type, "dtype": str(self.lm_head.weight.dtype),
-                        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                                     "peft": peft.__version__}}
-            (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
-            old = None
-            if path.exists():
-                old = path.with_name(f".{path.name}.old-{os.getpid()}")
-                os.replace(path, old)
-            os.replace(tmp, path)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return path
-
-    @torch.no_grad()
-    def load_adapters(self, path: str | os.PathLike) -> None:
-        """Load adapters and heads written by save() into this model (same LoRA settings and base shape)."""
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        if not (path / SETTINGS_FILE).is_file():
-            raise FileNotFoundError(f"{str(path)!r} is not a RoleModel folder (no {SETTINGS_FILE})")
-        for name in ADAPTERS:
-            f = path / "adapters" / name / "adapter_model.safetensors"
-            if not f.is_file():
-                raise FileNotFoundError(f"missing adapter file {f}")
-            result = set_peft_model_state_dict(self.peft, load_file(str(f)), adapter_name=name)
-            missing = [k for k in result.missing_keys if f".{name}." in k and "lora_" in k]
-            if missing:
-                raise ValueError(f"adapter {name!r} in {f} lacks {len(missing)} tensors, e.g. {missing[0]}")
-        heads = load_file(str(path / HEADS_FILE))
-        for head_name, head in (("value_head", self.value_head), ("score_head", self.score_head)):
-            head.load_state_dict({k.split(".", 1)[1]: v for k, v in heads.items() if k.startswith(head_name + ".")})
-        self._set_trainable()
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, base=None, *, dtype: torch.dtype | None = None,
-             attn_implementation: str = "auto", trust_remote_code: bool = False,
-             gradient_checkpointing: bool = False) -> RoleModel:
-        """Rebuild a RoleModel from save()'s folder. The base comes from `base` (a folder or model object) when
-        given, else from path/base when it was saved, else from the folder recorded at save time."""
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"RoleModel folder {str(path)!r} does not exist")
-        if not (path / SETTINGS_FILE).is_file():
-            raise ValueError(f"{str(path)!r} is not a RoleModel folder (no {SETTINGS_FILE})")
-        settings = json.loads((path / SETTINGS_FILE).read_text())
-        if base is None:
-            base = path / "base" if (path / "base" / "config.json").is_file() else settings.get("base_model")
-        if base is None:
-            raise ValueError(f"{str(path)!r} holds no base model and records none: pass base=")
-        model = cls.from_pretrained(base, lora=LoraSettings(**settings["lora"]), dtype=dtype,
-                                    attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
-                                    gradient_checkpointing=gradient_checkpointing)
-        model.load_adapters(path)
-        model.merged_into_base = settings.get("merged_into_base", 0)
-        return model
-
-
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int,
-            generator: torch.Generator | None) -> torch.Tensor:
-    # logits (B, V) fp32 -> (B,) int64 token ids.
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # drop a token when the tokens before it already reach top_p (the first token always stays)
-        drop = (probs.cumsum(-1) - probs) >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,4 +1,4 @@
-"""The three stages of the InstructGPT recipe, each a config dataclass and one loop:
+"""The trainers: a config dataclass and one loop per algorithm, all over one RoleModel.
 
     SFTConfig, train_sft   supervised fine-tuning of the policy adapter (then merge it into the base)
     RMConfig,  train_rm    Bradley-Terry reward model on pairs or K-way rankings (reward adapter + head)
@@ -6,19 +6,15 @@
 
 Each train_* takes the config and optionally in-memory objects (a RoleModel or transformers model, a
 tokenizer, token-id examples, a per-step callback) and returns a dict with the model and final metrics.
+Shared parts: config.py (TrainConfig, OptimConfig, LoraSettings), loop.py (Run: the step loop), checkpoint.py.
 """
 
-from rlhf_fast.trainers.common import (
-    AdaptiveKLController,
-    ConfigError,
-    FixedKLController,
-    LoraConfig,
-    OptimConfig,
-    TrainConfig,
-)
+from rlhf_fast.models import LoraSettings
+from rlhf_fast.rl.kl_control import AdaptiveKLController, FixedKLController
+from rlhf_fast.trainers.config import ConfigError, OptimConfig, TrainConfig
 from rlhf_fast.trainers.ppo import PPOConfig, train_ppo
 from rlhf_fast.trainers.rm import RMConfig, train_rm
 from rlhf_fast.trainers.sft import SFTConfig, train_sft
 
-__all__ = ["AdaptiveKLController", "ConfigError", "FixedKLController", "LoraConfig", "OptimConfig", "PPOConfig",
+__all__ = ["AdaptiveKLController", "ConfigError", "FixedKLController", "LoraSettings", "OptimConfig", "PPOConfig",
            "RMConfig", "SFTConfig", "TrainConfig", "train_ppo", "train_rm", "train_sft"]

@@ -25,8 +25,11 @@ from rlhf_fast.data.jsonl import (
     load_prompts,
     load_texts,
 )
-from rlhf_fast.trainers import common as C
-from rlhf_fast.trainers.common import ConfigError, TrainConfig, option
+from rlhf_fast.models.io import load_reward
+from rlhf_fast.ops import fused_linear_ppo_loss, value_loss
+from rlhf_fast.rl import advantages, kl_control, rollout
+from rlhf_fast.trainers import loop as L
+from rlhf_fast.trainers.config import ConfigError, TrainConfig, option
 from rlhf_fast.trainers.sft import sft_loss
 
 
@@ -88,6 +91,7 @@ class PPOConfig(TrainConfig):
             (self.kl_controller in ("fixed", "adaptive"), f"kl_controller must be fixed or adaptive, got "
                                                            f"{self.kl_controller!r}"),
             (self.kl_estimator in ("k1", "k2", "k3", "abs"), f"unknown kl_estimator {self.kl_estimator!r}"),
+            (self.kl_controller != "adaptive" or self.kl_coef > 0, "kl_controller adaptive needs kl_coef > 0"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -96,45 +100,37 @@ class PPOConfig(TrainConfig):
 
 def kl_controller(cfg: PPOConfig):
     if cfg.kl_controller == "adaptive":
-        return C.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-    return C.FixedKLController(cfg.kl_coef)
+        return kl_control.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    return kl_control.FixedKLController(cfg.kl_coef)
+
+
+def sampling_config(cfg: PPOConfig) -> rollout.SamplingConfig:
+    return rollout.SamplingConfig(max_new_tokens=cfg.response_length, temperature=cfg.temperature,
+                                  top_p=cfg.top_p, top_k=cfg.top_k)
 
 
 @torch.no_grad()
-def rollout(model, cfg: PPOConfig, prompts: dict, eos_id: int | None, ctl, moments, reward_fn=None) -> dict:
+def make_experience(model, cfg: PPOConfig, prompts: dict, eos_id: int | None, ctl, moments,
+                    reward_fn=None) -> dict:
     """Generate, score and compute advantages for one batch of prompts (left-padded prompt_ids/prompt_mask)."""
-    from rlhf_fast.ops import kl_penalized_gae, kl_penalty, masked_whiten
-
-    g = model.generate(prompts["prompt_ids"], prompts["prompt_mask"], max_new_tokens=cfg.response_length,
-                       temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, eos_token_id=eos_id)
-    seq, attn, resp = g["sequences"], g["attention_mask"], g["response_mask"]  # (B, T) each
-    exp = model.experience(seq, attn, temperature=cfg.temperature)
-    mask = resp.float()  # (B, T): generated tokens up to and including the first EOS
-    scores = exp["scores"].float() if reward_fn is None else reward_fn(seq, attn, resp).float()  # (B,)
-    has_eos = ((seq == eos_id) & (resp != 0)).any(1) if eos_id is not None else torch.ones_like(scores).bool()
-    if cfg.missing_eos_penalty is not None:
-        scores = scores - cfg.missing_eos_penalty * (~has_eos).float()
-    raw_scores = scores
-    if cfg.normalize_scores:
-        moments.update(scores)
-        scores = (scores - moments.mean) / moments.std
-    if cfg.score_clip is not None:
-        scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
+    ro = rollout.sample(model, prompts["prompt_ids"], prompts["prompt_mask"], sampling_config(cfg),
+                        eos_token_id=eos_id)
+    exp = model.experience(ro.sequences, ro.attention_mask, temperature=cfg.temperature)  # (B, T) each, scores (B,)
+    mask = ro.mask  # (B, T): generated tokens up to and including the first EOS
+    raw = exp["scores"].float() if reward_fn is None else rollout.score(model, ro, reward_fn)  # (B,)
+    raw = advantages.shape_scores(raw, ro.has_eos, missing_eos_penalty=cfg.missing_eos_penalty)
+    scores = advantages.shape_scores(raw, ro.has_eos, moments=moments if cfg.normalize_scores else None,
+                                     clip=cfg.score_clip)
     lp, ref, values = exp["logprobs"].float(), exp["ref_logprobs"].float(), exp["values"].float()
-    adv, returns, _ = kl_penalized_gae(lp, ref, values, scores, mask, kl_coef=ctl.value, gamma=cfg.gamma,
-                                       lam=cfg.lam, estimator=cfg.kl_estimator)  # (B, T) each
-    if cfg.whiten_advantages:
-        adv = masked_whiten(adv, mask)
-    kl = (kl_penalty(lp, ref, cfg.kl_estimator) * mask).sum(1)  # (B,) per sequence
-    return {"seq": seq, "attn": attn, "mask": mask, "logprobs": lp, "values": values, "adv": adv,
-            "returns": returns, "scores": scores, "raw_scores": raw_scores, "kl": kl, "has_eos": has_eos,
-            "entropy": (-lp * mask).sum(1)}
+    a = advantages.ppo_advantages(lp, ref, values, scores, mask, kl_coef=ctl.value, gamma=cfg.gamma, lam=cfg.lam,
+                                  estimator=cfg.kl_estimator, whiten=cfg.whiten_advantages)
+    return {"seq": ro.sequences, "attn": ro.attention_mask, "mask": mask, "logprobs": lp, "values": values,
+            "adv": a["advantages"], "returns": a["returns"], "scores": scores, "raw_scores": raw, "kl": a["kl"],
+            "has_eos": ro.has_eos, "entropy": (-lp * mask).sum(1)}
 
 
 def ppo_minibatch_loss(model, cfg: PPOConfig, b: dict, idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """Policy + vf_coef * value loss on rows `idx` of the rollout batch."""
-    from rlhf_fast.ops import fused_linear_ppo_loss, value_loss
-
+    """Policy + vf_coef * value loss on rows `idx` of the rollout batch (Schulman et al. 2017, eq. 9)."""
     seq, attn, mask = b["seq"][idx], b["attn"][idx], b["mask"][idx]
     f = model.policy_forward(seq, attn)  # hidden (b, T, H) aligned with seq: hidden[:, t] scores token t
     pg, pst = fused_linear_ppo_loss(f.hidden, f.weight, f.targets, b["logprobs"][idx], b["adv"][idx],
@@ -160,7 +156,7 @@ def train_ppo(cfg: PPOConfig, *, model=None, tokenizer=None, prompts: list[dict]
     callback(step, model) -> dict of extra metrics, called at every logged step.
     """
     cfg.validate()
-    tokenizer = C.resolve_tokenizer(cfg, tokenizer, model, need=prompts is None or bool(cfg.ptx_data))
+    tokenizer = L.resolve_tokenizer(cfg, tokenizer, model, need=prompts is None or bool(cfg.ptx_data))
     if prompts is None:
         prompts = encode_prompts(load_prompts(cfg.data), tokenizer, cfg.max_length, cfg.response_length, cfg.data)
     check_examples(prompts, ("prompt_ids",), "PPO prompts")
@@ -174,56 +170,53 @@ def train_ppo(cfg: PPOConfig, *, model=None, tokenizer=None, prompts: list[dict]
         raise ConfigError("ptx_coef > 0 needs pretraining text (--ptx_data)")
     if model is None and not cfg.reward_model and reward_fn is None:
         raise ConfigError("--reward_model is required: the folder written by `rlhf-fast rm` (its out_dir/model)")
-    device = C.resolve_device(cfg.device)
-    C.seed_everything(cfg.seed)
-    model = C.load_role_model(cfg, device, model, tokenizer)
+    device = L.resolve_device(cfg.device)
+    L.seed_everything(cfg.seed)
+    model = L.load_role_model(cfg, device, model, tokenizer)
     if cfg.reward_model:
-        C.load_reward(model, cfg.reward_model)
-    pad_id, eos_id = C.pad_id(tokenizer, model), C.eos_id(tokenizer, model)
+        load_reward(model, cfg.reward_model)
+    pad_id, eos_id = L.pad_id(tokenizer, model), L.eos_id(tokenizer, model)
     model.eval()  # no dropout in PPO: the rollout's and the update's log-probs must agree
 
-    ctl, moments = kl_controller(cfg), C.RunningMoments()
-    ptx_sampler = C.BatchSampler(len(ptx_examples), cfg.ptx_batch_size, cfg.seed + 1) if cfg.ptx_coef > 0 else None
+    ctl, moments = kl_controller(cfg), kl_control.RunningMoments()
+    ptx_sampler = L.BatchSampler(len(ptx_examples), cfg.ptx_batch_size, cfg.seed + 1) if cfg.ptx_coef > 0 else None
     updates = cfg.ppo_epochs * min(cfg.num_minibatches, cfg.batch_size, len(prompts))
-    run = C.Run(cfg, "ppo", C.trainable_named_parameters(model, ["policy", "critic"]), len(prompts),
-                updates_per_step=updates,
-                stateful={"kl_controller": ctl, "score_moments": moments, "ptx_sampler": ptx_sampler})
-    while run.step < run.total:
-        model.eval()  # again each step: a callback may have switched modes
-        batch = collate_prompts([prompts[i] for i in run.sampler.next()], pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        b = rollout(model, cfg, batch, eos_id, ctl, moments, reward_fn)
-        beta = ctl.value
-        B = b["seq"].shape[0]
-        stats: dict[str, list] = {}
-        for _ in range(cfg.ppo_epochs):
-            for idx in torch.randperm(B, device=device).chunk(min(cfg.num_minibatches, B)):
-                loss, st = ppo_minibatch_loss(model, cfg, b, idx)
-                if ptx_sampler is not None:
-                    tb = collate_texts([ptx_examples[i] for i in ptx_sampler.next()], pad_id)
-                    ptx, _ = sft_loss(model, {k: v.to(device) for k, v in tb.items()})
-                    loss = loss + cfg.ptx_coef * ptx
-                    st["loss/ptx_avg"] = ptx.detach()
-                loss.backward()
-                st["grad_norm"] = run.apply(loss)
-                for k, v in st.items():
-                    stats.setdefault(k, []).append(float(v))
-        ctl.update(float(b["kl"].mean()), B)
-        run.tokens += int(b["attn"].sum())
-        run.step += 1
-        if run.logging_now():
-            non_score = -beta * b["kl"]
-            metrics = {k: sum(v) / len(v) for k, v in stats.items()}
-            metrics.update({
-                "objective/kl": b["kl"].mean(), "objective/entropy": b["entropy"].mean(),
-                "objective/non_score_reward": non_score.mean(), "objective/scores": b["raw_scores"].mean(),
-                "objective/rlhf_reward": (b["scores"] + non_score).mean(), "objective/kl_coef": beta,
-                "val/num_eos_tokens": b["has_eos"].sum(), "val/response_length": b["mask"].sum(1).mean(),
-                **run.common_metrics(device)})
-            run.log_row(metrics, ("objective/scores", "objective/kl", "loss/policy_avg"), callback, model)
-        run.end_step()
-    run.finish()
-    run.log.close()
+    params = L.trainable_named_parameters(model, ["policy", "critic"])
+    with L.Run(cfg, "ppo", params, len(prompts), updates_per_step=updates, callback=callback, model=model,
+               stateful={"kl_controller": ctl, "score_moments": moments, "ptx_sampler": ptx_sampler}) as run:
+        for _ in run:
+            model.eval()  # again each step: a callback may have switched modes
+            batch = collate_prompts([prompts[i] for i in run.sampler.next()], pad_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            b = make_experience(model, cfg, batch, eos_id, ctl, moments, reward_fn)
+            beta = ctl.value
+            B = b["seq"].shape[0]
+            stats: dict[str, list] = {}
+            for _ in range(cfg.ppo_epochs):
+                for idx in torch.randperm(B, device=device).chunk(min(cfg.num_minibatches, B)):
+                    loss, st = ppo_minibatch_loss(model, cfg, b, idx)
+                    if ptx_sampler is not None:
+                        tb = collate_texts([ptx_examples[i] for i in ptx_sampler.next()], pad_id)
+                        ptx, _ = sft_loss(model, {k: v.to(device) for k, v in tb.items()})
+                        loss = loss + cfg.ptx_coef * ptx
+                        st["loss/ptx_avg"] = ptx.detach()
+                    loss.backward()
+                    st["grad_norm"] = run.apply(loss)
+                    for k, v in st.items():
+                        stats.setdefault(k, []).append(float(v))
+            ctl.update(float(b["kl"].mean()), B)
+            run.tokens += int(b["attn"].sum())
+            if run.logging_now():
+                non_score = -beta * b["kl"]
+                metrics = {k: sum(v) / len(v) for k, v in stats.items()}
+                metrics.update({
+                    "objective/kl": b["kl"].mean(), "objective/entropy": b["entropy"].mean(),
+                    "objective/non_score_reward": non_score.mean(), "objective/scores": b["raw_scores"].mean(),
+                    "objective/rlhf_reward": (b["scores"] + non_score).mean(), "objective/kl_coef": beta,
+                    "val/num_eos_tokens": b["has_eos"].sum(), "val/response_length": b["mask"].sum(1).mean(),
+                    **run.common_metrics(device)})
+                run.log_row(metrics, ("objective/scores", "objective/kl", "loss/policy_avg"))
+    model.trained_roles |= {"policy", "critic"}
     out = os.path.join(cfg.out_dir, "model")
     model.save(out, save_base=False)
     return {"model": model, "metrics": run.row, "out": out}

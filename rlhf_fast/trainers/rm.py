@@ -17,11 +17,12 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf_fast import checkpoint as ckpt
 from rlhf_fast.data.collate import collate_rankings
 from rlhf_fast.data.jsonl import check_examples, encode_rankings, fit_context, load_rankings
-from rlhf_fast.trainers import common as C
-from rlhf_fast.trainers.common import ConfigError, TrainConfig, option
+from rlhf_fast.models.io import set_reward_offset
+from rlhf_fast.trainers import checkpoint as ckpt
+from rlhf_fast.trainers import loop as L
+from rlhf_fast.trainers.config import ConfigError, TrainConfig, option
 
 
 @dataclass
@@ -99,7 +100,7 @@ def train_rm(cfg: RMConfig, *, model=None, tokenizer=None, examples: list[dict] 
     callback(step, model) -> dict of extra metrics, called at every logged step.
     """
     cfg.validate()
-    tokenizer = C.resolve_tokenizer(cfg, tokenizer, model, need=examples is None or bool(cfg.val_data))
+    tokenizer = L.resolve_tokenizer(cfg, tokenizer, model, need=examples is None or bool(cfg.val_data))
     if examples is None:
         examples = encode_rankings(load_rankings(cfg.data), tokenizer, cfg.max_length, cfg.data)
     if val_examples is None and cfg.val_data:
@@ -109,34 +110,32 @@ def train_rm(cfg: RMConfig, *, model=None, tokenizer=None, examples: list[dict] 
     check_examples(examples, ("prompt_ids", "response_ids"), "RM examples")
     examples = fit_context(examples, cfg.max_length, "RM examples")
     val_examples = fit_context(val_examples, cfg.max_length, "RM validation examples")
-    device = C.resolve_device(cfg.device)
-    C.seed_everything(cfg.seed)
-    model = C.load_role_model(cfg, device, model, tokenizer)
-    pad_id = C.pad_id(tokenizer, model)
+    device = L.resolve_device(cfg.device)
+    L.seed_everything(cfg.seed)
+    model = L.load_role_model(cfg, device, model, tokenizer)
+    pad_id = L.pad_id(tokenizer, model)
 
-    run = C.Run(cfg, "rm", C.trainable_named_parameters(model, ["reward"]), len(examples))
-    while run.step < run.total:
-        model.train()
-        batch = collate_rankings([examples[i] for i in run.sampler.next()], pad_id)
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        loss, metrics = rm_loss(model, batch)
-        loss.backward()
-        gnorm = run.apply(loss)
-        run.tokens += int(batch["attention_mask"].sum())
-        run.step += 1
-        if run.logging_now():
-            metrics.update({"loss": loss.detach(), "grad_norm": gnorm, **run.common_metrics(device)})
-            if cfg.eval_every and run.step % cfg.eval_every == 0 and val_examples:
-                metrics.update({f"val/{k}": v for k, v in evaluate_rm(model, val_examples, pad_id, device).items()})
-            run.log_row(metrics, ("loss", "accuracy", "margin_mean"), callback, model)
-        run.end_step()
-    run.finish()
+    params = L.trainable_named_parameters(model, ["reward"])
+    with L.Run(cfg, "rm", params, len(examples), callback=callback, model=model) as run:
+        for step in run:
+            model.train()
+            batch = collate_rankings([examples[i] for i in run.sampler.next()], pad_id)
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            loss, metrics = rm_loss(model, batch)
+            loss.backward()
+            gnorm = run.apply(loss)
+            run.tokens += int(batch["attention_mask"].sum())
+            if run.logging_now():
+                metrics.update({"loss": loss.detach(), "grad_norm": gnorm, **run.common_metrics(device)})
+                if cfg.eval_every and step % cfg.eval_every == 0 and val_examples:
+                    metrics.update({f"val/{k}": v for k, v in evaluate_rm(model, val_examples, pad_id, device).items()})
+                run.log_row(metrics, ("loss", "accuracy", "margin_mean"))
+    model.trained_roles.add("reward")
 
     val = evaluate_rm(model, val_examples, pad_id, device) if val_examples else {}
     offset = -val["reward_mean"] if (cfg.normalize and val) else 0.0
-    C.set_reward_offset(model, offset)
+    set_reward_offset(model, offset)
     run.log.log(run.step, {f"val/{k}": v for k, v in val.items()} | {"reward_offset": offset})
-    run.log.close()
     out = os.path.join(cfg.out_dir, "model")
     model.save(out, save_base=False)
     ckpt.atomic_write_json(os.path.join(out, "reward_normalization.json"), {"offset": offset, "validation": val})

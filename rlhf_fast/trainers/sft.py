@@ -16,8 +16,9 @@ import torch
 
 from rlhf_fast.data.collate import collate_sft
 from rlhf_fast.data.jsonl import check_examples, encode_sft, fit_context, load_sft
-from rlhf_fast.trainers import common as C
-from rlhf_fast.trainers.common import TrainConfig, option
+from rlhf_fast.ops import fused_linear_logprobs
+from rlhf_fast.trainers import loop as L
+from rlhf_fast.trainers.config import TrainConfig, option
 
 
 @dataclass
@@ -33,8 +34,6 @@ def sft_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch
 
     policy_forward aligns hidden[:, t] (the state at t - 1) with token t; prompt and padding positions are
     set to ignore_index and get no loss and no gradient."""
-    from rlhf_fast.ops import fused_linear_logprobs
-
     f = model.policy_forward(batch["input_ids"], batch["attention_mask"])  # hidden (B, T, H), aligned
     targets = f.targets.masked_fill(batch["loss_mask"] == 0, -100)  # (B, T)
     logprobs = fused_linear_logprobs(f.hidden, f.weight, targets, f.bias)  # (B, T)
@@ -52,32 +51,30 @@ def train_sft(cfg: SFTConfig, *, model=None, tokenizer=None, examples: list[dict
     Every check (options, data, model folder) runs before anything is written to cfg.out_dir.
     """
     cfg.validate()
-    tokenizer = C.resolve_tokenizer(cfg, tokenizer, model, need=examples is None)
+    tokenizer = L.resolve_tokenizer(cfg, tokenizer, model, need=examples is None)
     if examples is None:
         examples = encode_sft(load_sft(cfg.data), tokenizer, cfg.max_length, cfg.data)
     check_examples(examples, ("prompt_ids", "completion_ids"), "SFT examples")
     examples = fit_context(examples, cfg.max_length, "SFT examples")
-    device = C.resolve_device(cfg.device)
-    C.seed_everything(cfg.seed)
-    model = C.load_role_model(cfg, device, model, tokenizer)
-    pad_id = C.pad_id(tokenizer, model)
+    device = L.resolve_device(cfg.device)
+    L.seed_everything(cfg.seed)
+    model = L.load_role_model(cfg, device, model, tokenizer)
+    pad_id = L.pad_id(tokenizer, model)
     model.train()
 
-    run = C.Run(cfg, "sft", C.trainable_named_parameters(model, ["policy"]), len(examples))
-    while run.step < run.total:
-        batch = collate_sft([examples[i] for i in run.sampler.next()], pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        loss, n = sft_loss(model, batch)
-        loss.backward()
-        gnorm = run.apply(loss)
-        run.tokens += int(batch["attention_mask"].sum())
-        run.step += 1
-        if run.logging_now():
-            run.log_row({"loss": loss.detach(), "grad_norm": gnorm, "completion_tokens": int(n),
-                         **run.common_metrics(device)}, ("loss", "grad_norm", "tokens/s"), callback, model)
-        run.end_step()
-    run.finish()
-    run.log.close()
+    params = L.trainable_named_parameters(model, ["policy"])
+    with L.Run(cfg, "sft", params, len(examples), callback=callback, model=model) as run:
+        for _ in run:
+            batch = collate_sft([examples[i] for i in run.sampler.next()], pad_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss, n = sft_loss(model, batch)
+            loss.backward()
+            gnorm = run.apply(loss)
+            run.tokens += int(batch["attention_mask"].sum())
+            if run.logging_now():
+                run.log_row({"loss": loss.detach(), "grad_norm": gnorm, "completion_tokens": int(n),
+                             **run.common_metrics(device)}, ("loss", "grad_norm", "tokens/s"))
+    model.trained_roles.add("policy")
 
     model.eval()
     out = os.path.join(cfg.out_dir, "model")

@@ -27,7 +27,8 @@ def leaf_fields(cls):
     out = []
     for f in dataclasses.fields(cls):
         sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
-        out += [g.name for g in dataclasses.fields(sub)] if dataclasses.is_dataclass(sub) else [f.name]
+        prefix = "lora_" if f.name == "lora" else ""  # the LoRA options are --lora_r, --lora_alpha, ...
+        out += [prefix + g.name for g in dataclasses.fields(sub)] if dataclasses.is_dataclass(sub) else [f.name]
     return out
 
 

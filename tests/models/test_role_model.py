@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rlhf_fast import ops
-from rlhf_fast.models import ROLES, LoraSettings, RoleModel
+from rlhf_fast.models import ADAPTERS, ROLES, LoraSettings, RoleModel
 from rlhf_fast.models.role_model import position_ids, token_mask
 from tests.tolerances import assert_close
 
@@ -23,7 +23,7 @@ def _randomize(model: RoleModel, *adapters: str, std: float = 0.3, seed: int = 1
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name in adapters or ("policy", "critic", "reward"):
-            for p in model._adapter_params[name]:
+            for p in model._adapter_parameters(name):
                 p.copy_(torch.randn(p.shape, generator=g) * std)
         for head in (model.value_head, model.score_head):
             for p in head.parameters():
@@ -222,7 +222,7 @@ def _plain_model_logits(model, ids, mask):
 # ------------------------------------------------------------------------------------------- training forwards
 
 def _grads(model):
-    named = {name: params for name, params in model._adapter_params.items()}
+    named = {name: model._adapter_parameters(name) for name in ADAPTERS}
     named["value_head"] = list(model.value_head.parameters())
     named["score_head"] = list(model.score_head.parameters())
     return {k: any(p.grad is not None and p.grad.abs().sum() > 0 for p in v) for k, v in named.items()}
@@ -263,7 +263,7 @@ def test_each_role_trains_only_its_adapter_and_head(model_of):
                              "score_head": True}
     assert all(p.grad is None for p in base)
     assert {id(p) for p in model.role_parameters("critic")} == (
-        {id(p) for p in model._adapter_params["critic"]} | {id(p) for p in model.value_head.parameters()})
+        {id(p) for p in model._adapter_parameters("critic")} | {id(p) for p in model.value_head.parameters()})
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(model_of):

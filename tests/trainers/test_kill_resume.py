@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from rlhf_fast import checkpoint as ckpt
+from rlhf_fast.trainers import checkpoint as ckpt
 
 SCRIPT = textwrap.dedent('''
     import json, sys, time, torch

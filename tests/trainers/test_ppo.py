@@ -13,8 +13,8 @@ from tiny_fixtures import moved, trainable_snapshot
 from rlhf_fast import ops
 from rlhf_fast.models import RoleModel
 from rlhf_fast.trainers import ConfigError, OptimConfig, PPOConfig, train_ppo
-from rlhf_fast.trainers.common import FixedKLController, RunningMoments
-from rlhf_fast.trainers.ppo import ppo_minibatch_loss, rollout
+from rlhf_fast.rl.kl_control import FixedKLController, RunningMoments
+from rlhf_fast.trainers.ppo import make_experience, ppo_minibatch_loss
 
 GOOD = torch.arange(3, 27)  # a quarter of the vocabulary: the toy reward is their share of the response
 
@@ -64,7 +64,7 @@ def test_fused_minibatch_loss_equals_unfused(tiny_model, data_files, tmp_path):
         for p in model.role_parameters("policy"):
             p.normal_(0, 0.05)
     prompts = ops_prompts()
-    b = rollout(model, c, prompts, 1, FixedKLController(0.05), RunningMoments())
+    b = make_experience(model, c, prompts, 1, FixedKLController(0.05), RunningMoments())
     with torch.no_grad():  # move the policy away from the rollout so the ratios are not all 1
         for p in model.role_parameters("policy"):
             p.add_(torch.randn_like(p) * 0.05)

@@ -10,7 +10,7 @@ import shutil
 import torch
 from tiny_fixtures import moved, trainable_snapshot
 
-from rlhf_fast import checkpoint as ckpt
+from rlhf_fast.trainers import checkpoint as ckpt
 from rlhf_fast.data.collate import collate_sft
 from rlhf_fast.models import RoleModel
 from rlhf_fast.trainers import OptimConfig, SFTConfig, train_sft

@@ -1,0 +1,13 @@
+"""What every RL algorithm shares: rollouts (n samples per prompt, scores), advantages, KL control.
+
+    rollout.py     SamplingConfig, sample(), score()
+    advantages.py  shape_scores(), ppo_advantages() (and the group advantages of the critic-free methods)
+    kl_control.py  FixedKLController, AdaptiveKLController, RunningMoments
+"""
+
+from rlhf_fast.rl.advantages import ppo_advantages, shape_scores
+from rlhf_fast.rl.kl_control import AdaptiveKLController, FixedKLController, RunningMoments
+from rlhf_fast.rl.rollout import Rollout, SamplingConfig, sample, score
+
+__all__ = ["AdaptiveKLController", "FixedKLController", "Rollout", "RunningMoments", "SamplingConfig",
+           "ppo_advantages", "sample", "score", "shape_scores"]

@@ -10,7 +10,7 @@ def format_report() -> str:
     import torch
 
     from rlhf_fast import __version__
-    from rlhf_fast.ops import _dispatch
+    from rlhf_fast.ops import _dispatch, _library
 
     lines = [f"rlhf_fast {__version__}", f"python {platform.python_version()}", f"torch {torch.__version__}"]
     try:
@@ -32,7 +32,11 @@ def format_report() -> str:
     mod = _dispatch.native_module()
     lines.append("rlhf_fast._C: " + ("built" + (" with CUDA" if _dispatch.native_has_cuda() else " (CPU only)")
                                       if mod is not None else "not built"))
-    lines.append(f"RLHF_FAST_BACKEND={_dispatch.requested_backend()}")
+    lines.append(f"backend: {_dispatch.requested_backend()} (from {_dispatch.request_source()}; "
+                 "an op's backend= > use_backend() > RLHF_FAST_BACKEND > auto)")
+    lines.append("float64 inputs: torch only (the triton and native kernels compute in fp32)")
+    names = [n.split("::")[1] for n in _library.REGISTERED if not n.endswith("_backward")]
+    lines.append(f"torch.compile: custom ops {_library.NAMESPACE}::{{{', '.join(names)}}} (+ _backward)")
     lines.append("")
     lines.append(f"{'op':36s} {'torch':6s} {'triton':28s} native")
     for op, row in _dispatch.report().items():

@@ -83,8 +83,9 @@ def agg(value: str) -> str:
 
 
 def targets_in_range(targets: torch.Tensor, vocab: int, ignore_index: int, checks: bool | None) -> None:
-    """Reads data (a host sync): on by default, off with checks=False or RLHF_FAST_CHECKS=0."""
-    if not checks_enabled(checks) or targets.numel() == 0:
+    """Reads data (a host sync): on by default, off with checks=False or RLHF_FAST_CHECKS=0, and always off
+    inside torch.compile'd code, where reading data would break the graph."""
+    if torch.compiler.is_compiling() or not checks_enabled(checks) or targets.numel() == 0:
         return
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
     if bool(bad.any()):

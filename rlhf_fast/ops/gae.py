@@ -2,16 +2,18 @@
 
 The torch backend is vectorised: the backward recursion last_t = a_t * last_{t+1} + b_t is an associative
 scan of affine maps, done here by recursive doubling in ceil(log2 T) vectorised steps (no loop over time).
-Native (csrc/, C++ on CPU, warp-parallel CUDA) and Triton (kernels/gae.py) backends compute the same scan.
-Outputs carry no gradient: they are targets.
+Native (csrc/, C++ on CPU, warp-parallel CUDA) and Triton (kernels/gae.py) backends compute the same scan,
+in fp32: float64 inputs run on torch. Every backend runs inside the custom ops rlhf_fast::gae and
+rlhf_fast::kl_penalized_gae (_library.py), so torch.compile traces through. Outputs carry no gradient:
+they are targets.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
-from rlhf_fast.ops import _dispatch
-from rlhf_fast.ops import _checks
+from rlhf_fast.ops import _checks, _dispatch, _library
 from rlhf_fast.ops.kl import kl_terms
 
 
@@ -91,8 +93,60 @@ def torch_kl_penalized_rewards(logprobs, ref_logprobs, scores, valid, kl_coef, c
     return rewards.scatter_add(1, last[:, None], add[:, None])
 
 
-def _prep(dtype, **xs):
-    return {k: v.detach().to(dtype).contiguous() for k, v in xs.items()}
+# ------------------------------------------------------------------------------------ custom ops (_library.py)
+
+
+@_library.custom_op("gae")
+def gae_op(rewards: Tensor, values: Tensor, valid: Tensor, gamma: float, lam: float,
+           backend: str) -> tuple[Tensor, Tensor]:
+    """rewards, values (B, T) in the compute dtype, contiguous; valid (B, T) bool -> (advantages, returns)
+    (B, T) in that dtype. Backends: torch | native | triton (these two: fp32 only)."""
+    if backend == "torch":
+        return torch_gae(rewards, values, valid, gamma, lam)
+    m = valid.to(torch.float32)
+    if backend == "native":
+        adv, ret = _dispatch.native_module().gae(rewards, values, m, gamma, lam)
+        return adv, ret
+    from rlhf_fast.kernels import gae as k
+
+    return k.gae_fwd(rewards, values, m, gamma, lam)
+
+
+@gae_op.register_fake
+def _(rewards, values, valid, gamma, lam, backend):
+    return torch.empty_like(rewards), torch.empty_like(rewards)
+
+
+@_library.custom_op("kl_penalized_gae")
+def kl_penalized_gae_op(logprobs: Tensor, ref_logprobs: Tensor, values: Tensor, scores: Tensor, valid: Tensor,
+                        kl_coef: float, gamma: float, lam: float, estimator: int,
+                        backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """logprobs, ref_logprobs, values (B, T), scores (B,) in the compute dtype, contiguous; valid (B, T) bool
+    -> (advantages, returns, rewards) (B, T) in that dtype. Backends: torch | native | triton (fp32 only)."""
+    if backend == "torch":
+        rewards = torch_kl_penalized_rewards(logprobs, ref_logprobs, scores, valid, kl_coef, estimator)
+        adv, ret = torch_gae(rewards, values, valid, gamma, lam)
+        return adv, ret, rewards
+    args = (logprobs, ref_logprobs, values, scores, valid.to(torch.float32), kl_coef, gamma, lam, estimator)
+    if backend == "native":
+        adv, ret, rewards = _dispatch.native_module().kl_penalized_gae(*args)
+        return adv, ret, rewards
+    from rlhf_fast.kernels import gae as k
+
+    return k.kl_penalized_gae_fwd(*args)
+
+
+@kl_penalized_gae_op.register_fake
+def _(logprobs, ref_logprobs, values, scores, valid, kl_coef, gamma, lam, estimator, backend):
+    return torch.empty_like(logprobs), torch.empty_like(logprobs), torch.empty_like(logprobs)
+
+
+# ----------------------------------------------------------------------------------------------- public ops
+
+
+def _prep(dtype, *xs):
+    """Detached (the outputs are targets, no gradient), in the compute dtype, contiguous."""
+    return [x.detach().to(dtype).contiguous() for x in xs]
 
 
 def _check_gae_args(gamma, lam):
@@ -101,7 +155,7 @@ def _check_gae_args(gamma, lam):
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0,
-        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+        lam: float = 0.95, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over (B, T) rows with holes in the mask.
 
     Args:
@@ -109,6 +163,10 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
         values: (B, T) critic values V(s_t).
         mask: (B, T) 0/1 (float or bool); mask 0 marks a skipped position (padding, tool output).
         gamma: discount in [0, 1].  lam: GAE lambda in [0, 1].
+        backend: "auto" | "torch" | "triton" | "native", or None (default): use_backend's, else
+            RLHF_FAST_BACKEND's, else auto (float64 inputs: torch). An explicit triton or native backend
+            raises NotImplementedError for float64 inputs (their kernels compute in fp32): use
+            backend="torch".
 
     Per row, walking t from T-1 down to 0 with next_value = 0 and last = 0: where mask[t] = 1,
     delta = r[t] + gamma * next_value - v[t], last = delta + gamma * lam * last, adv[t] = last,
@@ -126,23 +184,15 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
     _checks.mask("mask", mask, rewards.shape)
     _check_gae_args(gamma, lam)
     device = _checks.same_device(rewards=rewards, values=values, mask=mask)
-    backend = _dispatch.select("gae", device)
     dtype = _checks.compute_dtype(rewards, values)
-    if backend == "torch" or dtype == torch.float64:
-        x = _prep(dtype, rewards=rewards, values=values)
-        with torch.no_grad():
-            return torch_gae(x["rewards"], x["values"], mask != 0, float(gamma), float(lam))
-    x = _prep(torch.float32, rewards=rewards, values=values, mask=mask != 0)
-    if backend == "native":
-        return tuple(_dispatch.native_module().gae(x["rewards"], x["values"], x["mask"], float(gamma), float(lam)))
-    from rlhf_fast.kernels import gae as k
-
-    return k.gae_fwd(x["rewards"], x["values"], x["mask"], float(gamma), float(lam))
+    backend = _dispatch.select("gae", device, dtype, backend)
+    r, v = _prep(dtype, rewards, values)
+    return gae_op(r, v, (mask != 0).contiguous(), float(gamma), float(lam), backend)
 
 
 def kl_penalized_gae(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, values: torch.Tensor,
                      scores: torch.Tensor, mask: torch.Tensor, *, kl_coef: float, gamma: float = 1.0,
-                     lam: float = 0.95, estimator: str = "k1"
+                     lam: float = 0.95, estimator: str = "k1", backend: str | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The PPO experience step in one pass: KL-penalised per-token rewards, then GAE (InstructGPT, Ouyang
     et al. 2022; Ziegler et al. 2019).
@@ -152,6 +202,7 @@ def kl_penalized_gae(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, values:
         values: (B, T) critic values.  scores: (B,) reward-model scores of each sequence.
         mask: (B, T) 0/1 over response tokens (holes allowed).
         kl_coef: >= 0.  gamma, lam: in [0, 1].  estimator: "k1" | "k2" | "k3" | "abs" (see kl_penalty).
+        backend: as in gae.
 
     rewards[b, t] = -kl_coef * kl_penalty(logprobs, ref_logprobs)[b, t] * mask[b, t], plus scores[b] at the
     last position of row b whose mask is 1; then GAE as in `gae`. A row with no valid token is all zeros.
@@ -176,22 +227,11 @@ def kl_penalized_gae(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, values:
     code = _checks.estimator(estimator)
     device = _checks.same_device(logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, scores=scores,
                                  mask=mask)
-    backend = _dispatch.select("kl_penalized_gae", device)
     dtype = _checks.compute_dtype(logprobs, ref_logprobs, values, scores)
-    if backend == "torch" or dtype == torch.float64:
-        x = _prep(dtype, lp=logprobs, ref=ref_logprobs, values=values, scores=scores)
-        valid = mask != 0
-        with torch.no_grad():
-            rewards = torch_kl_penalized_rewards(x["lp"], x["ref"], x["scores"], valid, float(kl_coef), code)
-            adv, ret = torch_gae(rewards, x["values"], valid, float(gamma), float(lam))
-        return adv, ret, rewards
-    x = _prep(torch.float32, lp=logprobs, ref=ref_logprobs, values=values, scores=scores, mask=mask != 0)
-    args = (x["lp"], x["ref"], x["values"], x["scores"], x["mask"], float(kl_coef), float(gamma), float(lam), code)
-    if backend == "native":
-        return tuple(_dispatch.native_module().kl_penalized_gae(*args))
-    from rlhf_fast.kernels import gae as k
-
-    return k.kl_penalized_gae_fwd(*args)
+    backend = _dispatch.select("kl_penalized_gae", device, dtype, backend)
+    lp, ref, v, sc = _prep(dtype, logprobs, ref_logprobs, values, scores)
+    return kl_penalized_gae_op(lp, ref, v, sc, (mask != 0).contiguous(), float(kl_coef), float(gamma),
+                               float(lam), code, backend)
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True,

@@ -4,15 +4,17 @@
 (N, V) logits. `logprobs_from_logits` is the same op for callers that already hold logits.
 
 Backends: torch (chunked over tokens and vocabulary with an online log-sum-exp; CPU default),
-triton (kernels/logprobs.py; CUDA default, or CPU under TRITON_INTERPRET=1).
+triton (kernels/logprobs.py; CUDA default, or CPU under TRITON_INTERPRET=1). Both run inside the custom ops
+rlhf_fast::fused_linear_logprobs and rlhf_fast::logprobs_from_logits (+ _backward), registered with
+torch.library with fake implementations and autograd, so torch.compile traces straight through (_library.py).
 """
 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
-from rlhf_fast.ops import _dispatch
-from rlhf_fast.ops import _checks
+from rlhf_fast.ops import _checks, _dispatch, _library
 
 # Torch backend block sizes: a (rows x vocab) fp32 block of at most _BLOCK_ELEMS elements (4 MiB) lives at a
 # time, so the extra memory stays small whatever N and V are.
@@ -167,59 +169,132 @@ def _kernels():
     return k
 
 
-class LinearLogprobsFunction(torch.autograd.Function):
-    """Autograd for fused_linear_logprobs on flattened inputs. Backward recomputes the logits block-wise."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, need_entropy, backend):
-        fwd = torch_linear_logprobs_fwd if backend == "torch" else _kernels().linear_logprobs_fwd
-        lp, ent, lse = fwd(hidden, weight, targets, bias, temperature, ignore_index, need_entropy)
-        if ent is None:
-            ent = lp.new_zeros(0)
-            ctx.mark_non_differentiable(ent)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
-        ctx.cfg = (temperature, ignore_index, need_entropy, backend)
-        return lp, ent
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_lp, grad_ent):
-        hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
-        temperature, ignore_index, need_entropy, backend = ctx.cfg
-        if not need_entropy:
-            grad_ent = None
-        bwd = torch_linear_logprobs_bwd if backend == "torch" else _kernels().linear_logprobs_bwd
-        gh, gw, gb = bwd(hidden, weight, targets, bias, lse, ent if need_entropy else None, grad_lp, grad_ent,
-                         temperature, ignore_index, ctx.needs_input_grad[1],
-                         bias is not None and ctx.needs_input_grad[2])
-        gw = gw.to(weight.dtype) if gw is not None else None
-        gb = gb.to(bias.dtype) if gb is not None else None
-        return gh, gw, gb, None, None, None, None, None
+# ------------------------------------------------------------------------------------- custom ops (_library.py)
 
 
-class LogitsLogprobsFunction(torch.autograd.Function):
-    """Autograd for logprobs_from_logits on flattened (N, V) logits."""
+@_library.custom_op("fused_linear_logprobs")
+def linear_logprobs_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, temperature: float,
+                       ignore_index: int, need_entropy: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """hidden (N, H), weight (V, H), bias (V,) | None, targets (N,) int64 -> logprobs (N,), entropy (N,)
+    (empty (0,) unless need_entropy), lse (N,), in the compute dtype. Backends: torch | triton."""
+    fwd = torch_linear_logprobs_fwd if backend == "torch" else _kernels().linear_logprobs_fwd
+    lp, ent, lse = fwd(hidden, weight, targets, bias, temperature, ignore_index, need_entropy)
+    return lp, _library.none_as_empty(ent, lp), lse
 
-    @staticmethod
-    def forward(ctx, logits, targets, temperature, ignore_index, need_entropy, backend):
-        fwd = torch_logits_logprobs_fwd if backend == "torch" else _kernels().logits_logprobs_fwd
-        lp, ent, lse = fwd(logits, targets, temperature, ignore_index, need_entropy)
-        if ent is None:
-            ent = lp.new_zeros(0)
-            ctx.mark_non_differentiable(ent)
-        ctx.save_for_backward(logits, targets, lse, ent)
-        ctx.cfg = (temperature, ignore_index, need_entropy, backend)
-        return lp, ent
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_lp, grad_ent):
-        logits, targets, lse, ent = ctx.saved_tensors
-        temperature, ignore_index, need_entropy, backend = ctx.cfg
-        bwd = torch_logits_logprobs_bwd if backend == "torch" else _kernels().logits_logprobs_bwd
-        grad = bwd(logits, targets, lse, ent if need_entropy else None, grad_lp,
-                   grad_ent if need_entropy else None, temperature, ignore_index)
-        return grad, None, None, None, None, None
+@linear_logprobs_op.register_fake
+def _(hidden, weight, bias, targets, temperature, ignore_index, need_entropy, backend):
+    n, dtype = hidden.shape[0], _checks.compute_dtype(hidden, weight)
+    return (hidden.new_empty(n, dtype=dtype), hidden.new_empty(n if need_entropy else 0, dtype=dtype),
+            hidden.new_empty(n, dtype=dtype))
+
+
+@_library.custom_op("fused_linear_logprobs_backward")
+def linear_logprobs_backward_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, lse: Tensor,
+                                entropy: Tensor | None, grad_logprobs: Tensor, grad_entropy: Tensor | None,
+                                temperature: float, ignore_index: int, need_weight_grad: bool,
+                                need_bias_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of sum(grad_logprobs * logprobs + grad_entropy * entropy) in hidden (N, H), weight (V, H) and
+    bias (V,), each in its input's dtype; the weight and bias ones empty (0,) unless asked for."""
+    bwd = torch_linear_logprobs_bwd if backend == "torch" else _kernels().linear_logprobs_bwd
+    gh, gw, gb = bwd(hidden, weight, targets, bias, lse, entropy, grad_logprobs, grad_entropy, temperature,
+                     ignore_index, need_weight_grad, need_bias_grad)
+    gw = gw.to(weight.dtype) if need_weight_grad else weight.new_empty(0)
+    gb = gb.to(bias.dtype) if need_bias_grad else weight.new_empty(0)
+    return gh, gw, gb
+
+
+@linear_logprobs_backward_op.register_fake
+def _(hidden, weight, bias, targets, lse, entropy, grad_logprobs, grad_entropy, temperature, ignore_index,
+      need_weight_grad, need_bias_grad, backend):
+    gw = weight.new_empty(weight.shape) if need_weight_grad else weight.new_empty(0)
+    gb = bias.new_empty(bias.shape) if need_bias_grad else weight.new_empty(0)
+    return hidden.new_empty(hidden.shape), gw, gb
+
+
+def _linear_setup_context(ctx, inputs, output):
+    hidden, weight, bias, targets, temperature, ignore_index, need_entropy, backend = inputs
+    _, ent, lse = output
+    ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
+    ctx.cfg = (temperature, ignore_index, need_entropy, backend)
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # an output nobody used comes back as None: its term is skipped
+
+
+def _linear_backward(ctx, grad_lp, grad_ent, _grad_lse):
+    hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
+    temperature, ignore_index, need_entropy, backend = ctx.cfg
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    if not need_entropy:
+        grad_ent = None
+    if grad_lp is None:
+        grad_lp = torch.zeros_like(lse)
+    gh, gw, gb = linear_logprobs_backward_op(hidden, weight, bias, targets, lse, ent if need_entropy else None,
+                                             grad_lp, grad_ent, temperature, ignore_index, need_w,
+                                             bias is not None and need_b, backend)
+    return (gh if need_h else None, gw if need_w else None, gb if bias is not None and need_b else None,
+            None, None, None, None, None)
+
+
+linear_logprobs_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+
+
+@_library.custom_op("logprobs_from_logits")
+def logits_logprobs_op(logits: Tensor, targets: Tensor, temperature: float, ignore_index: int, need_entropy: bool,
+                       backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """logits (N, V), targets (N,) int64 -> logprobs (N,), entropy (N,) (empty (0,) unless need_entropy),
+    lse (N,), in the compute dtype. Backends: torch | triton."""
+    fwd = torch_logits_logprobs_fwd if backend == "torch" else _kernels().logits_logprobs_fwd
+    lp, ent, lse = fwd(logits, targets, temperature, ignore_index, need_entropy)
+    return lp, _library.none_as_empty(ent, lp), lse
+
+
+@logits_logprobs_op.register_fake
+def _(logits, targets, temperature, ignore_index, need_entropy, backend):
+    n, dtype = logits.shape[0], _checks.compute_dtype(logits)
+    return (logits.new_empty(n, dtype=dtype), logits.new_empty(n if need_entropy else 0, dtype=dtype),
+            logits.new_empty(n, dtype=dtype))
+
+
+@_library.custom_op("logprobs_from_logits_backward")
+def logits_logprobs_backward_op(logits: Tensor, targets: Tensor, lse: Tensor, entropy: Tensor | None,
+                                grad_logprobs: Tensor, grad_entropy: Tensor | None, temperature: float,
+                                ignore_index: int, backend: str) -> Tensor:
+    """grad_logits (N, V) in logits.dtype of sum(grad_logprobs * logprobs + grad_entropy * entropy)."""
+    bwd = torch_logits_logprobs_bwd if backend == "torch" else _kernels().logits_logprobs_bwd
+    return bwd(logits, targets, lse, entropy, grad_logprobs, grad_entropy, temperature, ignore_index)
+
+
+@logits_logprobs_backward_op.register_fake
+def _(logits, targets, lse, entropy, grad_logprobs, grad_entropy, temperature, ignore_index, backend):
+    return torch.empty_like(logits)
+
+
+def _logits_setup_context(ctx, inputs, output):
+    logits, targets, temperature, ignore_index, need_entropy, backend = inputs
+    _, ent, lse = output
+    ctx.save_for_backward(logits, targets, lse, ent)
+    ctx.cfg = (temperature, ignore_index, need_entropy, backend)
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
+
+
+def _logits_backward(ctx, grad_lp, grad_ent, _grad_lse):
+    logits, targets, lse, ent = ctx.saved_tensors
+    temperature, ignore_index, need_entropy, backend = ctx.cfg
+    if not need_entropy:
+        grad_ent = None
+    if grad_lp is None:
+        grad_lp = torch.zeros_like(lse)
+    grad = logits_logprobs_backward_op(logits, targets, lse, ent if need_entropy else None, grad_lp, grad_ent,
+                                       temperature, ignore_index, backend)
+    return grad, None, None, None, None, None
+
+
+logits_logprobs_op.register_autograd(_logits_backward, setup_context=_logits_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------- public ops
 
 
 def _check_common(targets, temperature, ignore_index):
@@ -239,6 +314,7 @@ def fused_linear_logprobs(
     ignore_index: int = -100,
     return_entropy: bool = False,
     checks: bool | None = None,
+    backend: str | None = None,
 ):
     """Log-probability of each target token, straight from hidden states and the lm_head weight.
 
@@ -251,7 +327,12 @@ def fused_linear_logprobs(
         ignore_index: targets equal to it give logprob 0, entropy 0 and no gradient.
         return_entropy: also return the entropy of each position's distribution.
         checks: read targets to check their range (a host sync); default on, off with checks=False or
-            RLHF_FAST_CHECKS=0 for CUDA-graph capture.
+            RLHF_FAST_CHECKS=0 for CUDA-graph capture. Always skipped inside torch.compile'd code
+            (torch.compiler.is_compiling()): a compiled graph does not sync with the host.
+        backend: "auto" | "torch" | "triton" | "native", or None (default): use_backend's, else
+            RLHF_FAST_BACKEND's, else auto. An explicit backend that cannot serve the call raises
+            NotImplementedError (native: no kernel for this op; triton: float64 inputs, or the CPU without
+            TRITON_INTERPRET=1).
 
     Returns:
         logprobs (...) fp32: log_softmax((hidden @ weight.T + bias) / temperature)[target];
@@ -278,13 +359,13 @@ def fused_linear_logprobs(
             raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     device = _checks.same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
     _checks.targets_in_range(targets, weight.shape[0], ignore_index, checks)
-    backend = _dispatch.select("fused_linear_logprobs", device)
+    backend = _dispatch.select("fused_linear_logprobs", device, _checks.compute_dtype(hidden, weight), backend)
 
     shape = targets.shape
-    h2 = hidden.reshape(-1, hidden.shape[-1]).contiguous()
-    t1 = targets.reshape(-1).to(torch.int64).contiguous()
-    lp, ent = LinearLogprobsFunction.apply(h2, weight.contiguous(), bias, t1, float(temperature), ignore_index,
-                                           bool(return_entropy), backend)
+    h2 = hidden.reshape(-1, hidden.shape[-1]).contiguous()  # (N, H)
+    t1 = targets.reshape(-1).to(torch.int64).contiguous()  # (N,)
+    lp, ent, _ = linear_logprobs_op(h2, weight.contiguous(), bias, t1, float(temperature), ignore_index,
+                                    bool(return_entropy), backend)
     lp = lp.reshape(shape)
     return (lp, ent.reshape(shape)) if return_entropy else lp
 
@@ -297,6 +378,7 @@ def logprobs_from_logits(
     ignore_index: int = -100,
     return_entropy: bool = False,
     checks: bool | None = None,
+    backend: str | None = None,
 ):
     """Log-probability of each target from logits the caller already holds.
 
@@ -305,7 +387,7 @@ def logprobs_from_logits(
     Args:
         logits: (..., V) fp32/bf16/fp16.
         targets: (...) int64 in [0, V) or ignore_index.
-        temperature, ignore_index, return_entropy, checks: as in fused_linear_logprobs.
+        temperature, ignore_index, return_entropy, checks, backend: as in fused_linear_logprobs.
 
     Returns:
         logprobs (...) fp32 = log_softmax(logits / temperature)[target], or (logprobs, entropy).
@@ -318,10 +400,10 @@ def logprobs_from_logits(
                          f"got {tuple(targets.shape)}")
     device = _checks.same_device(logits=logits, targets=targets)
     _checks.targets_in_range(targets, logits.shape[-1], ignore_index, checks)
-    backend = _dispatch.select("logprobs_from_logits", device)
+    backend = _dispatch.select("logprobs_from_logits", device, _checks.compute_dtype(logits), backend)
     shape = targets.shape
-    l2 = logits.reshape(-1, logits.shape[-1]).contiguous()
-    t1 = targets.reshape(-1).to(torch.int64).contiguous()
-    lp, ent = LogitsLogprobsFunction.apply(l2, t1, float(temperature), ignore_index, bool(return_entropy), backend)
+    l2 = logits.reshape(-1, logits.shape[-1]).contiguous()  # (N, V)
+    t1 = targets.reshape(-1).to(torch.int64).contiguous()  # (N,)
+    lp, ent, _ = logits_logprobs_op(l2, t1, float(temperature), ignore_index, bool(return_entropy), backend)
     lp = lp.reshape(shape)
     return (lp, ent.reshape(shape)) if return_entropy else lp

@@ -3,11 +3,14 @@
     rollout.py     SamplingConfig, sample(), score()
     advantages.py  shape_scores(), ppo_advantages() (and the group advantages of the critic-free methods)
     kl_control.py  FixedKLController, AdaptiveKLController, RunningMoments
+    rewards.py     reward functions for verifiable rewards (TRL's contract): built-ins accuracy, format, code
 """
 
 from rlhf_fast.rl.advantages import ppo_advantages, shape_scores
 from rlhf_fast.rl.kl_control import AdaptiveKLController, FixedKLController, RunningMoments
+from rlhf_fast.rl.rewards import RewardFunctionError, RewardFunctions, load_reward_functions, reward_metrics
 from rlhf_fast.rl.rollout import Rollout, SamplingConfig, sample, score
 
-__all__ = ["AdaptiveKLController", "FixedKLController", "Rollout", "RunningMoments", "SamplingConfig",
-           "ppo_advantages", "sample", "score", "shape_scores"]
+__all__ = ["AdaptiveKLController", "FixedKLController", "RewardFunctionError", "RewardFunctions", "Rollout",
+           "RunningMoments", "SamplingConfig", "load_reward_functions", "ppo_advantages", "reward_metrics", "sample",
+           "score", "shape_scores"]

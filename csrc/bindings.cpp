@@ -35,9 +35,11 @@ void check_device(const char* op, const at::Tensor& x) {
 #endif
 }
 
+#ifdef RLHF_FAST_WITH_CUDA
 void check_launch(const char* op, const char* err) {
   TORCH_CHECK(err == nullptr, op, ": CUDA kernel launch failed: ", err ? err : "");
 }
+#endif
 
 std::tuple<at::Tensor, at::Tensor> gae(const at::Tensor& rewards, const at::Tensor& values,
                                        const at::Tensor& mask, double gamma, double lam) {

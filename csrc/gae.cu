@@ -21,6 +21,7 @@
 #include <cstdint>
 
 #include "gae.h"
+#include "kl_estimators.h"  // kl_estimate<ESTIMATOR>: the one C++ definition of the estimators
 
 namespace rlhf_fast {
 namespace {
@@ -38,19 +39,6 @@ constexpr unsigned kFull = 0xffffffffu;
 // Shared index of tile position j with one pad word every 32 words: the striped writes (j = i*32 + lane)
 // and the blocked reads (j = lane*kItems + i) then hit 32 distinct banks.
 __device__ __forceinline__ int pad(int j) { return j + j / kWarp; }
-
-template <int ESTIMATOR>
-__device__ __forceinline__ float kl_estimate(float d) {
-  if constexpr (ESTIMATOR == 0) {
-    return d;
-  } else if constexpr (ESTIMATOR == 1) {
-    return 0.5f * d * d;
-  } else if constexpr (ESTIMATOR == 2) {
-    return expm1f(-d) + d;
-  } else {
-    return fabsf(d);
-  }
-}
 
 struct Params {
   const float* r;    // rewards (GAE) or logprobs (KL)

@@ -7,7 +7,7 @@
 // skipped (adv[t] = 0, state unchanged). returns = adv + values where mask != 0, else 0.
 // KL variant: r[b, t] = -kl_coef * kl(logprobs - ref_logprobs)[b, t] where mask != 0 (else 0), plus scores[b] at the
 // last position of row b whose mask is non-zero; estimator 0 = k1 (d), 1 = k2 (d^2 / 2),
-// 2 = k3 (exp(-d) - 1 + d), 3 = abs (|d|). The rewards are written out too.
+// 2 = k3 (exp(-d) - 1 + d), 3 = abs (|d|), as defined in kl_estimators.h. The rewards are written out too.
 // Masked positions are selected, never multiplied by the mask: their inputs (even NaN) do not enter any
 // output, while NaN or inf at a valid position propagates to it and to every earlier valid position.
 #pragma once

@@ -4,7 +4,8 @@ Per row, walking t from T-1 down to 0 with next_value = 0 and last = 0: where ma
 delta = r[t] + gamma * next_value - v[t], last = delta + gamma * lam * last, adv[t] = last, next_value = v[t];
 masked positions are skipped (adv = 0, state unchanged). returns = adv + v where valid, else 0.
 KL variant: r[t] = -kl_coef * kl(logprobs - ref_logprobs)[t] where valid (else 0), plus scores[b] at the last
-valid position of the row; estimator 0 = k1 (d), 1 = k2 (d^2 / 2), 2 = k3 (exp(-d) - 1 + d), 3 = abs (|d|).
+valid position of the row; estimator 0 = k1 (d), 1 = k2 (d^2 / 2), 2 = k3 (exp(-d) - 1 + d), 3 = abs (|d|), as
+kernels/_estimators.py evaluates them.
 
 Scan formulation. Each step maps `last` affinely, last_t = a_t * last_{t+1} + b_t, with (a, b) = (gamma * lam,
 delta_t) at a valid step and (1, 0) at a masked one; maps compose associatively. delta_t needs nv_t, the value
@@ -21,6 +22,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from ._estimators import kl_estimate
 
 # tl.associative_scan(reverse=True) is flip(scan(flip)) (interpreter and GPU lowering alike, as in
 # jax.lax.associative_scan): the combine function gets (accumulated later positions, current earlier
@@ -76,16 +79,7 @@ def _gae_fwd_kernel(x_ptr, ref_ptr, v_ptr, m_ptr, score_ptr, adv_ptr, ret_ptr, r
         if KL:
             lp = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
             ref = tl.load(ref_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-            d = lp - ref
-            if ESTIMATOR == 0:
-                kl = d
-            elif ESTIMATOR == 1:
-                kl = 0.5 * d * d
-            elif ESTIMATOR == 2:
-                kl = tl.exp(-d) - 1.0 + d
-            else:
-                kl = tl.abs(d)
-            r = tl.where(valid, -kl_coef * kl, 0.0)
+            r = tl.where(valid, -kl_coef * kl_estimate(lp - ref, ESTIMATOR), 0.0)
             # The score goes to the last valid position of the row: valid, with nothing valid after it.
             later = (seen_n != 0) | (carry_seen[:, None] != 0)
             r = tl.where(valid & (later == 0), r + score[:, None], r)

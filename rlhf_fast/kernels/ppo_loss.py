@@ -5,9 +5,9 @@ Per token (ratio = exp(lp - old), A the advantage, d = lp - ref):
     pg = max(-A ratio, -A clamp(ratio, 1 - clip_low, 1 + clip_high)); with dual_clip c and A < 0: min(pg, -A c)
     token_loss = pg + kl_coef * kl(d) - entropy_coef * entropy
 kl estimators (code): 0 k1 = d, 1 k2 = d^2 / 2, 2 k3 = exp(-d) - 1 + d, 3 abs = |d|  (Schulman, "Approximating
-KL divergence", 2020). dL/dlp = w (dpg/dlp + kl_coef dkl/dlp), dpg/dlp = -A ratio on the unclipped branch and 0
-when clipped or dual-clipped; dL/dentropy = -w entropy_coef. The logit gradient then follows the formula in
-kernels/logprobs.py.
+KL divergence", 2020), with their derivatives, from kernels/_estimators.py. dL/dlp = w (dpg/dlp + kl_coef dkl/dlp),
+dpg/dlp = -A ratio on the unclipped branch and 0 when clipped or dual-clipped; dL/dentropy = -w entropy_coef. The
+logit gradient then follows the formula in kernels/logprobs.py.
 
 Design and flops (N tokens, H hidden, V vocabulary), with gradients (need_grad):
   per chunk of C rows: Z = hidden_c @ W^T (+ bias) / T into an fp32 (C, V) buffer by a GEMM whose epilogue
@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from . import logprobs as _lp
+from ._estimators import kl_estimate, kl_estimate_grad
 
 KL_ESTIMATORS = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}
 
@@ -74,21 +75,8 @@ def _ppo_token_kernel(lp_ptr, ent_ptr, old_ptr, adv_ptr, w_ptr, ref_ptr, tgt_ptr
     dlp = dpg
     if HAS_REF:
         d = lp - tl.load(ref_ptr + offs, mask=mask, other=0.0)
-        if KL_EST == 0:
-            kl = d
-            dkl = tl.full(d.shape, 1.0, tl.float32)
-        elif KL_EST == 1:
-            kl = 0.5 * d * d
-            dkl = d
-        elif KL_EST == 2:
-            emd = tl.exp(-d)
-            kl = emd - 1.0 + d
-            dkl = 1.0 - emd
-        else:
-            kl = tl.abs(d)
-            dkl = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
-        loss += kl_coef * kl
-        dlp += kl_coef * dkl
+        loss += kl_coef * kl_estimate(d, KL_EST)
+        dlp += kl_coef * kl_estimate_grad(d, KL_EST)
     tl.store(loss_ptr + offs, tl.where(active, loss, 0.0), mask=mask)
     if NEED_GRAD:
         w = tl.load(w_ptr + offs, mask=mask, other=0.0)

@@ -5,17 +5,9 @@ from __future__ import annotations
 import torch
 
 from rlhf_fast.ops import _checks
+from rlhf_fast.ops._estimators import kl_terms
 
-
-def kl_terms(d: torch.Tensor, code: int) -> torch.Tensor:
-    """The estimator on d = logprobs - ref_logprobs (code from _checks.ESTIMATORS)."""
-    if code == 0:
-        return d
-    if code == 1:
-        return 0.5 * d * d
-    if code == 2:
-        return torch.expm1(-d) + d
-    return d.abs()
+__all__ = ["kl_penalty", "kl_terms"]  # kl_terms: defined in _estimators, imported from here by the other ops
 
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
@@ -26,8 +18,8 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
         logprobs: (B, T) (any shape) log pi(a_t | s_t) of the sampled tokens.
         ref_logprobs: same shape, log pi_ref(a_t | s_t).
         estimator: with d = logprobs - ref_logprobs:
-            "k1" = d (unbiased, can be negative), "k2" = d^2 / 2, "k3" = exp(-d) - 1 + d (unbiased, >= 0),
-            "abs" = |d|.
+            "k1" = d (unbiased, can be negative), "k2" = d^2 / 2, "k3" = exp(-d) - 1 + d (unbiased, >= 0;
+            evaluated without cancellation, a Taylor series near d = 0), "abs" = |d|.
 
     Returns:
         fp32 tensor of the same shape (float64 for float64 inputs); differentiable (plain torch ops).

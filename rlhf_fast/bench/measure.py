@@ -23,6 +23,8 @@ from collections.abc import Callable
 
 import torch
 
+from rlhf_fast.ops import fused_linear_logprobs, gae, use_backend
+
 MiB = 1 << 20
 GiB = 1 << 30
 
@@ -105,7 +107,6 @@ def eager_logprobs(hidden, weight, targets, return_entropy: bool = True):
 
 
 def fused_logprobs(hidden, weight, targets, return_entropy: bool = True):
-    from rlhf_fast.ops import fused_linear_logprobs
 
     out = fused_linear_logprobs(hidden, weight, targets, return_entropy=return_entropy, checks=False)
     return out if return_entropy else (out, None)
@@ -145,18 +146,18 @@ def tensor_peak_extra_bytes(fn: Callable[[], object]) -> tuple[int, object]:
 def _rss_child(variant: str, N: int, H: int, V: int, return_entropy: bool, backend: str, rss: bool) -> None:
     """Runs in a fresh process: forward+backward of `variant`, prints as JSON its peak extra RSS (first call,
     if rss) and its peak of live tensor bytes (next call, under torch.profiler)."""
-    os.environ["RLHF_FAST_BACKEND"] = backend
-    hidden, weight, targets = logprobs_inputs(N, H, V, torch.float32, torch.device("cpu"))
-    step = fwd_bwd(LOGPROBS_VARIANTS[variant], hidden, weight, targets, return_entropy)
-    out = {"variant": variant}
-    if rss:
-        gc.collect()
-        base = _rss_bytes()
-        grads = step()
-        out.update(peak_extra_bytes=_maxrss_bytes() - base, rss_after_inputs=base)
-        del grads
-        gc.collect()
-    tensor_peak, grads = tensor_peak_extra_bytes(step)
+    with use_backend(backend):
+        hidden, weight, targets = logprobs_inputs(N, H, V, torch.float32, torch.device("cpu"))
+        step = fwd_bwd(LOGPROBS_VARIANTS[variant], hidden, weight, targets, return_entropy)
+        out = {"variant": variant}
+        if rss:
+            gc.collect()
+            base = _rss_bytes()
+            grads = step()
+            out.update(peak_extra_bytes=_maxrss_bytes() - base, rss_after_inputs=base)
+            del grads
+            gc.collect()
+        tensor_peak, grads = tensor_peak_extra_bytes(step)
     out.update(tensor_peak_extra_bytes=tensor_peak, grad_bytes=sum(g.numel() * g.element_size() for g in grads))
     print(json.dumps(out))
 
@@ -177,7 +178,7 @@ def cpu_peak_extra_bytes_many(variants, N: int, H: int, V: int, *, return_entrop
     And, from a further call in the same process, tensor_peak_extra_bytes: the peak of live tensor bytes from
     torch.profiler's memory events, which does not move with the C allocator's state (rss=False: only this).
     Returns {variant: {"tensor_peak_extra_bytes", "grad_bytes"[, "peak_extra_bytes", "rss_after_inputs"]}}."""
-    env = dict(os.environ, RLHF_FAST_BACKEND=backend)
+    env = dict(os.environ)
     # glibc raises its mmap threshold after each large free, so freed blocks then stay in the heap and RSS
     # counts memory the program no longer holds (seen here: the fused variant read 106 to 162 MiB run to run).
     # A fixed threshold returns every block >= 128 KiB to the OS when freed, so RSS tracks live memory
@@ -272,18 +273,8 @@ def time_python_loop(rewards, values, mask, device, *, budget_s: float) -> tuple
 
 def gae_op(backend: str):
     """A callable (rewards, values, mask) -> (adv, returns) running rlhf_fast.ops.gae on `backend`."""
-    from rlhf_fast.ops import gae
-
     def run(rewards, values, mask):
-        old = os.environ.get("RLHF_FAST_BACKEND")
-        os.environ["RLHF_FAST_BACKEND"] = backend
-        try:
-            return gae(rewards, values, mask, gamma=1.0, lam=0.95)
-        finally:
-            if old is None:
-                os.environ.pop("RLHF_FAST_BACKEND", None)
-            else:
-                os.environ["RLHF_FAST_BACKEND"] = old
+        return gae(rewards, values, mask, gamma=1.0, lam=0.95, backend=backend)
 
     return run
 

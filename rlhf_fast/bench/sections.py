@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import math
-import os
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -18,8 +17,10 @@ from pathlib import Path
 
 import torch
 
+from rlhf_fast import reference as R
 from rlhf_fast.bench import measure as B
 from rlhf_fast.bench import role_model as RM
+from rlhf_fast.ops import use_backend
 
 
 @dataclass
@@ -43,19 +44,6 @@ def section(title, rows, columns, notes=()):
     return {"title": title, "rows": rows, "columns": columns, "notes": list(notes)}
 
 
-@contextlib.contextmanager
-def backend(name: str):
-    old = os.environ.get("RLHF_FAST_BACKEND")
-    os.environ["RLHF_FAST_BACKEND"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("RLHF_FAST_BACKEND", None)
-        else:
-            os.environ["RLHF_FAST_BACKEND"] = old
-
-
 def _short_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
 
@@ -76,25 +64,14 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return num / den if den > 0 else num
 
 
-def _ref_logprobs(logits64, targets, temperature, ignore_index):
-    """Float64 reference: log_softmax(logits / T)[target] and -sum p log p; 0 where ignored."""
-    logp = torch.log_softmax(logits64 / temperature, dim=-1)
+def _plain_logprobs(logits, targets, temperature, ignore_index):
+    """Plain PyTorch in the logits' own dtype (the "plain" baseline of the low-precision rule):
+    log_softmax(logits / T)[target] and -sum p log p; 0 where ignored."""
+    logp = torch.log_softmax(logits / temperature, dim=-1)
     valid = targets != ignore_index
     lp = logp.gather(-1, targets.clamp(min=0)[:, None])[:, 0]
     ent = -(logp.exp() * logp).sum(-1)
     return torch.where(valid, lp, 0.0), torch.where(valid, ent, 0.0)
-
-
-def _ref_ppo_token(lp, old, adv, clip, kl_coef, ref, entropy_coef, ent):
-    ratio = torch.exp(lp - old)
-    l = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip))
-    d = lp - ref
-    return l + kl_coef * (torch.exp(-d) - 1 + d) - entropy_coef * ent
-
-
-def _ref_gae(rewards, values, mask, gamma, lam):
-    adv, ret = B.gae_python_loop(rewards.double(), values.double(), mask.double(), gamma, lam)
-    return adv, ret
 
 
 def _check_fused_linear_logprobs(dtype, dev, shp):
@@ -104,7 +81,7 @@ def _check_fused_linear_logprobs(dtype, dev, shp):
     targets[::7] = -100
     temp = 0.7
     h64, w64, b64 = (x.detach().double().requires_grad_(True) for x in (hidden, weight, bias))
-    lp_r, ent_r = _ref_logprobs(h64 @ w64.T + b64, targets, temp, -100)
+    lp_r, ent_r = R.linear_logprobs_entropy(h64, w64, targets, b64, temp, -100)
     g = torch.autograd.grad(lp_r.sum() + ent_r.sum(), (h64, w64, b64))
     ref = {"logprobs": lp_r, "entropy": ent_r, "grad_hidden": g[0], "grad_weight": g[1], "grad_bias": g[2]}
 
@@ -117,7 +94,7 @@ def _check_fused_linear_logprobs(dtype, dev, shp):
 
     def plain():
         logits = hidden @ weight.T + bias  # (N, V) in the input dtype, as plain PyTorch does
-        lp, ent = _ref_logprobs(logits.float(), targets, temp, -100)
+        lp, ent = _plain_logprobs(logits.float(), targets, temp, -100)
         gr = torch.autograd.grad(lp.sum() + ent.sum(), (hidden, weight, bias))
         return {"logprobs": lp, "entropy": ent, "grad_hidden": gr[0], "grad_weight": gr[1], "grad_bias": gr[2]}
 
@@ -130,7 +107,7 @@ def _check_logprobs_from_logits(dtype, dev, shp):
     targets = torch.randint(0, V, (N,)).to(dev)
     targets[::5] = -100
     l64 = logits.detach().double().requires_grad_(True)
-    lp_r, ent_r = _ref_logprobs(l64, targets, 1.3, -100)
+    lp_r, ent_r = R.logprobs_entropy(l64, targets, 1.3, -100)
     ref = {"logprobs": lp_r, "entropy": ent_r,
            "grad_logits": torch.autograd.grad(lp_r.sum() + ent_r.sum(), l64)[0]}
 
@@ -142,7 +119,7 @@ def _check_logprobs_from_logits(dtype, dev, shp):
                 "grad_logits": torch.autograd.grad(lp.sum() + ent.sum(), logits)[0]}
 
     def plain():
-        lp, ent = _ref_logprobs(logits.float(), targets, 1.3, -100)
+        lp, ent = _plain_logprobs(logits.float(), targets, 1.3, -100)
         return {"logprobs": lp, "entropy": ent,
                 "grad_logits": torch.autograd.grad(lp.sum() + ent.sum(), logits)[0]}
 
@@ -162,18 +139,23 @@ def _check_fused_linear_ppo_loss(dtype, dev, shp):
     kw = dict(kl_coef=0.1, entropy_coef=0.01, clip=0.2)
     h64, w64 = (x.detach().double().requires_grad_(True) for x in (hidden, weight))
 
-    def formula(h, w, logits_dtype=None):
-        logits = (h.reshape(-1, H) @ w.T)
-        lp, ent = _ref_logprobs(logits.double() if logits_dtype is None else logits.float(), targets.reshape(-1),
-                                1.0, -100)
-        tok = _ref_ppo_token(lp, old.reshape(-1).to(lp), adv.reshape(-1).to(lp), kw["clip"], kw["kl_coef"],
-                             ref_lp.reshape(-1).to(lp), kw["entropy_coef"], ent)
-        m = mask.reshape(-1).to(lp)
-        loss = (tok * m).sum() / m.sum()
-        gr = torch.autograd.grad(loss, (h, w))
-        return {"loss": loss, "grad_hidden": gr[0], "grad_weight": gr[1]}
+    loss64 = R.linear_ppo_loss(h64, w64, targets, old, adv, mask, ref_lp=ref_lp, kl_coef=kw["kl_coef"],
+                               kl_estimator="k3", entropy_coef=kw["entropy_coef"], clip_low=kw["clip"])
+    g64 = torch.autograd.grad(loss64, (h64, w64))
+    ref = {"loss": loss64, "grad_hidden": g64[0], "grad_weight": g64[1]}
 
-    ref = formula(h64, w64)
+    def plain():  # the same formula in plain PyTorch, logits in the input dtype
+        logits = hidden.reshape(-1, H) @ weight.T
+        lp, ent = _plain_logprobs(logits.float(), targets.reshape(-1), 1.0, -100)
+        ratio = torch.exp(lp - old.reshape(-1))
+        a = adv.reshape(-1)
+        tok = torch.maximum(-a * ratio, -a * ratio.clamp(1 - kw["clip"], 1 + kw["clip"]))
+        d = lp - ref_lp.reshape(-1)
+        tok = tok + kw["kl_coef"] * (torch.expm1(-d) + d) - kw["entropy_coef"] * ent
+        m = mask.reshape(-1)
+        loss = (tok * m).sum() / m.sum()
+        gr = torch.autograd.grad(loss, (hidden, weight))
+        return {"loss": loss, "grad_hidden": gr[0], "grad_weight": gr[1]}
 
     def run():
         from rlhf_fast.ops import fused_linear_ppo_loss
@@ -184,12 +166,12 @@ def _check_fused_linear_ppo_loss(dtype, dev, shp):
         gr = torch.autograd.grad(loss, (hidden, weight))
         return {"loss": loss, "grad_hidden": gr[0], "grad_weight": gr[1]}
 
-    return run, ref, lambda: formula(hidden, weight, logits_dtype=dtype)
+    return run, ref, plain
 
 
 def _check_gae(dtype, dev, shp):
     r, v, m = B.gae_inputs(shp["B"], shp["T"], dev, seed=4)
-    adv, ret = _ref_gae(r, v, m, 0.99, 0.95)
+    adv, ret = R.gae_loop(r, v, m, 0.99, 0.95)
 
     def run():
         from rlhf_fast.ops import gae
@@ -204,13 +186,8 @@ def _check_kl_penalized_gae(dtype, dev, shp):
     lp, ref_lp, m = B.gae_inputs(shp["B"], shp["T"], dev, seed=5)
     values = torch.randn(shp["B"], shp["T"]).to(dev)
     scores = torch.randn(shp["B"]).to(dev)
-    d = lp.double() - ref_lp.double()
-    rew = torch.where(m != 0, -0.05 * (torch.exp(-d) - 1 + d), 0.0)
-    for b in range(rew.shape[0]):
-        idx = (m[b] != 0).nonzero()
-        if len(idx):
-            rew[b, idx[-1, 0]] += float(scores[b])
-    adv, ret = _ref_gae(rew, values, m, 1.0, 0.95)
+    adv, ret, rew = R.kl_penalized_gae_loop(lp.cpu(), ref_lp.cpu(), values.cpu(), scores.cpu(), m.cpu(), 0.05, 1.0,
+                                            0.95, "k3")
 
     def run():
         from rlhf_fast.ops import kl_penalized_gae
@@ -230,18 +207,10 @@ def _check_elementwise(dtype, dev, shp):
     adv, v, old_v, ret = (torch.randn(Bn, T, generator=g) for _ in range(4))
     m = (torch.rand(Bn, T, generator=g) > 0.3).float()
     c, r = torch.randn(Bn, generator=g), torch.randn(Bn, generator=g)
-    d = lp.double() - ref_lp.double()
-    valid = m != 0
-    mm = m.double()
-    xv = adv.double()[valid]
-    white = torch.where(valid, (adv.double() - xv.mean()) / torch.sqrt(xv.var() + 1e-8), 0.0)
-    ratio = torch.exp(lp.double() - old.double())
-    pl = torch.maximum(-adv.double() * ratio, -adv.double() * ratio.clamp(0.8, 1.2))
-    vl = 0.5 * torch.maximum((v.double() - ret.double()) ** 2,
-                             (old_v.double() + (v.double() - old_v.double()).clamp(-0.2, 0.2) - ret.double()) ** 2)
-    ref = {"kl_k1": d, "kl_k2": d * d / 2, "kl_k3": torch.exp(-d) - 1 + d, "kl_abs": d.abs(),
-           "masked_whiten": white, "ppo_policy_loss": (pl * mm).sum() / mm.sum(),
-           "value_loss": (vl * mm).sum() / mm.sum(),
+    ref = {f"kl_{e}": R.kl(lp, ref_lp, e) for e in ("k1", "k2", "k3", "abs")}
+    ref |= {"masked_whiten": R.masked_whiten(adv, m),
+           "ppo_policy_loss": R.aggregate(R.ppo_token_loss(lp, old, adv, 0.2), m, "token-mean"),
+           "value_loss": R.aggregate(R.value_token_loss(v, old_v, ret, 0.2), m, "token-mean"),
            "bradley_terry_loss": torch.nn.functional.softplus(-(c.double() - r.double())).mean()}
     to = lambda *xs: [x.to(dev) for x in xs]  # noqa: E731
     lp, old, ref_lp, adv, v, old_v, ret, m, c, r = to(lp, old, ref_lp, adv, v, old_v, ret, m, c, r)
@@ -308,7 +277,7 @@ def check_section(run: Run) -> dict:
                     row[b] = "skipped (time budget)"
                     continue
                 try:
-                    with backend(b):
+                    with use_backend(b):
                         out = fn()
                     errs = {k: rel_err(out[k], ref[k]) for k in ref}
                     tols = {k: max(REL_TOL[dtype], 2 * plain_err.get(k, 0.0)) for k in ref}
@@ -434,7 +403,7 @@ def logprobs_section(run: Run) -> dict:
 
     ours = _ours(run)
     fused = lambda ent: B.fwd_bwd(B.fused_logprobs, hidden, weight, targets, ent)  # noqa: E731
-    with backend(ours):
+    with use_backend(ours):
         _measure(run, rows, f"rlhf_fast fused_linear_logprobs ({ours} backend)", fused(True), entropy="yes", **kw)
 
     with torch.no_grad():
@@ -457,7 +426,7 @@ def logprobs_section(run: Run) -> dict:
         notes.append(f"Liger-Kernel not run: {why or 'needs CUDA'}.")
     _measure(run, rows, "eager PyTorch: materialised logits + log_softmax + gather",
              B.fwd_bwd(B.eager_logprobs, hidden, weight, targets, True), entropy="yes", **kw)
-    with backend(ours):
+    with use_backend(ours):
         _measure(run, rows, f"rlhf_fast fused_linear_logprobs ({ours} backend), no entropy", fused(False),
                  entropy="no", **kw)
     if dev.type == "cuda":
@@ -466,7 +435,7 @@ def logprobs_section(run: Run) -> dict:
                  B.fwd_bwd(compiled, hidden, weight, targets, True), entropy="yes", min_left_s=90, **kw)
     else:
         notes.append("torch.compile skipped off CUDA (smoke run).")
-    with backend("torch"):
+    with use_backend("torch"):
         _measure(run, rows, "rlhf_fast fused_linear_logprobs (torch backend)", fused(True), entropy="yes",
                  min_left_s=60, **kw)
     _speedups(rows)
@@ -529,7 +498,7 @@ def ppo_section(run: Run) -> dict:
         return lambda: torch.autograd.grad(fn(hidden, weight, targets, old, adv, ref, mask, kl_coef, clip),
                                            (hidden, weight))
 
-    with backend(_ours(run)):
+    with use_backend(_ours(run)):
         _measure(run, rows, f"rlhf_fast fused_linear_ppo_loss ({_ours(run)} backend)", ours, **kw)
     grpo, why = _liger("liger_kernel.chunked_loss", "LigerFusedLinearGRPOLoss")
     losses = {}
@@ -557,7 +526,7 @@ def ppo_section(run: Run) -> dict:
     with contextlib.suppress(Exception), torch.no_grad():
         from rlhf_fast.ops import fused_linear_ppo_loss
 
-        with backend(_ours(run)):
+        with use_backend(_ours(run)):
             losses["rlhf_fast"] = float(fused_linear_ppo_loss(hidden, weight, targets, old, adv, mask,
                                                               ref_logprobs=ref, kl_coef=kl_coef,
                                                               kl_estimator="k3", clip_low=clip)[0])
@@ -570,7 +539,7 @@ def ppo_section(run: Run) -> dict:
                  eager_with(torch.compile(_eager_ppo_loss, dynamic=False)), min_left_s=90, **kw)
     else:
         notes.append("torch.compile skipped off CUDA (smoke run).")
-    with backend("torch"):
+    with use_backend("torch"):
         _measure(run, rows, "rlhf_fast fused_linear_ppo_loss (torch backend)", ours, min_left_s=60, **kw)
     _speedups(rows)
     notes.append(f"{str(dtype)[6:]}, B={Bn}, T={T} (N={N}), H={H}, V={V}; clipped surrogate (clip {clip}) + "
@@ -689,7 +658,7 @@ def cpu_logprobs_section(run: Run, *, N: int = 4096, H: int = 256, V: int = 3276
     mems = B.cpu_peak_extra_bytes_many(["fused", "materialised"], N, H, V, backend="torch")
     for variant, label in (("fused", "rlhf_fast fused_linear_logprobs (torch backend)"),
                            ("materialised", "materialised logits + log_softmax + gather")):
-        with backend("torch"):
+        with use_backend("torch"):
             ms = run.timed(B.fwd_bwd(B.LOGPROBS_VARIANTS[variant], hidden, weight, targets, False),
                            rep_ms=1e9, max_reps=3)
         mem = mems[variant]

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from rlhf_fast.reference import kl as ref_kl
 from tests.tolerances import assert_close
 
 K = pytest.importorskip("rlhf_fast.kernels.logprobs")
@@ -29,9 +30,7 @@ def ref_token_loss(lp, ent, old, adv, ref, estimator, dual_clip):
         pg = torch.where(adv < 0, torch.minimum(pg, -adv * dual_clip), pg)
     loss = pg - ENT_COEF * ent
     if ref is not None:
-        d = lp - ref
-        kl = {0: d, 1: d * d / 2, 2: torch.exp(-d) - 1 + d, 3: d.abs()}[estimator]
-        loss = loss + KL_COEF * kl
+        loss = loss + KL_COEF * ref_kl(lp, ref, estimator)
     return loss
 
 

@@ -6,10 +6,13 @@
     rlhf-fast demo  --out DIR                                              the embedded end-to-end demo
     rlhf-fast bench ...                                                    benchmarks
 
-The options of sft, rm and ppo are generated from SFTConfig, RMConfig and PPOConfig (nested dataclasses are
+The options of sft, rm, ppo and grpo are generated from their config dataclasses (nested dataclasses are
 flattened); `--config run.yaml` supplies any of them (flat, or nested under `optim:` / `lora:`) and flags
-given on the command line override it. Usage errors (bad options, missing or malformed files, a model
-folder without a tokenizer) print one line and exit with code 2, before anything is written.
+given on the command line override it. A boolean option takes TRL's forms and ours: `--progress`,
+`--progress true|false` (also yes/no, on/off, 1/0), `--no-progress` or `--no_progress`. A list option takes
+`--lora_target_modules q_proj,v_proj` or a YAML list. Usage errors (bad options, missing, unreadable or
+malformed files, a model folder without a tokenizer or whose weights do not load) print one line and exit
+with code 2, before anything is written.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import os
 import sys
 import typing
 
@@ -130,6 +134,17 @@ def _argparse_type(conv):
     return f
 
 
+def _shown(v) -> str:
+    """A default as one would type it: true/false, none, comma-separated lists."""
+    if isinstance(v, bool):
+        return str(v).lower()
+    if v is None:
+        return "none"
+    if isinstance(v, (list, tuple)):
+        return ",".join(map(str, v))
+    return str(v)
+
+
 def build_parser(stage: str) -> argparse.ArgumentParser:
     cls, _, desc = _stages()[stage]
     p = argparse.ArgumentParser(prog=f"rlhf-fast {stage}", description=f"{desc}. {cls.__doc__ or ''}".strip(),
@@ -142,11 +157,16 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
             groups[o.group] = p.add_argument_group(f"{o.group} options")
         choices = o.field.metadata.get("choices")
         helptext = o.field.metadata.get("help", "") + (f"; one of {', '.join(choices)}" if choices else "")
-        helptext = f"{helptext} (default: {o.default})"
-        flags = [f"--{o.name}"] + ([f"--{o.name.replace('_', '-')}"] if "_" in o.name else [])
+        if "default:" not in helptext:  # a help that explains its default itself (clip_high) keeps its own
+            helptext = f"{helptext} (default: {_shown(o.default)})"
+        names = [o.name] + ([o.name.replace("_", "-")] if "_" in o.name else [])
+        flags = [f"--{n}" for n in names]
         conv = _converter(o.type, o.name)
-        if conv.__name__ == "bool":
-            groups[o.group].add_argument(*flags, dest=o.name, action=argparse.BooleanOptionalAction, help=helptext)
+        if conv.__name__ == "bool":  # --flag, --flag true|false (TRL / HfArgumentParser), --no-flag, --no_flag
+            groups[o.group].add_argument(*flags, dest=o.name, nargs="?", const=True, type=_argparse_type(conv),
+                                         metavar="true|false", help=f"{helptext}; --no-{names[-1]} turns it off")
+            negative = dict.fromkeys(f"--no{sep}{n}" for n in names for sep in ("-", "_"))
+            groups[o.group].add_argument(*negative, dest=o.name, action="store_false", help=argparse.SUPPRESS)
         else:
             groups[o.group].add_argument(*flags, dest=o.name, type=_argparse_type(conv), help=helptext,
                                          choices=choices, metavar=o.name.upper())
@@ -156,13 +176,19 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
 def _read_yaml(path: str) -> dict:
     import yaml
 
+    if os.path.isdir(path):
+        raise UsageError(f"config file {path!r} is a folder, not a YAML file")
     try:
-        with open(path) as fh:
+        with open(path, encoding="utf-8") as fh:
             data = yaml.safe_load(fh)
     except FileNotFoundError:
         raise UsageError(f"config file {path!r} does not exist") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"config file {path!r} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise UsageError(f"config file {path!r} is unreadable: {e.strerror or e}") from None
     except yaml.YAMLError as e:
-        raise UsageError(f"config file {path!r} is not valid YAML: {e}") from None
+        raise UsageError(f"config file {path!r} is not valid YAML: {' '.join(str(e).split())}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -180,7 +206,10 @@ def make_config(stage: str, argv: list[str]):
     values: dict[str, typing.Any] = {}
     if "config" in args:
         for key, v in _read_yaml(args.pop("config")).items():
-            if key in groups and isinstance(v, dict):  # nested: `lora: {r: 8}` (or `lora: {lora_r: 8}`)
+            if key in groups and not isinstance(v, dict):
+                raise UsageError(f"config file: {key!r} must hold a mapping of its options (e.g. {key}: {{...}}), "
+                                 f"got {v!r}")
+            if key in groups:  # nested: `lora: {r: 8}` (or `lora: {lora_r: 8}`)
                 for k2, v2 in v.items():
                     o = by_leaf.get((key, k2)) or (options[k2] if options.get(k2) and options[k2].group == key
                                                    else None)
@@ -230,6 +259,12 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _one_line(e: BaseException) -> str:
+    # the first line: messages passed on from transformers or peft may carry paragraphs of advice
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -248,13 +283,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from rlhf_fast.data.jsonl import DataError
     from rlhf_fast.errors import ConfigError
+    from rlhf_fast.rl.rewards import RewardFunctionError
+    from rlhf_fast.trainers.loop import TrainingDiverged
 
     try:
         cfg = make_config(cmd, rest)
         result = _stages()[cmd][1](cfg)
-    except (UsageError, ConfigError, DataError, FileNotFoundError) as e:
-        print(f"rlhf-fast {cmd}: error: {e}", file=sys.stderr)
+    except (UsageError, ConfigError, DataError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
+            PermissionError) as e:
+        print(f"rlhf-fast {cmd}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except (TrainingDiverged, RewardFunctionError) as e:  # the run started but cannot go on: exit 1, one line
+        print(f"rlhf-fast {cmd}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
     except SystemExit as e:  # argparse: bad flag (code 2) or --help (code 0)
         return int(e.code or 0)
     metrics = {k: round(v, 4) for k, v in result["metrics"].items() if isinstance(v, float)}

@@ -2,6 +2,8 @@
 
 Training batches are right-padded; prompts for generation are left-padded so every row's last prompt
 token sits in the last column. Per-token masks are aligned with input_ids: mask[:, t] refers to token t.
+Every mask is int64 with values 0 and 1 only: the role model and the ops read any nonzero value as 1 (they
+take mask.bool() or multiply by it as a 0/1 weight), so a hand-built mask with other values is not a weighting.
 """
 
 from __future__ import annotations

@@ -7,8 +7,10 @@
 - PPO prompts: {"prompt": str}  or  {"messages": [...]}
 - PTX text:    {"text": str}
 
-A malformed line raises DataError naming the file and the line number. Encoding turns records into
-token-id examples (what the trainers consume) with the tokenizer's chat template when it has one.
+Files are UTF-8. A malformed line (not UTF-8, not JSON, a missing or mistyped field) raises DataError naming
+the file and the line number. Encoding turns records into token-id examples (what the trainers consume) with
+the tokenizer's chat template when it has one. Preference pairs whose two responses are identical are
+dropped by the reward trainer (drop_tied_pairs), with a warning that counts them.
 """
 
 from __future__ import annotations
@@ -26,20 +28,30 @@ def read_jsonl(path: str) -> list[tuple[int, dict]]:
     """(line number, object) for every non-blank line of `path`."""
     if not path:
         raise DataError("no data file given (--data, a JSONL file)")
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a folder, expected a JSONL file")
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{no}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{no}: expected a JSON object, got {type(obj).__name__}")
-            out.append((no, obj))
+    try:
+        with open(path, "rb") as f:  # bytes, so that a line that is not UTF-8 can be named
+            for no, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8-sig" if no == 1 else "utf-8")  # -sig: a leading BOM is not JSON
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}:{no}: not UTF-8 text (byte {e.start + 1} of the line: {e.reason}); "
+                                    "JSONL files must be UTF-8") from None
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{no}: not valid JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(obj, dict):
+                    raise DataError(f"{path}:{no}: expected a JSON object, got {type(obj).__name__}")
+                out.append((no, obj))
+    except OSError as e:
+        raise DataError(f"{path}: unreadable ({e.strerror or e})") from None
     if not out:
         raise DataError(f"{path}: the file holds no records")
     return out
@@ -215,6 +227,34 @@ def check_examples(examples: list[dict], keys: tuple[str, ...], what: str) -> No
             if k not in ex:
                 raise DataError(f"{what}: example {i} lacks {k!r} (has {sorted(ex)})")
 
+
+
+def drop_tied_pairs(examples: list[dict], what: str) -> tuple[list[dict], int, int]:
+    """Rankings without the pairs that can teach no preference: two responses with the same token ids. They come
+    from chosen == rejected, a response listed twice in a ranking, or two responses that are equal once cut to
+    the context; trained on, such a pair pins its loss at log 2 and pulls nothing apart.
+
+    Call after the responses are cut to the context (fit_context). A response listed twice keeps its first, i.e.
+    best, place (the later copy's pairs would contradict it); an example left with fewer than 2 distinct
+    responses is dropped whole. Returns (examples, dropped pairs, pairs before); DataError when none is left.
+    """
+    out, dropped, total = [], 0, 0
+    for e in examples:
+        resp = e["response_ids"]
+        k = len(resp)
+        seen, kept = set(), []
+        for r in resp:
+            if tuple(r) not in seen:
+                seen.add(tuple(r))
+                kept.append(r)
+        total += k * (k - 1) // 2
+        dropped += k * (k - 1) // 2 - len(kept) * (len(kept) - 1) // 2
+        if len(kept) >= 2:
+            out.append(e if len(kept) == k else dict(e, response_ids=kept))
+    if total and not out:
+        raise DataError(f"{what}: every pair has two identical responses (chosen == rejected, or equal once cut "
+                        "to max_length): nothing to train on")
+    return out, dropped, total
 
 
 def fit_context(examples: list[dict], max_length: int, what: str) -> list[dict]:

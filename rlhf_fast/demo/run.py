@@ -194,7 +194,7 @@ def _strip_eos(text: str) -> str:
 def _ppo_config(cfg: DemoConfig, work: str, name: str, kl_coef: float, steps: int):
     from rlhf_fast.trainers import LoraSettings, OptimConfig, PPOConfig
 
-    return PPOConfig(data=os.path.join(work, "data", "prompts.jsonl"), out_dir=os.path.join(work, name),
+    return PPOConfig(data=os.path.join(work, "data", "prompts.jsonl"), out_dir=os.path.join(work, name), overwrite=True,
                      seed=cfg.seed, max_length=40, batch_size=cfg.ppo_batch, max_steps=steps,
                      response_length=RESPONSE_LENGTH, ppo_epochs=cfg.ppo_epochs,
                      num_minibatches=cfg.ppo_minibatches, kl_coef=kl_coef, missing_eos_penalty=1.0,
@@ -262,7 +262,7 @@ def run(cfg: DemoConfig) -> dict:
 
     # SFT on demonstrations, read from a real JSONL file through the product's loader.
     sft_path = write_jsonl(os.path.join(work, "data", "sft.jsonl"), task.sft_examples(cfg.sft_examples, seed=cfg.seed + 1))
-    sft_cfg = SFTConfig(data=sft_path, out_dir=os.path.join(work, "sft"), seed=cfg.seed, max_length=40,
+    sft_cfg = SFTConfig(data=sft_path, out_dir=os.path.join(work, "sft"), overwrite=True, seed=cfg.seed, max_length=40,
                         batch_size=64 if cfg.sft_examples >= 64 else cfg.sft_examples, epochs=cfg.sft_epochs,
                         progress=cfg.progress, merge=True, optim=OptimConfig(lr=cfg.sft_lr),
                         lora=LoraSettings(r=cfg.sft_lora_r, alpha=2.0 * cfg.sft_lora_r))
@@ -289,7 +289,8 @@ def run(cfg: DemoConfig) -> dict:
     val_path = write_jsonl(os.path.join(work, "data", "prefs_val.jsonl"), val_pairs)
     t = lap("label", t)
 
-    rm_cfg = RMConfig(data=pref_path, val_data=val_path, out_dir=os.path.join(work, "rm"), seed=cfg.seed,
+    rm_cfg = RMConfig(data=pref_path, val_data=val_path, out_dir=os.path.join(work, "rm"), overwrite=True,
+                      seed=cfg.seed,
                       max_length=40, batch_size=cfg.rm_batch, epochs=cfg.rm_epochs, progress=cfg.progress,
                       optim=OptimConfig(lr=cfg.rm_lr), lora=LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha))
     rm = train_rm(rm_cfg, model=model, tokenizer=tok)

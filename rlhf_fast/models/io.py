@@ -63,6 +63,9 @@ def base_fingerprint(model) -> str:
 def read_settings(path: str | os.PathLike) -> dict:
     """role_model.json of a RoleModel folder; ConfigError when the folder is not one or the file is unreadable."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"RoleModel folder {str(path)!r} is a file, not a folder (expected the out_dir/model "
+                          "folder a trainer writes)")
     if not path.is_dir():
         raise ConfigError(f"RoleModel folder {str(path)!r} does not exist")
     f = path / SETTINGS_FILE
@@ -70,15 +73,25 @@ def read_settings(path: str | os.PathLike) -> dict:
         raise ConfigError(f"{str(path)!r} is not a RoleModel folder (no {SETTINGS_FILE}; expected the "
                           "out_dir/model folder a trainer writes)")
     try:
-        return json.loads(f.read_text())
+        settings = json.loads(f.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise ConfigError(f"{f} is unreadable: {e}") from e
+    if not isinstance(settings, dict) or not isinstance(settings.get("lora"), dict):
+        raise ConfigError(f"{f} is not a RoleModel settings file (no 'lora' settings in it)")
+    return settings
+
+
+def _lora_settings(saved, f: str) -> LoraSettings:
+    try:
+        return LoraSettings(**saved)
+    except TypeError as e:  # unknown or missing keys (a file from another version, or edited)
+        raise ConfigError(f"{f} records LoRA settings this version cannot use ({saved!r}): {e}") from e
 
 
 def adapter_settings(settings: dict, name: str) -> LoraSettings:
     """The LoRA settings adapter `name` was saved with (per adapter when recorded, else the shared ones)."""
-    per = settings.get("adapter_lora", {}).get(name) or settings["lora"]
-    return LoraSettings(**per)
+    per = (settings.get("adapter_lora") or {}).get(name) or settings["lora"]
+    return _lora_settings(per, SETTINGS_FILE)
 
 
 # ----------------------------------------------------------------------------------------------- save
@@ -208,7 +221,7 @@ def load(cls, path: str | os.PathLike, base=None, *, dtype: torch.dtype | None =
         base = path / "base" if (path / "base" / "config.json").is_file() else settings.get("base_model")
     if base is None:
         raise ConfigError(f"{str(path)!r} holds no base model and records none: pass base=")
-    model = cls.from_pretrained(base, lora=LoraSettings(**settings["lora"]), dtype=dtype,
+    model = cls.from_pretrained(base, lora=_lora_settings(settings["lora"], SETTINGS_FILE), dtype=dtype,
                                 attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
                                 gradient_checkpointing=gradient_checkpointing)
     load_adapters(model, path)
@@ -237,6 +250,8 @@ def load_tokenizer(path: str):
     """The tokenizer of a local model folder (pad = EOS when it has no pad token); ConfigError when there is none."""
     if not path:
         raise ConfigError("--model is required: a local transformers model folder")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"model folder {path!r} is a file: --model takes a local transformers model folder")
     if not os.path.isdir(path):
         raise ConfigError(f"model folder {path!r} does not exist")
     try:

@@ -38,11 +38,13 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from rlhf_fast import ops
+from rlhf_fast.errors import ConfigError
 from rlhf_fast.models import generation, io
 from rlhf_fast.models.conventions import (
     ADAPTERS,
@@ -139,6 +141,43 @@ def _check_local_model_dir(path: Path) -> None:
         raise ValueError(f"model path {str(path)!r} holds no transformers model (no config.json in it)")
 
 
+class ModelLoadError(ConfigError):
+    """A model folder whose weights do not load (truncated or corrupt safetensors, a config.json that does not
+    match the weights, ...); a ConfigError, hence a ValueError: the trainers and the CLI report it in one line,
+    after the folder's path (the message does not repeat it)."""
+
+
+def _load_causal_lm(path: Path, attns: list[str], kwargs: dict):
+    # Whatever transformers raises for a broken folder (SafetensorError, RuntimeError on a size mismatch, ...)
+    # becomes one ModelLoadError line; OSError (no weights file, unreadable config.json) names the file itself.
+    try:
+        for attn in attns[:-1]:
+            try:
+                return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, **kwargs)
+            except (ValueError, ImportError):
+                pass  # the architecture does not support this attention implementation: try the next
+        return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attns[-1], **kwargs)
+    except (ImportError, OSError):
+        raise
+    except ValueError as e:
+        raise ModelLoadError(_first_line(e)) from e
+    except SafetensorError as e:
+        raise ModelLoadError(f"its safetensors weights are unreadable (truncated or corrupt?): {_first_line(e)}") from e
+    except RuntimeError as e:
+        if "mismatch" in str(e):
+            raise ModelLoadError("its weights do not match its config.json (a tensor's shape differs from what the "
+                                 "config's sizes, e.g. hidden_size or vocab_size, imply)") from e
+        raise ModelLoadError(f"its weights do not load: {_first_line(e)}") from e
+    except (KeyError, TypeError, AttributeError) as e:  # a config.json transformers cannot make sense of
+        raise ModelLoadError(f"its config.json does not describe a loadable model ({type(e).__name__}: "
+                             f"{_first_line(e)})") from e
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
 # ----------------------------------------------------------------------------------------------- the model
 
 class RoleModel(nn.Module):
@@ -208,13 +247,7 @@ class RoleModel(nn.Module):
             # "auto": the first of these the architecture supports
             tries = ([_resolve_attn("auto", dtype), "sdpa", "eager"] if attn_implementation == "auto"
                      else [attn_implementation])
-            for i, attn in enumerate(dict.fromkeys(tries)):
-                try:
-                    lm = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, **kwargs)
-                    break
-                except (ValueError, ImportError):
-                    if i == len(dict.fromkeys(tries)) - 1:
-                        raise
+            lm = _load_causal_lm(path, list(dict.fromkeys(tries)), kwargs)
             if tokenizer is None and any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
                 tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
             name = str(path.resolve())

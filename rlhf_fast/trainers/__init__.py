@@ -16,5 +16,5 @@ from rlhf_fast.trainers.ppo import PPOConfig, train_ppo
 from rlhf_fast.trainers.rm import RMConfig, train_rm
 from rlhf_fast.trainers.sft import SFTConfig, train_sft
 
-__all__ = ["AdaptiveKLController", "ConfigError", "FixedKLController", "LoraSettings", "OptimConfig", "PPOConfig",
-           "RMConfig", "SFTConfig", "TrainConfig", "train_ppo", "train_rm", "train_sft"]
+__all__ = ["AdaptiveKLController", "ConfigError", "FixedKLController", "LoraSettings", "OptimConfig",
+           "PPOConfig", "RMConfig", "SFTConfig", "TrainConfig", "train_ppo", "train_rm", "train_sft"]

@@ -7,14 +7,20 @@ shows the help strings.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import math
+import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from rlhf_fast.errors import ConfigError
 from rlhf_fast.models import LoraSettings
 
-__all__ = ["ConfigError", "LoraSettings", "OptimConfig", "TrainConfig", "option"]
+__all__ = ["ConfigError", "LoraSettings", "OptimConfig", "TrainConfig", "check_finite", "option",
+           "quiet_libraries", "quiet_unless_progress"]
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, factory=None, choices=None):
@@ -25,6 +31,32 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, factory=None, 
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def check_finite(cfg, prefix: str = "") -> None:
+    """ConfigError for any float field of the dataclass `cfg` (nested ones included) that is inf or nan: such a
+    value (`--lr inf`, `--kl_coef 1e400`, which parses to inf) passes every range check written as a
+    comparison and then poisons training. Names are the CLI's: nested fields keep their group's prefix where the
+    CLI adds one (lora_alpha), else their own name (lr)."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            check_finite(v, "lora_" if f.name == "lora" else "")
+        elif isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{prefix}{f.name} must be a finite number, got {v}")
+
+
+def check_out_dir(path: str) -> None:
+    """out_dir must be a folder or creatable as one: not empty, not an existing file, no file on its way."""
+    if not path:
+        raise ConfigError("out_dir must name a folder, got an empty string")
+    p = os.path.abspath(path)
+    if os.path.exists(p) and not os.path.isdir(p):
+        raise ConfigError(f"out_dir {path!r} is a file, not a folder")
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        raise ConfigError(f"out_dir {path!r} cannot be created: {p!r} is a file")
 
 
 # ----------------------------------------------------------------------------------------- configs
@@ -42,14 +74,18 @@ class OptimConfig:
     max_grad_norm: float = option(1.0, "clip the global gradient norm to this (0: no clipping)")
 
     def validate(self) -> None:
+        check_finite(self)
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ConfigError(f"beta1 and beta2 must lie in [0, 1), got {self.beta1}, {self.beta2}")
+        if not self.eps > 0:
+            raise ConfigError(f"eps must be > 0, got {self.eps}")
         if self.warmup_steps < 0 or self.max_grad_norm < 0:
-            raise ConfigError("warmup_steps and max_grad_norm must be >= 0")
+            raise ConfigError(f"warmup_steps and max_grad_norm must be >= 0, got {self.warmup_steps}, "
+                              f"{self.max_grad_norm}")
         if self.lr_scheduler not in ("constant", "linear", "cosine"):
             raise ConfigError(f"lr_scheduler must be constant, linear or cosine, got {self.lr_scheduler!r}")
 
@@ -61,7 +97,7 @@ class TrainConfig:
     model: str = option("", "local transformers model folder (weights and tokenizer)")
     data: str = option("", "training data, JSONL")
     out_dir: str = option("out", "output folder: final adapters/heads, checkpoints/, metrics.jsonl")
-    seed: int = option(0, "random seed (data order, dropout, sampling)")
+    seed: int = option(0, "random seed (data order, dropout, sampling), in [0, 2**32)")
     device: str = option("auto", "auto, cpu or cuda[:n]")
     dtype: str = option("auto", "base model dtype (auto: as saved)", choices=("auto", "float32", "bfloat16",
                                                                            "float16"))
@@ -70,10 +106,16 @@ class TrainConfig:
     max_steps: int = option(0, "optimiser steps (0: epochs x steps per epoch)")
     epochs: int = option(1, "passes over the data when max_steps is 0")
     log_every: int = option(1, "write metrics every N steps")
-    checkpoint_every: int = option(0, "checkpoint every N steps (0: only at the end)")
+    checkpoint_every: int = option(0, "also checkpoint every N steps (0: off; checkpoint_minutes still "
+                                      "checkpoints every 10 minutes by default, and the end is always saved)")
+    checkpoint_minutes: float = option(10.0, "also checkpoint when this many minutes have passed since the last "
+                                             "checkpoint (0: off)")
     keep_checkpoints: int = option(2, "how many recent checkpoints to keep")
     resume: bool = option(False, "continue from the latest checkpoint in out_dir/checkpoints")
-    progress: bool = option(True, "show a progress bar with live metrics")
+    overwrite: bool = option(False, "start afresh in an out_dir that holds another run: delete its checkpoints "
+                                    "and logs")
+    progress: bool = option(True, "show a progress bar with live metrics (off: also no progress bars, logs or "
+                                  "deprecation warnings from transformers and peft)")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward to save memory")
     optim: OptimConfig = option(factory=OptimConfig, help="optimiser")
     lora: LoraSettings = option(factory=lambda: LoraSettings(r=8, alpha=16.0),
@@ -81,6 +123,11 @@ class TrainConfig:
                                      "--lora_target_modules)")
 
     def validate(self) -> None:
+        """ConfigError for an option out of range (every float must also be finite) or an out_dir that cannot
+        be a folder; called first by every trainer, so nothing is written for a bad config."""
+        check_finite(self)
+        if isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must lie in [0, 2**32), got {self.seed}")
         if self.max_length <= 1:
             raise ConfigError(f"max_length must be > 1, got {self.max_length}")
         if self.batch_size <= 0:
@@ -89,7 +136,48 @@ class TrainConfig:
             raise ConfigError("max_steps must be >= 0 and epochs > 0")
         if self.log_every <= 0 or self.checkpoint_every < 0 or self.keep_checkpoints <= 0:
             raise ConfigError("log_every and keep_checkpoints must be > 0, checkpoint_every >= 0")
+        if self.checkpoint_minutes < 0:
+            raise ConfigError(f"checkpoint_minutes must be >= 0, got {self.checkpoint_minutes}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         self.optim.validate()
         self.lora.validate()
+        check_out_dir(self.out_dir)
+
+
+# ----------------------------------------------------------------------------------------- quiet
+@contextlib.contextmanager
+def quiet_libraries(quiet: bool = True):
+    """With `quiet`: no progress bars ("Loading weights", "Writing model shards") or info/warning logs from
+    transformers and huggingface_hub, and none of the deprecation FutureWarnings transformers and peft raise on
+    each other's calls (nothing a user of rlhf-fast can act on). Errors, and warnings of ours (UserWarning),
+    still show. The previous state is restored on exit."""
+    if not quiet:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)(\.|$)")
+            # raised by transformers' forward but attributed to torch's Module.__call__ (its stacklevel)
+            warnings.filterwarnings("ignore", category=FutureWarning, message=r"`past_key_values` is deprecated")
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def quiet_unless_progress(train):
+    """Decorator of the train_* functions: quiet_libraries() for the whole run when cfg.progress is off."""
+
+    @functools.wraps(train)
+    def run(cfg, *args, **kwargs):
+        with quiet_libraries(not cfg.progress):
+            return train(cfg, *args, **kwargs)
+
+    return run

@@ -5,22 +5,31 @@ data order, resuming, checkpoints, the metrics log and the progress bar, so a tr
         for step in run:                          # 1, 2, ..., run.total (from the checkpoint on --resume)
             batch = ...[run.sampler.next()]
             loss = ...; loss.backward()
-            run.apply(loss)                       # clip, step (or skip a non-finite update), zero the grads
+            run.apply(loss)                       # clip, step (undo a non-finite update), zero the grads
             if run.logging_now():
                 run.log_row({...}, shown=("loss",))
-    # leaving the block without an error writes the final checkpoint
+        run.finish()                              # the final checkpoint (else written when the block ends)
+        model.save(...)                           # inside the block: the out_dir stays locked until it is written
+
+Safety, all in Run: the out_dir is locked for the run's life (a second run into it is refused); a new run refuses
+an out_dir that holds another run unless cfg.overwrite; checkpoint rotation only deletes this run's checkpoints;
+--resume refuses changed options that would change the data order or the parameter shapes (RESUME_RULES) and
+applies the others; an update that leaves non-finite weights is undone; a run that stops making updates raises
+TrainingDiverged; checkpoints are written every cfg.checkpoint_every steps and every cfg.checkpoint_minutes.
 
 Also the small helpers around it: device, seeds, the tokenizer and RoleModel a config names.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
 import os
 import random
 import time
+import uuid
 import warnings
 from collections.abc import Iterable, Iterator
 
@@ -31,6 +40,11 @@ from rlhf_fast.models import RoleModel
 from rlhf_fast.models.io import load_tokenizer
 from rlhf_fast.trainers import checkpoint as ckpt
 from rlhf_fast.trainers.config import ConfigError, OptimConfig, TrainConfig
+
+
+class TrainingDiverged(RuntimeError):
+    """The run stopped making updates: `diverged_after(total)` consecutive steps had every update skipped (a
+    non-finite loss, gradient norm or updated weight). The `rlhf-fast` command reports it in one line, exit 1."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -109,16 +123,6 @@ def eos_id(tokenizer, model=None) -> int | None:
     return None
 
 
-def resume_point(cfg: TrainConfig, root: str) -> str | None:
-    """The checkpoint to resume from when cfg.resume (the latest complete one), else None."""
-    if not cfg.resume:
-        return None
-    latest = ckpt.latest_checkpoint(root)
-    if latest is None:
-        warnings.warn(f"resume: no checkpoint in {root}; starting from step 0", stacklevel=3)
-    return latest
-
-
 # ----------------------------------------------------------------------------------------- optimiser
 def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
@@ -142,20 +146,63 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: i
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+# A weight past sqrt(float32 max) ~ 1.8e19 counts as non-finite: its square, or its product with another such
+# weight (LoRA's B @ A, a norm's mean square), overflows. lr=1e30 moves LoRA weights to ~1e30 in one AdamW step
+# whose loss and gradients are finite; the next forward is NaN (seen: SFT saved a NaN base, PPO crashed in
+# torch.multinomial). Real weights of these models are O(1).
+BLOWN_UP = math.sqrt(torch.finfo(torch.float32).max)
+
+
+def _snapshot(params: list[torch.nn.Parameter], opt) -> tuple[list[torch.Tensor], dict]:
+    # the trainable weights and their optimiser state: adapters and heads are small, a copy costs little
+    weights = [p.detach().clone() for p in params]
+    state = {p: {k: v.clone() if torch.is_tensor(v) else copy.deepcopy(v) for k, v in opt.state[p].items()}
+             for p in params if p in opt.state}
+    return weights, state
+
+
+def _restore(params: list[torch.nn.Parameter], opt, snap: tuple[list[torch.Tensor], dict]) -> None:
+    weights, state = snap
+    with torch.no_grad():
+        for p, w in zip(params, weights):
+            p.copy_(w)
+    for p in params:
+        if p in state:
+            opt.state[p] = state[p]
+        else:
+            opt.state.pop(p, None)
+
+
 def apply_gradients(loss: torch.Tensor, params: list[torch.nn.Parameter], opt, sched,
                     max_grad_norm: float) -> tuple[bool, float]:
-    """Clip and step unless the loss or the gradient norm is not finite; then the step is dropped.
+    """Clip and step; undo the step when the loss, the gradient norm or an updated weight is not finite (or past
+    BLOWN_UP): the weights and the optimiser state are put back as they were before it.
 
-    Returns (applied, grad_norm). The caller has already run loss.backward(). A skipped step also
-    leaves the schedule where it was, so a run with one bad batch stays on the same lr curve.
+    Returns (applied, grad_norm). The caller has already run loss.backward(). A skipped step also leaves the
+    schedule where it was, so a run with one bad batch stays on the same lr curve. One host synchronisation.
     """
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
-    ok = bool(torch.isfinite(loss.detach()).all()) and bool(torch.isfinite(norm))
+    snap = _snapshot(params, opt)
+    opt.step()
+    dev = norm.device
+    worst = torch.zeros((), device=dev)  # the largest |weight| after the step; NaN propagates
+    if params:  # _foreach_norm: one multi-tensor kernel, as clip_grad_norm_ itself uses
+        maxes = torch._foreach_norm([p.detach() for p in params], float("inf"))
+        worst = torch.stack([m.float().to(dev) for m in maxes]).max()
+    ok_t = torch.isfinite(loss.detach()).all().to(dev) & torch.isfinite(norm) & (worst <= BLOWN_UP)
+    ok, gnorm = torch.stack([ok_t.float(), norm.float()]).tolist()  # the one host synchronisation
     if ok:
-        opt.step()
         sched.step()
+    else:
+        _restore(params, opt, snap)
     opt.zero_grad(set_to_none=True)
-    return ok, float(norm)
+    return bool(ok), gnorm
+
+
+def diverged_after(total: int) -> int:
+    """How many consecutive steps without an applied update stop a run of `total` steps: 3, or 1% of a long
+    run, at most 100 (an occasional bad batch is skipped and counted; a streak means the run cannot go on)."""
+    return max(3, min(100, total // 100))
 
 
 # ----------------------------------------------------------------------------------------- data order
@@ -201,6 +248,29 @@ def _scalar(v) -> float:
     return float(v)
 
 
+def read_metrics(path: str) -> list[dict]:
+    """The rows of a metrics.jsonl. A partial last line (a kill while it was written) is dropped with a warning;
+    any other line that is not a JSON object is a ConfigError naming the file and line."""
+    with open(path) as f:
+        lines = f.readlines()
+    rows = []
+    for i, ln in enumerate(lines, 1):
+        if not ln.strip():
+            continue
+        try:
+            row = json.loads(ln)
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        elif i == len(lines) and not ln.endswith("\n"):
+            warnings.warn(f"{path}:{i}: dropping a partial last line (the run was killed while writing it)",
+                          stacklevel=3)
+        else:
+            raise ConfigError(f"{path}:{i}: not a JSON object; repair or delete the line to resume")
+    return rows
+
+
 class MetricsLogger:
     """One JSON object per logged step in `path`, and TensorBoard scalars when tensorboard imports."""
 
@@ -209,8 +279,7 @@ class MetricsLogger:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         if resume_step is not None and os.path.exists(path):
             # drop what was logged after the checkpoint we resume from: it will be logged again
-            with open(path) as f:
-                keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            keep = [json.dumps(row) + "\n" for row in read_metrics(path) if row.get("step", 0) <= resume_step]
             tmp = path + ".tmp"
             with open(tmp, "w") as f:
                 f.writelines(keep)
@@ -263,6 +332,90 @@ def peak_memory_mb(device: torch.device) -> float:
         return float("nan")
 
 
+# ----------------------------------------------------------------------------------------- resuming
+MATCH, CHANGE, IGNORE = "must match", "may change", "not compared"
+
+# What --resume does with an option whose value differs from the config the checkpoint was trained with, by
+# config field ("group.field" or the whole "group" for nested ones). MATCH: refused with a ConfigError naming
+# the option and both values (it changes the data order or the parameter shapes, or the state a checkpoint
+# holds); CHANGE: applied from the resumed step on and reported in a warning. A field this table does not name
+# (a new option, a new trainer's) must match, to be safe.
+RESUME_RULES: dict[str, str] = {
+    "out_dir": IGNORE, "resume": IGNORE, "overwrite": IGNORE,
+    # the parameters' shapes and values, the data and its order
+    "model": MATCH, "lora": MATCH, "dtype": MATCH, "data": MATCH, "seed": MATCH, "batch_size": MATCH,
+    "max_length": MATCH, "val_data": MATCH, "val_fraction": MATCH,  # rm: the validation split takes training data
+    "reward_model": MATCH, "response_length": MATCH, "ppo_epochs": MATCH, "num_minibatches": MATCH,  # ppo
+    "ptx_data": MATCH, "ptx_coef": MATCH, "ptx_batch_size": MATCH,  # ppo: the PTX sampler is checkpoint state
+    # applied: the optimiser's hyper-parameters are re-set after its state is loaded, the schedule is rebuilt
+    # from the current options (and the new max_steps / epochs), the KL controller's beta is set to kl_coef
+    "optim": CHANGE, "kl_coef": CHANGE, "kl_target": CHANGE, "kl_horizon": CHANGE, "max_steps": CHANGE,
+    "epochs": CHANGE, "log_every": CHANGE, "checkpoint_every": CHANGE, "checkpoint_minutes": CHANGE,
+    "keep_checkpoints": CHANGE, "progress": CHANGE, "device": CHANGE, "gradient_checkpointing": CHANGE,
+    "eval_every": CHANGE, "normalize": CHANGE, "merge": CHANGE,
+}
+
+
+def resume_rule(key: str) -> str:
+    """RESUME_RULES for a flattened config key ("optim.lr"): the field's own rule, its group's, else MATCH."""
+    return RESUME_RULES.get(key) or RESUME_RULES.get(key.split(".")[0]) or MATCH
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    """The config as JSON would give it back (tuples as lists), to compare with a saved one."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def option_name(key: str) -> str:
+    """The command-line option of a flattened config key: optim.lr -> lr, lora.r -> lora_r (as cli.py names them)."""
+    group, _, leaf = key.rpartition(".")
+    return f"lora_{leaf}" if group == "lora" else leaf or key
+
+
+def resume_differences(saved: dict, current: dict) -> tuple[dict, dict]:
+    """(must-match differences, may-change differences) between a saved config and the current one, each
+    {flattened key: (saved value, current value)}. Keys only one side has (another version) are not compared."""
+    a, b = _flatten(saved), _flatten(current)
+    bad, changed = {}, {}
+    for k in sorted(a.keys() & b.keys()):
+        if a[k] != b[k]:
+            rule = resume_rule(k)
+            if rule == MATCH:
+                bad[k] = (a[k], b[k])
+            elif rule == CHANGE:
+                changed[k] = (a[k], b[k])
+    return bad, changed
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "none"
+    if isinstance(v, list):
+        return ",".join(map(str, v))
+    return str(v)
+
+
+def set_optimizer_options(opt: torch.optim.Optimizer, sched, cfg: OptimConfig) -> None:
+    """Put cfg's lr, betas, eps and weight decay into the optimiser and the schedule after a checkpoint's state
+    was loaded (load_state_dict restores the saved ones); the lr of the current step is recomputed from the
+    schedule, which is built from the current options."""
+    sched.base_lrs = [cfg.lr for _ in opt.param_groups]
+    for g, fn in zip(opt.param_groups, sched.lr_lambdas):
+        g.update(betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay, initial_lr=cfg.lr)
+        g["lr"] = cfg.lr * fn(sched.last_epoch)
+    sched._last_lr = [g["lr"] for g in opt.param_groups]
+
+
 # ----------------------------------------------------------------------------------------- the run
 class Run:
     """The bookkeeping every trainer loop shares (see the module docstring): AdamW and the schedule over the
@@ -272,6 +425,28 @@ class Run:
     `stateful` objects (with state_dict / load_state_dict; None entries are dropped) are saved in every
     checkpoint beside the sampler and restored on resume, so a resumed run sees the same batches and the
     same controller state. `updates_per_step` optimiser updates are made per step (PPO: epochs x minibatches).
+
+    The out_dir: locked (out_dir/.lock, fcntl.flock) from the constructor until the `with` block ends, so a
+    second run into it fails with a ConfigError; leftovers of killed processes are removed under the lock. A run
+    without cfg.resume refuses an out_dir that holds another run (checkpoints, logs or a saved model) unless
+    cfg.overwrite, which deletes them first. Each run has an id (kept by a resumed run, in each checkpoint's
+    run.json), and rotation to cfg.keep_checkpoints deletes only this run's checkpoints, oldest first.
+
+    Resuming (cfg.resume): the latest checkpoint that reads whole is used; one that does not (a truncated file,
+    a missing state.json) is skipped with a warning in favour of the previous one, and none readable is a
+    ConfigError. The options are compared with the config saved in that checkpoint (RESUME_RULES). These must
+    match: model, lora_*, dtype, data, seed, batch_size, max_length, and the trainers' data and shape options
+    (val_data, val_fraction; reward_model, response_length, ppo_epochs, num_minibatches, ptx_*), and any
+    option RESUME_RULES does not name. These may change and are applied, with a warning: the optimiser options
+    (lr, betas, eps, weight_decay, warmup_steps, lr_scheduler, max_grad_norm), kl_coef (beta is set to it, for
+    the fixed and the adaptive controller), kl_target, kl_horizon, max_steps, epochs, log_every,
+    checkpoint_every, checkpoint_minutes, keep_checkpoints, progress, device, gradient_checkpointing,
+    eval_every, normalize, merge.
+
+    Checkpoints: every cfg.checkpoint_every steps and whenever cfg.checkpoint_minutes (0: off) have passed
+    since the last one, and at the end. An update whose loss, gradient norm or resulting weights are not finite
+    is undone (apply_gradients) and counted in skipped_steps; diverged_after(total) consecutive steps without
+    an applied update raise TrainingDiverged.
     """
 
     def __init__(self, cfg: TrainConfig, name: str, params: list, n_examples: int, *, updates_per_step: int = 1,
@@ -284,20 +459,101 @@ class Run:
         self.sched = build_scheduler(self.opt, cfg.optim, self.total * updates_per_step)
         self.stateful = {"sampler": self.sampler, **{k: v for k, v in (stateful or {}).items() if v is not None}}
         self.root = os.path.join(cfg.out_dir, "checkpoints")
-        self.step, self.skipped, resumed = 0, 0, None
-        latest = resume_point(cfg, self.root)
-        if latest:
-            state = ckpt.load_checkpoint(latest, params=params, optimizer=self.opt, scheduler=self.sched)
-            self.step, self.skipped, resumed = state["step"], state["skipped_steps"], state["step"]
-            for key, obj in self.stateful.items():
-                obj.load_state_dict(state[key])
+        self.step, self.skipped = 0, 0
+        self.run_id = uuid.uuid4().hex
+        self.config = config_dict(cfg)
+        overwrite = bool(getattr(cfg, "overwrite", False))  # TrainConfig.overwrite (read this way until it exists)
+        if cfg.resume and overwrite:
+            raise ConfigError("--resume and --overwrite exclude each other: continue the run in out_dir, or "
+                              "delete it and start afresh")
         os.makedirs(cfg.out_dir, exist_ok=True)
-        ckpt.atomic_write_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
-        self.log = MetricsLogger(os.path.join(cfg.out_dir, "metrics.jsonl"), resumed,
-                                 os.path.join(cfg.out_dir, "tb"))
+        self._lock = ckpt.lock_out_dir(cfg.out_dir)
+        try:
+            ckpt.remove_leftovers(cfg.out_dir)
+            resumed = self._resume() if cfg.resume else self._fresh(overwrite)
+            ckpt.atomic_write_json(os.path.join(cfg.out_dir, "config.json"), self.config)
+            self.log = MetricsLogger(os.path.join(cfg.out_dir, "metrics.jsonl"), resumed,
+                                     os.path.join(cfg.out_dir, "tb"))
+        except BaseException:
+            self.close()
+            raise
         self.bar = progress_bar(self.total, self.step, name, cfg.progress)
         self.row: dict = {}
         self.t0, self.tokens = time.perf_counter(), 0
+        self.finished = False
+        self._last_save = time.monotonic()
+        self._attempted = self._applied = self._streak = 0
+
+    def _fresh(self, overwrite: bool) -> None:
+        found = ckpt.earlier_run(self.cfg.out_dir)
+        if found and not overwrite:
+            raise ConfigError(f"out_dir {self.cfg.out_dir!r} holds another run ({', '.join(found)}): pass --resume "
+                              "to continue it, --overwrite to delete it and start afresh, or choose another "
+                              "--out_dir")
+        if found:
+            ckpt.remove_run(self.cfg.out_dir)
+            warnings.warn(f"overwrite: deleted the earlier run in {self.cfg.out_dir} ({', '.join(found)})",
+                          stacklevel=3)
+
+    def _resume(self) -> int | None:
+        found = ckpt.list_checkpoints(self.root)
+        if not found:
+            warnings.warn(f"resume: no checkpoint in {self.root}; starting from step 0", stacklevel=3)
+            return None
+        problems = []
+        for path in reversed(found):
+            try:
+                data = ckpt.read_checkpoint(path)
+                break
+            except ckpt.CheckpointError as e:
+                problems.append(str(e))
+                warnings.warn(f"resume: skipping checkpoint {path}: {e}; trying the one before", stacklevel=3)
+        else:
+            raise ConfigError(f"resume: no readable checkpoint in {self.root} ({'; '.join(problems)}); pass "
+                              "--overwrite to start afresh")
+        changed = self._check_options(path, data)
+        missing = [k for k in self.stateful if k not in data["state"]]
+        if missing:
+            raise ConfigError(f"resume: checkpoint {path} holds no {missing[0]} state (it was written by a run "
+                              "with other options)")
+        state = ckpt.restore_checkpoint(data, path, params=self.params, optimizer=self.opt, scheduler=self.sched)
+        for key, obj in self.stateful.items():
+            obj.load_state_dict(state[key])
+        self.step, self.skipped = state["step"], state.get("skipped_steps", 0)
+        self.run_id = data["run"].get("run_id") or self.run_id  # a checkpoint from before run ids: a new one
+        if any(k.startswith("optim.") or k in ("max_steps", "epochs") for k in changed):
+            set_optimizer_options(self.opt, self.sched, self.cfg.optim)
+        ctl = self.stateful.get("kl_controller")
+        if "kl_coef" in changed and hasattr(ctl, "value"):
+            ctl.value = float(self.cfg.kl_coef)
+        if changed:
+            warnings.warn(f"resume from {path}: applying changed options " + ", ".join(
+                f"--{option_name(k)} {_fmt(a)} -> {_fmt(b)}" for k, (a, b) in changed.items()), stacklevel=3)
+        return self.step
+
+    def _check_options(self, path: str, data: dict) -> dict:
+        """ConfigError for must-match options that differ from the checkpoint's config; returns the others."""
+        trainer = data["run"].get("trainer")
+        if trainer and trainer != self.name:
+            raise ConfigError(f"resume: {path} was written by `rlhf-fast {trainer}`, not `rlhf-fast {self.name}`")
+        saved = data["config"]
+        legacy = os.path.join(self.cfg.out_dir, "config.json")
+        if saved is None and os.path.isfile(legacy):  # a checkpoint from before configs were saved in it
+            try:
+                with open(legacy) as f:
+                    saved = json.load(f)
+            except (OSError, ValueError):
+                saved = None
+        if saved is None:
+            warnings.warn(f"resume: {path} has no saved config; the options cannot be checked", stacklevel=4)
+            return {}
+        bad, changed = resume_differences(saved, self.config)
+        if bad:
+            raise ConfigError(f"resume: {path} was trained with other settings: " + "; ".join(
+                f"--{option_name(k)} {_fmt(a)} there, {_fmt(b)} now" for k, (a, b) in bad.items())
+                + ". These must match to resume (they change the data order or the parameter shapes): pass the "
+                "checkpoint's values, or start afresh with --overwrite or another --out_dir")
+        return changed
 
     # -- the loop ------------------------------------------------------------------------------------------
 
@@ -305,29 +561,64 @@ class Run:
         return self
 
     def __iter__(self) -> Iterator[int]:
-        """Yields the number of the step about to be made (1-based); after each, advances the bar and writes a
-        checkpoint every cfg.checkpoint_every steps (the final one is written when the `with` block ends)."""
+        """Yields the number of the step about to be made (1-based); after each, advances the bar, stops the run
+        when it has stopped making updates, and writes a checkpoint every cfg.checkpoint_every steps or when
+        cfg.checkpoint_minutes have passed (the final one is written by finish() or when the `with` block ends)."""
+        limit = diverged_after(self.total)
         while self.step < self.total:
             self.step += 1
+            self._attempted = self._applied = 0
             yield self.step
             self.bar.update(1)
-            every = self.cfg.checkpoint_every
-            if every and self.step % every == 0 and self.step < self.total:
+            if self._attempted and not self._applied:
+                self._streak += 1
+                if self._streak >= limit:
+                    raise TrainingDiverged(
+                        f"training diverged: no update applied in the last {limit} steps "
+                        f"({self.step - limit + 1}-{self.step}): every loss, gradient norm or updated weight was "
+                        f"not finite, and each update was undone. Lower --lr (now {self.cfg.optim.lr:g}) or check "
+                        f"the data; latest checkpoint: {ckpt.latest_checkpoint(self.root) or 'none'}")
+            elif self._applied:
+                self._streak = 0
+            if self.step < self.total and self._checkpoint_due():
                 self.save()
 
+    def _checkpoint_due(self) -> bool:
+        every = self.cfg.checkpoint_every
+        minutes = float(getattr(self.cfg, "checkpoint_minutes", 10.0) or 0.0)  # TrainConfig.checkpoint_minutes
+        return bool(every and self.step % every == 0) or \
+            (minutes > 0 and time.monotonic() - self._last_save >= 60.0 * minutes)
+
+    def finish(self) -> None:
+        """Write the final checkpoint now; the `with` block's end then writes none. Call it after the loop and
+        before anything that changes the trainable parameters outside training (SFT's merge), then save the
+        model inside the `with` block, so that the out_dir stays locked until the model is written."""
+        self.save()
+        self.finished = True
+
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.bar.close()
-        if exc_type is None:
-            self.save()
-        self.log.close()
+        try:
+            self.bar.close()
+            if exc_type is None and not self.finished:
+                self.finish()
+            self.log.close()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Release the out_dir's lock (the `with` block's end does)."""
+        fd, self._lock = getattr(self, "_lock", None), None
+        ckpt.unlock_out_dir(fd)
 
     # -- inside a step -------------------------------------------------------------------------------------
 
     def apply(self, loss: torch.Tensor) -> float:
-        """One optimiser update from the gradients already accumulated; a non-finite one is skipped and
+        """One optimiser update from the gradients already accumulated; a non-finite one is undone and
         counted. Returns the gradient norm."""
         ok, gnorm = apply_gradients(loss, [p for _, p in self.params], self.opt, self.sched,
                                     self.cfg.optim.max_grad_norm)
+        self._attempted += 1
+        self._applied += ok
         self.skipped += not ok
         return gnorm
 
@@ -349,5 +640,7 @@ class Run:
 
     def save(self) -> None:
         state = {"skipped_steps": self.skipped, **{k: o.state_dict() for k, o in self.stateful.items()}}
-        ckpt.save_checkpoint(self.root, self.step, params=self.params, optimizer=self.opt,
-                             scheduler=self.sched, keep=self.cfg.keep_checkpoints, state=state)
+        ckpt.save_checkpoint(self.root, self.step, params=self.params, optimizer=self.opt, scheduler=self.sched,
+                             keep=self.cfg.keep_checkpoints, state=state, run_id=self.run_id, trainer=self.name,
+                             config=self.config)
+        self._last_save = time.monotonic()

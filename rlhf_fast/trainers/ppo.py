@@ -29,7 +29,7 @@ from rlhf_fast.models.io import load_reward
 from rlhf_fast.ops import fused_linear_ppo_loss, value_loss
 from rlhf_fast.rl import advantages, kl_control, rollout
 from rlhf_fast.trainers import loop as L
-from rlhf_fast.trainers.config import ConfigError, TrainConfig, option
+from rlhf_fast.trainers.config import ConfigError, TrainConfig, option, quiet_unless_progress
 from rlhf_fast.trainers.sft import sft_loss
 
 
@@ -37,7 +37,14 @@ from rlhf_fast.trainers.sft import sft_loss
 class PPOConfig(TrainConfig):
     """PPO of the policy and critic adapters against the reward adapter, on {"prompt"} JSONL."""
 
-    reward_model: str = option("", "folder saved by `rlhf-fast rm` (out_dir/model): reward adapter, head, offset")
+    reward_model: str = option("", "folder saved by `rlhf-fast rm` (out_dir/model): reward adapter, head, offset; "
+                                   "it must have been trained on this --model (checked); its own LoRA settings are "
+                                   "used, whatever --lora_* say")
+    # redeclared for their help: a PPO step is one rollout batch, then ppo_epochs x num_minibatches updates
+    batch_size: int = option(8, "prompts per PPO step (the rollout batch); each step then makes ppo_epochs x "
+                                "num_minibatches optimiser updates on it")
+    max_steps: int = option(0, "PPO steps, i.e. rollout batches (0: epochs x steps per epoch)")
+    epochs: int = option(1, "passes over the prompts when max_steps is 0")
     response_length: int = option(64, "new tokens generated per prompt")
     temperature: float = option(1.0, "sampling temperature (the PPO log-probs use the same)")
     top_p: float = option(1.0, "nucleus sampling")
@@ -48,11 +55,17 @@ class PPOConfig(TrainConfig):
     kl_controller: str = option("fixed", "fixed, or adaptive (Ziegler et al. 2019)", choices=("fixed", "adaptive"))
     kl_target: float = option(6.0, "adaptive controller: target KL per sequence")
     kl_horizon: float = option(10000.0, "adaptive controller: horizon, in sequences")
-    kl_estimator: str = option("k1", "KL estimator in the reward: k1, k2, k3 or abs", choices=("k1", "k2", "k3", "abs"))
+    kl_estimator: str = option("k1", "estimator of the per-token KL penalty in the reward, r_t = -kl_coef * KL_t "
+                                     "(ops.kl_penalized_gae), and of objective/kl: k1 = log p - log p_ref, as TRL "
+                                     "and InstructGPT; k2, k3 (Schulman 2020) or abs. The policy loss has no KL term "
+                                     "here (ops.fused_linear_ppo_loss's own kl_estimator, default k3, is for "
+                                     "GRPO-style in-loss KL and is unused by this trainer)",
+                               choices=("k1", "k2", "k3", "abs"))
     gamma: float = option(1.0, "discount")
     lam: float = option(0.95, "GAE lambda")
-    clip_low: float = option(0.2, "PPO clip range below 1 (ratio >= 1 - clip_low)")
-    clip_high: float | None = option(None, "PPO clip range above 1 (default: clip_low)")
+    clip_low: float = option(0.2, "PPO clip range below 1: ratio >= 1 - clip_low (TRL's cliprange / epsilon)")
+    clip_high: float | None = option(None, "PPO clip range above 1: ratio <= 1 + clip_high (TRL's epsilon_high; "
+                                           "default: clip_low)")
     dual_clip: float | None = option(None, "dual-clip bound c > 1 for negative advantages (off when unset)")
     value_clip: float | None = option(0.2, "value clip range around the old values (unset: no clipping)")
     vf_coef: float = option(0.1, "value loss coefficient")
@@ -60,7 +73,8 @@ class PPOConfig(TrainConfig):
     whiten_advantages: bool = option(True, "whiten advantages over the batch")
     normalize_scores: bool = option(False, "normalise scores by their running mean and std")
     score_clip: float | None = option(None, "clip scores to [-score_clip, score_clip] (after normalisation)")
-    missing_eos_penalty: float | None = option(None, "subtract this from the score of responses without EOS")
+    missing_eos_penalty: float | None = option(None, "subtract this (>= 0, as TRL's) from the score of responses "
+                                                     "without EOS; unset: no penalty")
     loss_agg: str = option("token-mean", "loss aggregation", choices=("token-mean", "seq-mean-token-sum",
                                                                       "seq-mean-token-mean"))
     ptx_data: str = option("", "pretraining text JSONL {\"text\"} for the PTX term")
@@ -71,23 +85,29 @@ class PPOConfig(TrainConfig):
         super().validate()
         checks = [
             (self.kl_coef >= 0, f"kl_coef must be >= 0, got {self.kl_coef}"),
-            (self.clip_low > 0, f"clip_low must be > 0, got {self.clip_low}"),
+            (0 < self.clip_low < 1, f"clip_low must be > 0 and < 1 (ratio >= 1 - clip_low), got {self.clip_low}"),
             (self.clip_high is None or self.clip_high > 0, f"clip_high must be > 0, got {self.clip_high}"),
             (self.dual_clip is None or self.dual_clip > 1, f"dual_clip must be > 1, got {self.dual_clip}"),
             (self.value_clip is None or self.value_clip > 0, f"value_clip must be > 0, got {self.value_clip}"),
             (0 <= self.lam <= 1, f"lam must lie in [0, 1], got {self.lam}"),
             (0 <= self.gamma <= 1, f"gamma must lie in [0, 1], got {self.gamma}"),
             (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
-            (0 < self.top_p <= 1 and self.top_k >= 0, "top_p must lie in (0, 1] and top_k be >= 0"),
+            (0 < self.top_p <= 1, f"top_p must lie in (0, 1], got {self.top_p}"),
+            (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
             (0 < self.response_length < self.max_length,
              f"response_length must lie in [1, max_length={self.max_length}), got {self.response_length}"),
             (self.ppo_epochs >= 1, f"ppo_epochs must be >= 1, got {self.ppo_epochs}"),
             (1 <= self.num_minibatches <= self.batch_size,
              f"num_minibatches must lie in [1, batch_size={self.batch_size}], got {self.num_minibatches}"),
-            (self.kl_target > 0 and self.kl_horizon > 0, "kl_target and kl_horizon must be > 0"),
-            (self.vf_coef >= 0 and self.entropy_coef >= 0, "vf_coef and entropy_coef must be >= 0"),
+            (self.kl_target > 0, f"kl_target must be > 0, got {self.kl_target}"),
+            (self.kl_horizon > 0, f"kl_horizon must be > 0, got {self.kl_horizon}"),
+            (self.vf_coef >= 0, f"vf_coef must be >= 0, got {self.vf_coef}"),
+            (self.entropy_coef >= 0, f"entropy_coef must be >= 0, got {self.entropy_coef}"),
             (self.score_clip is None or self.score_clip > 0, f"score_clip must be > 0, got {self.score_clip}"),
-            (self.ptx_coef >= 0 and self.ptx_batch_size >= 1, "ptx_coef must be >= 0 and ptx_batch_size >= 1"),
+            (self.missing_eos_penalty is None or self.missing_eos_penalty >= 0,
+             f"missing_eos_penalty must be >= 0 (it is subtracted from the score), got {self.missing_eos_penalty}"),
+            (self.ptx_coef >= 0, f"ptx_coef must be >= 0, got {self.ptx_coef}"),
+            (self.ptx_batch_size >= 1, f"ptx_batch_size must be >= 1, got {self.ptx_batch_size}"),
             (self.kl_controller in ("fixed", "adaptive"), f"kl_controller must be fixed or adaptive, got "
                                                            f"{self.kl_controller!r}"),
             (self.kl_estimator in ("k1", "k2", "k3", "abs"), f"unknown kl_estimator {self.kl_estimator!r}"),
@@ -145,6 +165,7 @@ def ppo_minibatch_loss(model, cfg: PPOConfig, b: dict, idx: torch.Tensor) -> tup
     return pg + cfg.vf_coef * vl, stats
 
 
+@quiet_unless_progress
 def train_ppo(cfg: PPOConfig, *, model=None, tokenizer=None, prompts: list[dict] | None = None,
               ptx_examples: list[dict] | None = None, reward_fn=None, callback=None) -> dict:
     """Run PPO. Returns {"model", "metrics": last logged row, "out"}.
@@ -152,7 +173,10 @@ def train_ppo(cfg: PPOConfig, *, model=None, tokenizer=None, prompts: list[dict]
     model: a RoleModel whose reward adapter and head are trained (else cfg.model plus cfg.reward_model).
     prompts: token-id examples {"prompt_ids"} instead of reading cfg.data.
     ptx_examples: {"input_ids"} pretraining texts instead of reading cfg.ptx_data.
-    reward_fn(sequences, attention_mask, response_mask) -> (B,) scores, replacing the reward head.
+    reward_fn(sequences, attention_mask, response_mask) -> (B,) scores, replacing the reward head; the masks it
+    gets are (B, T) 0/1 (response_mask: the generated tokens up to and including the first EOS).
+    cfg.reward_model is loaded with the LoRA settings it was trained with (whatever cfg.lora says) and refused,
+    as a ConfigError, when its reward adapter was never trained or it was trained on another base.
     callback(step, model) -> dict of extra metrics, called at every logged step.
     """
     cfg.validate()
@@ -216,7 +240,8 @@ def train_ppo(cfg: PPOConfig, *, model=None, tokenizer=None, prompts: list[dict]
                     "val/num_eos_tokens": b["has_eos"].sum(), "val/response_length": b["mask"].sum(1).mean(),
                     **run.common_metrics(device)})
                 run.log_row(metrics, ("objective/scores", "objective/kl", "loss/policy_avg"))
-    model.trained_roles |= {"policy", "critic"}
-    out = os.path.join(cfg.out_dir, "model")
-    model.save(out, save_base=False)
+        run.finish()  # the final checkpoint; out_dir stays locked until the model is saved
+        model.trained_roles |= {"policy", "critic"}
+        out = os.path.join(cfg.out_dir, "model")
+        model.save(out, save_base=False)
     return {"model": model, "metrics": run.row, "out": out}

@@ -8,27 +8,37 @@ m gives loss -log sigmoid(r_chosen - r_rejected - m) (Llama 2, Touvron et al. 20
 
 After training the scores on the validation split are shifted to mean 0 and the offset is saved with
 the head (InstructGPT normalises its RM the same way before RL).
+
+Pairs whose two responses are the same tokens (chosen == rejected, a response repeated in a ranking, or
+equal once cut to max_length) are dropped before training, with a warning and the logged counts
+data/dropped_pairs and data/val_dropped_pairs (data.jsonl.drop_tied_pairs); a data set of nothing else is a
+DataError. Accuracy, in training and in validation alike, counts a pair scored exactly equal as 0.5: a
+tie is a coin flip, as its Bradley-Terry loss log 2 says.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 from rlhf_fast.data.collate import collate_rankings
-from rlhf_fast.data.jsonl import check_examples, encode_rankings, fit_context, load_rankings
+from rlhf_fast.data.jsonl import check_examples, drop_tied_pairs, encode_rankings, fit_context, load_rankings
 from rlhf_fast.models.io import set_reward_offset
 from rlhf_fast.trainers import checkpoint as ckpt
 from rlhf_fast.trainers import loop as L
-from rlhf_fast.trainers.config import ConfigError, TrainConfig, option
+from rlhf_fast.trainers.config import ConfigError, TrainConfig, option, quiet_unless_progress
 
 
 @dataclass
 class RMConfig(TrainConfig):
     """Reward-model training on {"prompt", "chosen", "rejected", "margin"?} or {"prompt", "responses"} JSONL."""
 
+    # redeclared for its help: an example is a prompt with its responses, whatever K
+    batch_size: int = option(8, "prompts per optimiser step: a pair counts once, and so does a K-way ranking "
+                                "(with all its C(K, 2) pairs)")
     val_data: str = option("", "validation JSONL in the same formats (empty: hold out val_fraction of data)")
     val_fraction: float = option(0.1, "share of the prompts held out for validation when val_data is empty")
     eval_every: int = option(0, "evaluate on the validation split every N steps (0: only at the end)")
@@ -57,9 +67,15 @@ def rm_loss(model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
                             for g in range(batch["n_groups"])]).mean()
     with torch.no_grad():
         d = (c - r).float()
-        metrics = {"accuracy": (d > 0).float().mean(), "margin_mean": d.mean(),
+        metrics = {"accuracy": pair_accuracy(d) / max(d.numel(), 1), "margin_mean": d.mean(),
                    "reward_mean": scores.float().mean(), "reward_std": scores.float().std(unbiased=False)}
     return loss, metrics
+
+
+def pair_accuracy(d: torch.Tensor) -> torch.Tensor:
+    """Correctly ordered pairs among score differences d = r_chosen - r_rejected (P,): 1 each where d > 0,
+    0.5 where d == 0 (a tie), 0 where d < 0. A sum, so batches add up."""
+    return (d > 0).float().sum() + 0.5 * (d == 0).float().sum()
 
 
 @torch.no_grad()
@@ -71,7 +87,7 @@ def evaluate_rm(model, examples: list[dict], pad_id: int, device, batch_size: in
         b = collate_rankings(examples[i:i + batch_size], pad_id)
         s = model.scores(b["input_ids"].to(device), b["attention_mask"].to(device)).float().cpu()
         d = s[b["chosen"]] - s[b["rejected"]]
-        ok += float((d > 0).sum()) + 0.5 * float((d == 0).sum())
+        ok += float(pair_accuracy(d))
         pairs += d.numel()
         margins.append(d)
         all_scores.append(s)
@@ -91,6 +107,15 @@ def split_validation(examples: list[dict], fraction: float, seed: int) -> tuple[
     return [examples[i] for i in perm[n_val:]], [examples[i] for i in perm[:n_val]]
 
 
+def _drop_ties(examples: list[dict], what: str) -> tuple[list[dict], int]:
+    kept, dropped, total = drop_tied_pairs(examples, what)
+    if dropped:
+        warnings.warn(f"{what}: dropped {dropped} of {total} pairs whose two responses are identical (chosen == "
+                      "rejected, a response repeated in a ranking, or equal once cut to max_length)", stacklevel=2)
+    return kept, dropped
+
+
+@quiet_unless_progress
 def train_rm(cfg: RMConfig, *, model=None, tokenizer=None, examples: list[dict] | None = None,
              val_examples: list[dict] | None = None, callback=None) -> dict:
     """Train the reward adapter and head. Returns {"model", "metrics", "val", "offset", "out"}.
@@ -103,13 +128,17 @@ def train_rm(cfg: RMConfig, *, model=None, tokenizer=None, examples: list[dict] 
     tokenizer = L.resolve_tokenizer(cfg, tokenizer, model, need=examples is None or bool(cfg.val_data))
     if examples is None:
         examples = encode_rankings(load_rankings(cfg.data), tokenizer, cfg.max_length, cfg.data)
+    check_examples(examples, ("prompt_ids", "response_ids"), "RM examples")
+    # ties are dropped before the split, so the held-out share is of usable pairs
+    examples, dropped = _drop_ties(fit_context(examples, cfg.max_length, "RM examples"), "RM examples")
     if val_examples is None and cfg.val_data:
         val_examples = encode_rankings(load_rankings(cfg.val_data), tokenizer, cfg.max_length, cfg.val_data)
+    val_dropped = 0
     if val_examples is None:
         examples, val_examples = split_validation(examples, cfg.val_fraction, cfg.seed)
-    check_examples(examples, ("prompt_ids", "response_ids"), "RM examples")
-    examples = fit_context(examples, cfg.max_length, "RM examples")
-    val_examples = fit_context(val_examples, cfg.max_length, "RM validation examples")
+    elif val_examples:
+        val_examples, val_dropped = _drop_ties(fit_context(val_examples, cfg.max_length, "RM validation examples"),
+                                               "RM validation examples")
     device = L.resolve_device(cfg.device)
     L.seed_everything(cfg.seed)
     model = L.load_role_model(cfg, device, model, tokenizer)
@@ -130,13 +159,16 @@ def train_rm(cfg: RMConfig, *, model=None, tokenizer=None, examples: list[dict] 
                 if cfg.eval_every and step % cfg.eval_every == 0 and val_examples:
                     metrics.update({f"val/{k}": v for k, v in evaluate_rm(model, val_examples, pad_id, device).items()})
                 run.log_row(metrics, ("loss", "accuracy", "margin_mean"))
-    model.trained_roles.add("reward")
+        run.finish()  # the final checkpoint, before the offset changes the score head; out_dir stays locked
+        model.trained_roles.add("reward")
 
-    val = evaluate_rm(model, val_examples, pad_id, device) if val_examples else {}
-    offset = -val["reward_mean"] if (cfg.normalize and val) else 0.0
-    set_reward_offset(model, offset)
-    run.log.log(run.step, {f"val/{k}": v for k, v in val.items()} | {"reward_offset": offset})
-    out = os.path.join(cfg.out_dir, "model")
-    model.save(out, save_base=False)
-    ckpt.atomic_write_json(os.path.join(out, "reward_normalization.json"), {"offset": offset, "validation": val})
+        val = evaluate_rm(model, val_examples, pad_id, device) if val_examples else {}
+        offset = -val["reward_mean"] if (cfg.normalize and val) else 0.0
+        set_reward_offset(model, offset)
+        run.log.log(run.step, {f"val/{k}": v for k, v in val.items()} | {"reward_offset": offset,
+                                                                           "data/dropped_pairs": dropped,
+                                                                           "data/val_dropped_pairs": val_dropped})
+        out = os.path.join(cfg.out_dir, "model")
+        model.save(out, save_base=False)
+        ckpt.atomic_write_json(os.path.join(out, "reward_normalization.json"), {"offset": offset, "validation": val})
     return {"model": model, "metrics": run.row, "val": val, "offset": offset, "out": out}

@@ -18,7 +18,7 @@ from rlhf_fast.data.collate import collate_sft
 from rlhf_fast.data.jsonl import check_examples, encode_sft, fit_context, load_sft
 from rlhf_fast.ops import fused_linear_logprobs
 from rlhf_fast.trainers import loop as L
-from rlhf_fast.trainers.config import TrainConfig, option
+from rlhf_fast.trainers.config import TrainConfig, option, quiet_unless_progress
 
 
 @dataclass
@@ -41,6 +41,7 @@ def sft_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch
     return -logprobs.sum() / n.clamp(min=1), n
 
 
+@quiet_unless_progress
 def train_sft(cfg: SFTConfig, *, model=None, tokenizer=None, examples: list[dict] | None = None,
               callback=None) -> dict:
     """Run SFT. Returns {"model": RoleModel, "metrics": last logged row, "out": saved model folder}.
@@ -74,11 +75,11 @@ def train_sft(cfg: SFTConfig, *, model=None, tokenizer=None, examples: list[dict
             if run.logging_now():
                 run.log_row({"loss": loss.detach(), "grad_norm": gnorm, "completion_tokens": int(n),
                              **run.common_metrics(device)}, ("loss", "grad_norm", "tokens/s"))
-    model.trained_roles.add("policy")
-
-    model.eval()
-    out = os.path.join(cfg.out_dir, "model")
-    if cfg.merge:
-        model.merge_policy_into_base()  # the base becomes the SFT model; a fresh policy adapter starts from it
-    model.save(out, save_base=cfg.merge)
+        run.finish()  # the final checkpoint (before the merge resets the adapter); out_dir stays locked
+        model.trained_roles.add("policy")
+        model.eval()
+        out = os.path.join(cfg.out_dir, "model")
+        if cfg.merge:
+            model.merge_policy_into_base()  # the base becomes the SFT model; a fresh policy adapter starts from it
+        model.save(out, save_base=cfg.merge)
     return {"model": model, "metrics": run.row, "out": out}

@@ -1,20 +1,30 @@
-"""PPO: the score rises, only the policy and critic adapters and the value head move, the fused minibatch loss
-equals the unfused composition, torch and default backends agree, bad options are refused, non-finite
-steps are skipped and counted."""
+"""PPO: the policy's probability of the rewarded tokens rises, only the policy and critic adapters and the value
+head move; the minibatch loss (policy + value) and its gradients on the torch and Triton backends equal a
+float64 reference from materialised logits with the clipped surrogate written out; a Triton run trains like a
+torch run; bad options are refused, non-finite steps are skipped and counted."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
-from tiny_fixtures import moved, trainable_snapshot
+from tiny_fixtures import (
+    count_calls,
+    float64_twin,
+    materialised,
+    moved,
+    next_token_logprobs,
+    perturb,
+    require_triton_on_cpu,
+    trainable_snapshot,
+)
 
-from rlhf_fast import ops
 from rlhf_fast.models import RoleModel
 from rlhf_fast.trainers import ConfigError, OptimConfig, PPOConfig, train_ppo
-from rlhf_fast.rl.kl_control import FixedKLController, RunningMoments
-from rlhf_fast.trainers.ppo import make_experience, ppo_minibatch_loss
+from rlhf_fast.trainers.ppo import ppo_minibatch_loss
+from tests.tolerances import assert_close
 
 GOOD = torch.arange(3, 27)  # a quarter of the vocabulary: the toy reward is their share of the response
 
@@ -38,13 +48,15 @@ def good_mass(model) -> float:
     return float(p[:, GOOD].sum(-1).mean())
 
 
-def test_score_rises_and_only_policy_and_critic_move(tiny_model, data_files, tmp_path):
+def test_rewarded_tokens_become_likely_and_only_policy_and_critic_move(tiny_model, data_files, tmp_path):
     model = RoleModel.from_pretrained(tiny_model)
     before, mass0 = trainable_snapshot(model), good_mass(model)
-    train_ppo(cfg(tiny_model, data_files, tmp_path, max_steps=8, batch_size=16, response_length=4, kl_coef=0.01,
-                  ppo_epochs=4, optim=OptimConfig(lr=3e-2)), model=model, reward_fn=share_of_good)
+    # all 24 prompts per step in 4 minibatches: seeds 0-9 (LoRA init, sampling, order) moved the mass from 0.31
+    # to 0.55-0.79 (batches of 16 in 2 minibatches: 0.47-0.92, too spread for a threshold with margin)
+    train_ppo(cfg(tiny_model, data_files, tmp_path, max_steps=8, batch_size=24, num_minibatches=4,
+                  response_length=4, kl_coef=0.01, ppo_epochs=4, optim=OptimConfig(lr=3e-2)),
+              model=model, reward_fn=share_of_good)
     rows = [json.loads(ln) for ln in open(tmp_path / "metrics.jsonl")]
-    # seeds 0, 1, 2 moved it from 0.31 to 0.51, 0.78, 0.92
     assert good_mass(model) > mass0 + 0.15, (mass0, good_mass(model))
     for key in ("objective/kl", "objective/entropy", "objective/scores", "objective/rlhf_reward",
                 "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg",
@@ -57,50 +69,128 @@ def test_score_rises_and_only_policy_and_critic_move(tiny_model, data_files, tmp
     assert any(".policy." in n for n in changed) and "value_head.weight" in changed
 
 
-def test_fused_minibatch_loss_equals_unfused(tiny_model, data_files, tmp_path):
-    model = RoleModel.from_pretrained(tiny_model)
-    c = cfg(tiny_model, data_files, tmp_path, temperature=0.7, entropy_coef=0.01, dual_clip=3.0, clip_high=0.28)
+# A hand-made rollout batch: left-padded prompts, responses ending in <eos> (1) then right padding, a hole in
+# row 1's response mask. T = 10, N = 40 rows for the Triton grid.
+SEQ = torch.tensor([[0, 0, 10, 11, 20, 21, 22, 1, 0, 0],
+                    [12, 13, 14, 15, 23, 24, 25, 26, 27, 28],
+                    [0, 16, 17, 18, 29, 1, 0, 0, 0, 0],
+                    [0, 0, 0, 19, 30, 31, 32, 33, 1, 0]])
+ATTN = (SEQ != 0).long()
+RESPONSE = torch.zeros_like(SEQ, dtype=torch.float32)
+RESPONSE[:, 4:] = ATTN[:, 4:].float()
+RESPONSE[1, 6] = 0.0
+# (ratio, sign of the advantage) cycled over the response tokens so that every branch of the surrogate is
+# taken: A > 0 below the clip, inside [1.2, 1.28] (clipped only if clip_high were clip_low), above it;
+# A < 0 below it (clipped), inside, and above dual_clip = 3 (capped at -3 A).
+BRANCHES = [(0.5, 1.0), (1.25, 1.0), (1.5, 1.0), (0.5, -1.0), (4.0, -1.0), (1.1, -1.0)]
+PPO_OPTIONS = dict(temperature=0.7, entropy_coef=0.01, clip_low=0.2, clip_high=0.28, dual_clip=3.0,
+                   value_clip=0.2, vf_coef=0.1, loss_agg="token-mean")
+
+
+def rollout_batch(logprobs, values) -> dict:
+    """old log-probs and values placed at known distances from the current ones (float64 (B, T) inputs)."""
+    g = torch.Generator().manual_seed(0)
+    old, adv = torch.zeros_like(logprobs), torch.zeros_like(logprobs)
+    for k, (b, t) in enumerate(RESPONSE.nonzero().tolist()):
+        ratio, sign = BRANCHES[k % len(BRANCHES)]
+        old[b, t] = logprobs[b, t] - math.log(ratio)
+        adv[b, t] = sign * (0.5 + float(torch.rand((), generator=g)))
+    # old values 0.5 (beyond value_clip: clipped branch possible) or 0.1 (inside) away, random returns
+    shift = torch.tensor([0.5, -0.1, -0.5, 0.1]).repeat(SEQ.numel() // 4).reshape(SEQ.shape)
+    returns = values + torch.randn(SEQ.shape, generator=g, dtype=torch.float64)
+    return {"seq": SEQ, "attn": ATTN, "mask": RESPONSE, "logprobs": (old * RESPONSE).float(),
+            "values": ((values + shift) * RESPONSE).float(), "adv": (adv * RESPONSE).float(),
+            "returns": (returns * RESPONSE).float()}
+
+
+def reference_values(model64, seq, attn):
+    """(B, T) float64: the value head on the critic's final hidden state at t - 1."""
+    _, hidden = materialised(model64, seq, attn, "critic")
+    return torch.nn.functional.pad(model64.value_head(hidden[:, :-1]).squeeze(-1), (1, 0))
+
+
+def reference_ppo_loss(model64, b: dict, o: dict):
+    """ppo_minibatch_loss written plainly in float64 from materialised logits (Schulman et al. 2017, eq. 9):
+    token-mean over the response tokens of max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)), capped at -3 A
+    where A < 0, minus entropy_coef * entropy; plus vf_coef * the clipped value loss."""
+    seq, attn = b["seq"], b["attn"]
+    m = b["mask"].double()  # every response token has a real token before it
+    logits, _ = materialised(model64, seq, attn, "policy")
+    z = logits / o["temperature"]  # (B, T, V)
+    lp = next_token_logprobs(z, seq)  # (B, T)
+    logp = z.log_softmax(-1)[:, :-1]
+    entropy = torch.nn.functional.pad(-(logp.exp() * logp).sum(-1), (1, 0))  # (B, T): of the distribution at t - 1
+    old, adv = b["logprobs"].double(), b["adv"].double()
+    ratio = torch.exp(lp - old)
+    surrogate = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - o["clip_low"], 1 + o["clip_high"]))
+    surrogate = torch.where(adv < 0, torch.minimum(surrogate, -adv * o["dual_clip"]), surrogate)
+    mean = lambda x: (x * m).sum() / m.sum()  # noqa: E731
+    policy = mean(surrogate) - o["entropy_coef"] * mean(entropy)
+
+    v = reference_values(model64, seq, attn)
+    old_v, ret = b["values"].double(), b["returns"].double()
+    v_clipped = old_v + (v - old_v).clamp(-o["value_clip"], o["value_clip"])
+    value = mean(0.5 * torch.maximum((v - ret) ** 2, (v_clipped - ret) ** 2))
+    return policy, value, ratio
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_minibatch_loss_and_gradients_equal_float64_materialised_logits(tiny_model, data_files, tmp_path,
+                                                                        backend, monkeypatch):
+    if backend == "triton":
+        require_triton_on_cpu()
+    c = cfg(tiny_model, data_files, tmp_path, **PPO_OPTIONS)
+    model = RoleModel.from_pretrained(tiny_model).eval()
+    perturb(model.role_parameters("policy") + model.role_parameters("critic"))
+    model64 = float64_twin(model, tiny_model)
     with torch.no_grad():
-        for p in model.role_parameters("policy"):
-            p.normal_(0, 0.05)
-    prompts = ops_prompts()
-    b = make_experience(model, c, prompts, 1, FixedKLController(0.05), RunningMoments())
-    with torch.no_grad():  # move the policy away from the rollout so the ratios are not all 1
-        for p in model.role_parameters("policy"):
-            p.add_(torch.randn_like(p) * 0.05)
-    idx = torch.arange(b["seq"].shape[0])
+        lp_now = next_token_logprobs(materialised(model64, SEQ, ATTN, "policy")[0] / c.temperature, SEQ)
+        v_now = reference_values(model64, SEQ, ATTN)
+    b = rollout_batch(lp_now, v_now)
+
+    monkeypatch.setenv("RLHF_FAST_BACKEND", backend)
+    if backend == "triton":
+        from rlhf_fast.kernels import ppo_loss as kernels
+
+        calls = count_calls(monkeypatch, kernels, "linear_ppo_loss_fwd")
     params = model.role_parameters("policy") + model.role_parameters("critic")
-    loss, stats = ppo_minibatch_loss(model, c, b, idx)
-    g1 = torch.autograd.grad(loss, params)
-    # the unfused composition: per-token log-probs and entropy from the role model, then the plain losses
-    lp, ent = model.logprobs(b["seq"], b["attn"], "policy", temperature=0.7, return_entropy=True)
-    pg, _ = ops.ppo_policy_loss(lp, b["logprobs"], b["adv"], b["mask"], clip_low=0.2, clip_high=0.28, dual_clip=3.0)
-    pg = pg - 0.01 * (ent * b["mask"]).sum() / b["mask"].sum()
-    vl, _ = ops.value_loss(model.values(b["seq"], b["attn"]), b["values"], b["returns"], b["mask"], clip=0.2)
-    ref = pg + c.vf_coef * vl
-    g2 = torch.autograd.grad(ref, params)
-    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
-    for x, y in zip(g1, g2):
-        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
-    assert 0 < float(stats["policy/clipfrac_avg"]) < 1
+    loss, stats = ppo_minibatch_loss(model, c, b, torch.arange(SEQ.shape[0]))
+    grads = torch.autograd.grad(loss, params)
+    if backend == "triton":
+        assert calls == {"linear_ppo_loss_fwd": 1}
+
+    policy, value, ratio = reference_ppo_loss(model64, b, PPO_OPTIONS)
+    ref = policy + c.vf_coef * value
+    ref_grads = torch.autograd.grad(ref, model64.role_parameters("policy") + model64.role_parameters("critic"))
+    assert_close(stats["loss/policy_avg"], policy, torch.float32)
+    assert_close(stats["loss/value_avg"], value, torch.float32)
+    assert_close(loss, ref, torch.float32)
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert_close(g, r, torch.float32)
+    assert_close(stats["val/ratio"], ratio[b["mask"].bool()].mean(), torch.float32)
+    # 3 of the 6 branches clip (A > 0 above 1.28, A < 0 below 0.8, A < 0 above dual_clip): 8 of the 16 tokens
+    assert float(stats["policy/clipfrac_avg"]) == 0.5
+    assert 0 < float(stats["val/clipfrac_avg"]) < 1  # both branches of the value loss are taken
 
 
-def ops_prompts():
-    ids = torch.tensor([[0, 0, 10, 11], [12, 13, 14, 15], [0, 16, 17, 18]])
-    return {"prompt_ids": ids, "prompt_mask": (ids != 0).long()}
+def test_triton_run_trains_like_a_torch_run(tiny_model, data_files, tmp_path, monkeypatch):
+    """One PPO step (rollout, experience, GAE, 2 epochs x 2 minibatches) with every op on Triton lands where the
+    torch backend lands."""
+    require_triton_on_cpu()
+    from rlhf_fast.kernels import ppo_loss as kernels
 
-
-def test_torch_backend_matches_default(tiny_model, data_files, tmp_path, monkeypatch):
+    calls = count_calls(monkeypatch, kernels, "linear_ppo_loss_fwd")
     finals, rows = [], []
-    for backend in ("torch", "auto"):
+    for backend in ("torch", "triton"):
         monkeypatch.setenv("RLHF_FAST_BACKEND", backend)
         torch.manual_seed(0)  # the LoRA A matrices are drawn from the global RNG
         model = RoleModel.from_pretrained(tiny_model)
         r = train_ppo(cfg(tiny_model, data_files, tmp_path / backend, max_steps=1), model=model)
         finals.append([p.detach().clone() for p in model.role_parameters("policy") + model.role_parameters("critic")])
         rows.append(r["metrics"])
+    assert calls["linear_ppo_loss_fwd"] == 4  # the Triton run's 4 updates, none of the torch run's
     # 4 Adam updates divide by sqrt(v): fp32 rounding differences of near-zero gradients grow to ~1e-5
-    for a, b in zip(*finals):
+    for a, b in zip(*finals, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
     for k in ("loss/policy_avg", "loss/value_avg", "objective/kl"):
         assert rows[0][k] == pytest.approx(rows[1][k], rel=1e-4, abs=1e-6)

@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 
-_spec = importlib.util.spec_from_file_location(
-    "_rlhf_fast_tiny_fixtures", os.path.join(os.path.dirname(__file__), "..", "trainers", "tiny_fixtures.py"))
-fixtures = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fixtures)
+from tests import tiny as fixtures
 
 
 @pytest.fixture(scope="session")
@@ -24,10 +18,5 @@ def data_files(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(n)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 
 import pytest
 import torch
@@ -22,11 +20,7 @@ from rlhf_fast.data.jsonl import (
     load_sft,
     load_texts,
 )
-
-_spec = importlib.util.spec_from_file_location(
-    "_rlhf_fast_tiny_models_data", os.path.join(os.path.dirname(__file__), "..", "models", "conftest.py"))
-_tiny = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_tiny)
+from tests import tiny as _tiny
 
 
 def write(tmp_path, name, lines):

@@ -4,9 +4,7 @@ nothing else is left; pair accuracy counts a tie as 0.5 in training and in valid
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 
 import pytest
 import torch
@@ -16,19 +14,9 @@ from rlhf_fast.data.jsonl import DataError, drop_tied_pairs, fit_context
 from rlhf_fast.models import RoleModel
 from rlhf_fast.trainers import OptimConfig, RMConfig, train_rm
 from rlhf_fast.trainers.rm import evaluate_rm, rm_loss
+from tests import tiny as _tiny
 
-_spec = importlib.util.spec_from_file_location(
-    "_rlhf_fast_tiny_models_prefs", os.path.join(os.path.dirname(__file__), "..", "models", "conftest.py"))
-_tiny = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_tiny)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from trl.kernels.chunked_logprob import ChunkedLogProbFunction  # noqa: E402
 
 from rlhf_fast import ops  # noqa: E402
 from rlhf_fast.integrations import trl as rf_trl  # noqa: E402
-from tests.models.conftest import build_tiny_model, tiny_tokenizer  # noqa: E402
+from tests.tiny import build_tiny_model, tiny_tokenizer  # noqa: E402
 from tests.tolerances import TOL  # noqa: E402
 
 OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")

@@ -4,7 +4,6 @@ models); broken model folders and RoleModel folders are one-line errors, not tra
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -18,19 +17,9 @@ from rlhf_fast.models import io as model_io
 from rlhf_fast.models.role_model import ModelLoadError
 from rlhf_fast.trainers import OptimConfig, PPOConfig, RMConfig, SFTConfig, train_ppo, train_rm, train_sft
 from rlhf_fast.trainers.loop import load_role_model
+from tests import tiny as fixtures
 
-_spec = importlib.util.spec_from_file_location(
-    "_rlhf_fast_tiny_fixtures_io", os.path.join(os.path.dirname(__file__), "..", "trainers", "tiny_fixtures.py"))
-fixtures = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fixtures)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from tiny_fixtures import build_tiny_model, make_data
 
 
@@ -18,9 +17,5 @@ def data_files(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # One intra-op thread: on a shared 2-core machine two threads of these tiny GEMMs contend and ran ~10x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(n)

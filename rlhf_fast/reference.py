@@ -16,11 +16,14 @@ __all__ = [
     "kl",
     "kl_penalized_gae_loop",
     "kl_rewards",
+    "linear_kl",
     "linear_logprobs_entropy",
     "linear_ppo_loss",
     "logprobs_entropy",
     "masked_whiten",
     "ppo_token_loss",
+    "sequence_ppo_token_loss",
+    "sequence_ratio",
     "value_token_loss",
 ]
 
@@ -128,9 +131,13 @@ def masked_whiten(x, mask, shift_mean=True, eps=1e-8):
 
 def aggregate(l, mask, agg):
     """"token-mean" over all valid tokens, "seq-mean-token-sum" / "seq-mean-token-mean" over the rows that
-    have a valid token; 0 (keeping the graph) when none has."""
+    have a valid token; 0 (keeping the graph) when none has. "seq-mean-token-sum-norm" (Dr. GRPO): the sum
+    over all valid tokens divided by B * T, the mask's number of rows times its time dimension."""
     m = (mask != 0).double()
     l = torch.where(mask != 0, l.double(), 0.0)
+    if agg == "seq-mean-token-sum-norm":
+        B, T = m.shape
+        return (l * m).sum() / (B * T)
     if agg == "token-mean":
         return (l * m).sum() / m.sum() if m.sum() > 0 else l.sum() * 0
     rows = [b for b in range(m.shape[0]) if m[b].sum() > 0]
@@ -152,6 +159,33 @@ def ppo_token_loss(lp, old, adv, clip_low, clip_high=None, dual_clip=None):
     return l
 
 
+def sequence_ratio(lp, old, mask):
+    """GSPO's sequence ratio (Zheng et al. 2025), row by row: s_b = exp(mean of lp - old over the row's valid
+    tokens), 1 for a row without one. lp, old, mask (B, T) -> (B,) float64, differentiable in lp."""
+    out = []
+    for b in range(lp.shape[0]):
+        keep = mask[b] != 0
+        if keep.any():
+            out.append(torch.exp((lp[b].double() - old[b].double())[keep].mean()))
+        else:
+            out.append(torch.ones((), dtype=torch.float64))
+    return torch.stack(out)
+
+
+def sequence_ppo_token_loss(lp, old, adv, mask, clip_low, clip_high=None, dual_clip=None):
+    """The clipped surrogate with GSPO's sequence ratio: every token of row b uses
+    max(-A s_b, -A clip(s_b, 1 - clip_low, 1 + clip_high)), dual-clipped where A < 0 the same way as the token
+    ratio. adv (B, T) or (B,) (broadcast over the row). (B, T) float64."""
+    clip_high = clip_low if clip_high is None else clip_high
+    s = sequence_ratio(lp, old, mask)[:, None].expand(lp.shape)  # (B, T)
+    adv = adv.double()
+    adv = adv[:, None].expand(lp.shape) if adv.dim() == 1 else adv
+    l = torch.maximum(-adv * s, -adv * s.clamp(1 - clip_low, 1 + clip_high))
+    if dual_clip is not None:
+        l = torch.where(adv < 0, torch.minimum(l, -adv * dual_clip), l)
+    return l
+
+
 def value_token_loss(v, old, ret, clip):
     """0.5 (v - ret)^2, or with clip the max of it and the clipped-value version."""
     v, old, ret = v.double(), old.double(), ret.double()
@@ -162,13 +196,41 @@ def value_token_loss(v, old, ret, clip):
 
 def linear_ppo_loss(hidden, weight, targets, old, adv, mask, bias=None, ref_lp=None, *, kl_coef=0.0,
                     kl_estimator="k3", entropy_coef=0.0, clip_low=0.2, clip_high=None, dual_clip=None,
-                    temperature=1.0, agg="token-mean", ignore_index=-100):
-    """The unfused composition fused_linear_ppo_loss computes: per token ppo_token_loss + kl_coef * kl(lp, ref)
-    - entropy_coef * entropy on the log-probs of hidden @ weight.T (+ bias), aggregated over mask and the
-    non-ignored targets. A 0-dim float64 tensor, differentiable in hidden, weight and bias."""
+                    temperature=1.0, ratio_level="token", agg="token-mean", ignore_index=-100):
+    """The unfused composition fused_linear_ppo_loss computes: per token ppo_token_loss (ratio_level="token")
+    or sequence_ppo_token_loss ("sequence", GSPO) + kl_coef * kl(lp, ref) - entropy_coef * entropy on the
+    log-probs of hidden @ weight.T (+ bias), aggregated over mask and the non-ignored targets. adv (B, T) or
+    (B,). A 0-dim float64 tensor, differentiable in hidden, weight and bias."""
     lp, ent = linear_logprobs_entropy(hidden, weight, targets, bias, temperature, ignore_index)
-    l = ppo_token_loss(lp, old, adv, clip_low, clip_high, dual_clip)
+    valid = (mask != 0) & (targets != ignore_index)
+    if ratio_level == "sequence":
+        l = sequence_ppo_token_loss(lp, old, adv, valid, clip_low, clip_high, dual_clip)
+    elif ratio_level == "token":
+        adv = adv[:, None].expand(lp.shape) if adv.dim() == 1 else adv
+        l = ppo_token_loss(lp, old, adv, clip_low, clip_high, dual_clip)
+    else:
+        raise ValueError(f"unknown ratio_level {ratio_level!r}")
     if ref_lp is not None and kl_coef != 0:
         l = l + kl_coef * kl(lp, ref_lp, kl_estimator)
     l = l - entropy_coef * ent
-    return aggregate(l, (mask != 0) & (targets != ignore_index), agg)
+    return aggregate(l, valid, agg)
+
+
+# ---------------------------------------------------------------- exact KL between two softmaxes
+
+
+def linear_kl(hidden, ref_hidden, weight, mask, bias=None, temperature=1.0):
+    """KL(p || q) = sum_v p_v (log p_v - log q_v) per token over the materialised vocabulary, p = softmax((hidden
+    @ weight.T + bias) / temperature), q the same with ref_hidden; 0 where mask is 0. The reference side is a
+    constant (q is detached: no gradient to ref_hidden, nor to weight and bias through q). hidden, ref_hidden
+    (..., H), weight (V, H), mask (...). (...) float64, differentiable in hidden, weight and bias."""
+    def log_softmax(h, w, b):
+        z = h.double() @ w.double().T
+        if b is not None:
+            z = z + b.double()
+        return torch.log_softmax(z / temperature, dim=-1)
+
+    logp = log_softmax(hidden, weight, bias)
+    logq = log_softmax(ref_hidden.detach(), weight.detach(), None if bias is None else bias.detach())
+    kl_tok = (logp.exp() * (logp - logq)).sum(-1)
+    return torch.where(mask != 0, kl_tok, 0.0)

@@ -1,7 +1,8 @@
 """Triton kernels for the fused PPO policy loss on the lm_head: per-token loss and, in the same forward pass,
 the gradients of L = sum(weights * token_loss) wrt hidden, weight and bias.
 
-Per token (ratio = exp(lp - old), A the advantage, d = lp - ref):
+Per token (ratio = exp(lp - old), A the advantage - per token, or per row of ADV_T tokens (GRPO's per-sequence
+advantage, read at (row0 + i) // ADV_T, never expanded) - and d = lp - ref):
     pg = max(-A ratio, -A clamp(ratio, 1 - clip_low, 1 + clip_high)); with dual_clip c and A < 0: min(pg, -A c)
     token_loss = pg + kl_coef * kl(d) - entropy_coef * entropy
 kl estimators (code): 0 k1 = d, 1 k2 = d^2 / 2, 2 k3 = exp(-d) - 1 + d, 3 abs = |d|  (Schulman, "Approximating
@@ -44,16 +45,21 @@ KL_ESTIMATORS = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}
 
 @triton.jit
 def _ppo_token_kernel(lp_ptr, ent_ptr, old_ptr, adv_ptr, w_ptr, ref_ptr, tgt_ptr, loss_ptr, clp_ptr,
-                      cent_ptr, N, kl_coef, entropy_coef, ratio_low, ratio_high, dual_clip, IGNORE,
-                      HAS_REF: tl.constexpr, KL_EST: tl.constexpr, HAS_DUAL: tl.constexpr,
-                      NEED_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+                      cent_ptr, N, adv_row0, ADV_T, kl_coef, entropy_coef, ratio_low, ratio_high, dual_clip,
+                      IGNORE, HAS_REF: tl.constexpr, KL_EST: tl.constexpr, HAS_DUAL: tl.constexpr,
+                      ADV_PER_ROW: tl.constexpr, NEED_GRAD: tl.constexpr, BLOCK: tl.constexpr):
     # Element-wise: token loss and, when NEED_GRAD, dL/dlogprob and dL/dentropy with L = sum(w * loss).
+    # ADV_PER_ROW: adv holds one advantage per row of ADV_T tokens and token i (of a chunk starting at token
+    # adv_row0) reads adv[(adv_row0 + i) // ADV_T].
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     lp = tl.load(lp_ptr + offs, mask=mask, other=0.0)
     ent = tl.load(ent_ptr + offs, mask=mask, other=0.0)
     old = tl.load(old_ptr + offs, mask=mask, other=0.0)
-    adv = tl.load(adv_ptr + offs, mask=mask, other=0.0)
+    if ADV_PER_ROW:
+        adv = tl.load(adv_ptr + (offs + adv_row0) // ADV_T, mask=mask, other=0.0)
+    else:
+        adv = tl.load(adv_ptr + offs, mask=mask, other=0.0)
     active = tl.load(tgt_ptr + offs, mask=mask, other=IGNORE) != IGNORE
     ratio = tl.exp(lp - old)
     loss1 = -adv * ratio
@@ -85,30 +91,34 @@ def _ppo_token_kernel(lp_ptr, ent_ptr, old_ptr, adv_ptr, w_ptr, ref_ptr, tgt_ptr
 
 
 def _token_loss(lp, ent, old, adv, weights, ref, targets, loss, c_lp, c_ent, *, kl_coef, kl_estimator,
-                entropy_coef, clip_low, clip_high, dual_clip, ignore_index, need_grad):
+                entropy_coef, clip_low, clip_high, dual_clip, ignore_index, need_grad, adv_row_len=0, row0=0):
+    # adv_row_len > 0: adv is the whole (rows,) per-row tensor and these n tokens start at token row0
     n = lp.shape[0]
     if n == 0:
         return
     block = 1024
     _ppo_token_kernel[(triton.cdiv(n, block),)](
         lp, ent, old, adv, weights, ref if ref is not None else lp, targets, loss,
-        c_lp if need_grad else loss, c_ent if need_grad else loss, n, float(kl_coef), float(entropy_coef),
-        1.0 - float(clip_low), 1.0 + float(clip_high), float(dual_clip) if dual_clip is not None else 0.0,
-        ignore_index, HAS_REF=ref is not None, KL_EST=int(kl_estimator), HAS_DUAL=dual_clip is not None,
+        c_lp if need_grad else loss, c_ent if need_grad else loss, n, row0, max(1, adv_row_len), float(kl_coef),
+        float(entropy_coef), 1.0 - float(clip_low), 1.0 + float(clip_high),
+        float(dual_clip) if dual_clip is not None else 0.0, ignore_index, HAS_REF=ref is not None,
+        KL_EST=int(kl_estimator), HAS_DUAL=dual_clip is not None, ADV_PER_ROW=adv_row_len > 0,
         NEED_GRAD=need_grad, BLOCK=block, num_warps=4)
 
 
 def linear_ppo_loss_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                         bias: torch.Tensor | None, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                        weights: torch.Tensor, ref_logprobs: torch.Tensor | None, *, kl_coef: float,
+                        weights: torch.Tensor, ref_logprobs: torch.Tensor | None, *, adv_row_len: int = 0,
+                        kl_coef: float,
                         kl_estimator: int, entropy_coef: float, clip_low: float, clip_high: float,
                         dual_clip: float | None, temperature: float, ignore_index: int, need_grad: bool,
                         need_bias_grad: bool):
     """Per-token PPO loss on the log-probs of softmax((hidden @ weight.T + bias) / temperature), and its grads.
 
     hidden (N, H), weight (V, H), bias (V,) or None (one float dtype); targets (N,) int64 in [0, V) or
-    ignore_index; old_logprobs, advantages, weights, ref_logprobs (N,) fp32 (ref None: no KL term); weights
-    are the aggregation weights, L = sum(weights * token_loss). kl_estimator: 0 k1, 1 k2, 2 k3, 3 abs.
+    ignore_index; old_logprobs, weights, ref_logprobs (N,) fp32 (ref None: no KL term); weights are the
+    aggregation weights, L = sum(weights * token_loss); advantages (N,) fp32, or with adv_row_len > 0 one per
+    row of adv_row_len tokens, (N / adv_row_len,) (GRPO). kl_estimator: 0 k1, 1 k2, 2 k3, 3 abs.
     Returns (token_loss (N,) fp32, logprobs (N,) fp32, entropy (N,) fp32, grad_hidden (N, H) hidden.dtype,
     grad_weight (V, H) fp32, grad_bias (V,) fp32); the three gradients of L are None unless need_grad
     (grad_bias also needs need_bias_grad and a bias). Ignored rows: loss, logprob, entropy 0, no gradient.
@@ -121,7 +131,8 @@ def linear_ppo_loss_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
     dev = hidden.device
     f32 = torch.float32
     token_kw = dict(kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef, clip_low=clip_low,
-                    clip_high=clip_high, dual_clip=dual_clip, ignore_index=ignore_index)
+                    clip_high=clip_high, dual_clip=dual_clip, ignore_index=ignore_index, adv_row_len=adv_row_len)
+    per_row = adv_row_len > 0
     loss = torch.empty(N, device=dev, dtype=f32)  # (N,)
     if not need_grad:
         lp, ent, _ = _lp.linear_logprobs_fwd(hidden, weight, targets, bias, temperature, ignore_index, True)
@@ -154,9 +165,9 @@ def linear_ppo_loss_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
         zc = z[:n]
         _lp.matmul(hidden[sl], weight.t(), zc, bias=bias, scale=inv_t, stats=(targets[sl], part))
         _lp.combine_stats(part, v_tiles, targets[sl], ignore_index, lp[sl], ent[sl], lse[sl])
-        _token_loss(lp[sl], ent[sl], old_logprobs[sl], advantages[sl], weights[sl],
+        _token_loss(lp[sl], ent[sl], old_logprobs[sl], advantages if per_row else advantages[sl], weights[sl],
                     ref_logprobs[sl] if ref_logprobs is not None else None, targets[sl], loss[sl], c_lp[sl],
-                    c_ent[sl], need_grad=True, **token_kw)
+                    c_ent[sl], need_grad=True, row0=row0, **token_kw)
         _lp.logprobs_grad(zc, None, targets[sl], None, lse[sl], ent[sl], c_lp[sl], c_ent[sl], 1.0, inv_t,
                           ignore_index, 0, n, g, gb_part)
         _lp.grads_from_logit_grad(g[:n], hidden, weight, row0, grad_hidden, grad_weight)

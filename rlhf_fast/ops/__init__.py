@@ -7,21 +7,30 @@ through them. The fused losses also come as nn.Modules (rlhf_fast.ops.modules).
 """
 
 from rlhf_fast.ops._dispatch import use_backend
+from rlhf_fast.ops.fused_kl import fused_linear_kl
 from rlhf_fast.ops.fused_ppo import fused_linear_ppo_loss
 from rlhf_fast.ops.gae import gae, kl_penalized_gae, masked_whiten
 from rlhf_fast.ops.group_advantages import group_advantages
 from rlhf_fast.ops.kl import kl_penalty
 from rlhf_fast.ops.logprobs import fused_linear_logprobs, logprobs_from_logits
 from rlhf_fast.ops.losses import aggregate, bradley_terry_loss, ppo_policy_loss, value_loss
-from rlhf_fast.ops.modules import BradleyTerryLoss, FusedLinearLogprobs, FusedLinearPPOLoss, ValueLoss
+from rlhf_fast.ops.modules import (
+    BradleyTerryLoss,
+    FusedLinearKL,
+    FusedLinearLogprobs,
+    FusedLinearPPOLoss,
+    ValueLoss,
+)
 
 __all__ = [
     "BradleyTerryLoss",
+    "FusedLinearKL",
     "FusedLinearLogprobs",
     "FusedLinearPPOLoss",
     "ValueLoss",
     "aggregate",
     "bradley_terry_loss",
+    "fused_linear_kl",
     "fused_linear_logprobs",
     "fused_linear_ppo_loss",
     "gae",

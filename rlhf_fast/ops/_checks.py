@@ -7,7 +7,8 @@ import torch
 from rlhf_fast.ops._dispatch import checks_enabled
 
 ESTIMATORS = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}
-AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+RATIO_LEVELS = ("token", "sequence")
 
 
 def tensor(name: str, x) -> torch.Tensor:
@@ -79,6 +80,12 @@ def estimator(value: str) -> int:
 def agg(value: str) -> str:
     if value not in AGG_MODES:
         raise ValueError(f"agg must be one of {', '.join(AGG_MODES)}, got {value!r}")
+    return value
+
+
+def ratio_level(value: str) -> str:
+    if value not in RATIO_LEVELS:
+        raise ValueError(f"ratio_level must be one of {', '.join(RATIO_LEVELS)}, got {value!r}")
     return value
 
 

@@ -27,7 +27,7 @@ BACKENDS = ("auto", "torch", "triton", "native")
 
 # Which backends implement which op. "torch" implements everything.
 _TRITON_OPS = {"fused_linear_logprobs", "logprobs_from_logits", "gae", "kl_penalized_gae",
-               "fused_linear_ppo_loss"}
+               "fused_linear_ppo_loss", "fused_linear_kl"}
 _NATIVE_OPS = {"gae", "kl_penalized_gae"}
 # auto on CUDA: preference order per op.
 _CUDA_PREFERENCE = {

@@ -2,23 +2,32 @@
 
 Per token, with lp the log-prob of the target under (hidden @ weight.T + bias) / temperature and H the
 entropy of that distribution:
-    l = ppo_clipped_surrogate(lp, old_logprobs, advantages) + kl_coef * kl_penalty(lp, ref_logprobs)
-        - entropy_coef * H
-then aggregated with `agg`. The loss is linear in l with mask-only weights w, so dL/dlp and dL/dH are known
-in closed form per token once lp and H are.
+    l = clipped_surrogate(r, A) + kl_coef * kl_penalty(lp, ref_logprobs) - entropy_coef * H
+then aggregated with `agg`. r is the token ratio exp(lp - old) (PPO), or with ratio_level="sequence" the
+row's GSPO ratio s = exp(mean over the row's valid tokens of (lp - old)) (Zheng et al. 2025). A is per token
+(B, T) or per sequence (B,) (GRPO), broadcast over the row. The loss is linear in l with mask-only weights w,
+so at the token level dL/dlp and dL/dH are known in closed form per token once lp and H are.
 
-Triton backend (the custom op rlhf_fast::fused_linear_ppo_loss, see _library.py): one pass computes the
-logits chunk once, and the forward produces the gradients for hidden, weight and bias right away; the
-backward only scales them by the incoming gradient (no second lm_head GEMM pass).
-Torch backend: the composition of the custom op rlhf_fast::fused_linear_logprobs (chunked, logits never
-materialised) and the per-token formula above in plain torch, under autograd, so its gradient is that of
-the unfused composition by construction. It makes the same two passes over the logits as a forward that
-also produced the gradients (torch must recompute them either way), but keeps only (N,) statistics between
-forward and backward instead of the (N, H) and (V, H) gradients; and a custom op's implementation runs
-below autograd, so the per-token dL/dlp could not come from autograd inside one.
+Triton backend, token level (the custom op rlhf_fast::fused_linear_ppo_loss, see _library.py): one pass
+computes the logits chunk once, and the forward produces the gradients for hidden, weight and bias right away;
+the backward only scales them by the incoming gradient (no second lm_head GEMM pass). 6NHV flops.
+Torch backend, and the Triton backend at the sequence level: the composition of the custom op
+rlhf_fast::fused_linear_logprobs (on the chosen backend: chunked, logits never materialised) and the per-token
+formula above in plain torch, under autograd, so its gradient is that of the unfused composition by
+construction. At the sequence level this is the two-pass scheme: every token's dL/dlp depends on s of its row,
+a reduction over the row's log-probs, so they must all exist before any logit gradient can be formed: pass 1
+the fused log-prob forward (2NHV), then s and the loss in torch (O(N)), pass 2 the fused log-prob backward
+(recomputes the logits, 6NHV): 8NHV in all. The token level's 6NHV (gradients formed in the forward) would
+need chunks of whole sequences here (C = k T rows, so the (C, V) scratch is at least T V: 7.5 GB at T = 8192,
+V = 151936, over the chunk budget for long responses); not done. Torch must recompute the logits either way,
+so the torch backend makes the same two passes, but keeps only (N,) statistics between forward and backward
+instead of the (N, H) and (V, H) gradients; and a custom op's implementation runs below autograd, so the
+per-token dL/dlp could not come from autograd inside one.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -26,19 +35,27 @@ from torch import Tensor
 from rlhf_fast.ops import _checks, _dispatch, _library
 from rlhf_fast.ops.kl import kl_terms
 from rlhf_fast.ops.logprobs import linear_logprobs_op
-from rlhf_fast.ops.losses import agg_weights, check_clip, masked_mean, ppo_per_token
+from rlhf_fast.ops.losses import (
+    agg_weights,
+    check_clip,
+    clipped_surrogate,
+    masked_mean,
+    ppo_per_token,
+    sequence_ratio,
+)
 
 # ------------------------------------------------------------------------------------- custom op (_library.py)
 
 
 @_library.custom_op("fused_linear_ppo_loss")
 def linear_ppo_loss_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, old: Tensor, adv: Tensor,
-                       w: Tensor, ref: Tensor | None, kl_coef: float, kl_estimator: int, entropy_coef: float,
-                       clip_low: float, clip_high: float, dual_clip: float | None, temperature: float,
-                       ignore_index: int, need_grad: bool, need_weight_grad: bool, need_bias_grad: bool,
-                       backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The Triton backend: hidden (N, H), weight (V, H), bias (V,) | None, targets (N,); old, adv, w, ref (N,)
-    fp32 -> loss () = sum(w * token_loss), logprobs (N,), entropy (N,), and the gradients of loss in hidden
+                       adv_row_len: int, w: Tensor, ref: Tensor | None, kl_coef: float, kl_estimator: int,
+                       entropy_coef: float, clip_low: float, clip_high: float, dual_clip: float | None,
+                       temperature: float, ignore_index: int, need_grad: bool, need_weight_grad: bool,
+                       need_bias_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The Triton backend, token level: hidden (N, H), weight (V, H), bias (V,) | None, targets (N,); old, w, ref
+    (N,) fp32; adv (N,) fp32 when adv_row_len == 0, else (N / adv_row_len,): one per row of adv_row_len tokens
+    -> loss () = sum(w * token_loss), logprobs (N,), entropy (N,), and the gradients of loss in hidden
     (N, H) (hidden.dtype; empty (0,) unless need_grad), weight (V, H) and bias (V,) (fp32; empty (0,) unless
     need_weight_grad / need_bias_grad)."""
     if backend != "triton":
@@ -46,9 +63,10 @@ def linear_ppo_loss_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, targ
     from rlhf_fast.kernels import ppo_loss as k
 
     token_loss, lp, ent, gh, gw, gb = k.linear_ppo_loss_fwd(
-        hidden, weight, targets, bias, old, adv, w, ref, kl_coef=kl_coef, kl_estimator=kl_estimator,
-        entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
-        temperature=temperature, ignore_index=ignore_index, need_grad=need_grad, need_bias_grad=need_bias_grad)
+        hidden, weight, targets, bias, old, adv, w, ref, adv_row_len=adv_row_len, kl_coef=kl_coef,
+        kl_estimator=kl_estimator, entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high,
+        dual_clip=dual_clip, temperature=temperature, ignore_index=ignore_index, need_grad=need_grad,
+        need_bias_grad=need_bias_grad)
     loss = (w * token_loss).sum()
     gh = _library.none_as_empty(gh if need_grad else None, lp)
     gw = _library.none_as_empty(gw if need_weight_grad else None, lp)
@@ -57,8 +75,8 @@ def linear_ppo_loss_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, targ
 
 
 @linear_ppo_loss_op.register_fake
-def _(hidden, weight, bias, targets, old, adv, w, ref, kl_coef, kl_estimator, entropy_coef, clip_low, clip_high,
-      dual_clip, temperature, ignore_index, need_grad, need_weight_grad, need_bias_grad, backend):
+def _(hidden, weight, bias, targets, old, adv, adv_row_len, w, ref, kl_coef, kl_estimator, entropy_coef, clip_low,
+      clip_high, dual_clip, temperature, ignore_index, need_grad, need_weight_grad, need_bias_grad, backend):
     n, f32 = hidden.shape[0], torch.float32
     gh = hidden.new_empty(hidden.shape) if need_grad else hidden.new_empty(0, dtype=f32)
     gw = weight.new_empty(weight.shape, dtype=f32) if need_weight_grad else hidden.new_empty(0, dtype=f32)
@@ -77,7 +95,7 @@ def _ppo_setup_context(ctx, inputs, output):
 def _ppo_backward(ctx, g_loss, *_):
     grads = [None if not needed else (g * g_loss.to(g.dtype)).to(dtype)
              for g, dtype, needed in zip(ctx.saved_tensors, ctx.dtypes, ctx.needs_input_grad[:3])]
-    return (*grads, *([None] * 17))
+    return (*grads, *([None] * 18))
 
 
 linear_ppo_loss_op.register_autograd(_ppo_backward, setup_context=_ppo_setup_context)
@@ -103,38 +121,51 @@ def fused_linear_ppo_loss(
     clip_high: float | None = None,
     dual_clip: float | None = None,
     temperature: float = 1.0,
+    ratio_level: str = "token",
     agg: str = "token-mean",
     ignore_index: int = -100,
     checks: bool | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO policy loss straight from hidden states: log-probs, entropy, clipped surrogate, KL and entropy
-    terms and aggregation in one pass, without materialising the (B, T, V) logits.
+    """PPO / GRPO / GSPO policy loss straight from hidden states: log-probs, entropy, clipped surrogate, KL and
+    entropy terms and aggregation in one pass, without materialising the (B, T, V) logits.
 
     Args:
         hidden: (B, T, H) fp32/bf16/fp16 final hidden states of the policy.
         weight: (V, H) lm_head weight (same dtype).  bias: optional (V,).
         targets: (B, T) int64 tokens whose log-probs are scored (ignore_index positions do not count).
-        old_logprobs: (B, T) rollout-time log-probs.  advantages: (B, T).  mask: (B, T) 0/1.
-        ref_logprobs: optional (B, T) reference log-probs for the in-loss KL term (GRPO style).
+        old_logprobs: (B, T) rollout-time log-probs.  mask: (B, T) 0/1.
+        advantages: (B, T) per token, or (B,) per sequence (GRPO's one advantage per completion), broadcast
+            over the row's tokens (never expanded to (B, T) in memory).
+        ref_logprobs: optional (B, T) reference log-probs for the in-loss KL term (GRPO's beta term).
         kl_coef: >= 0, weight of kl_penalty(logprobs, ref_logprobs, kl_estimator).
         entropy_coef: weight of the entropy bonus (subtracted).
-        clip_low, clip_high, dual_clip: as in ppo_policy_loss.  temperature: > 0, as in the rollout.
-        agg: "token-mean" | "seq-mean-token-sum" | "seq-mean-token-mean".
+        clip_low, clip_high, dual_clip: as in ppo_policy_loss (clip_high is DAPO's clip-higher, TRL's
+            epsilon_high).  temperature: > 0, as in the rollout.
+        ratio_level: "token" (PPO, GRPO: r_t = exp(lp_t - old_t)) or "sequence" (GSPO, Zheng et al. 2025:
+            every token of row i uses s_i = exp(sum_t m (lp - old) / sum_t m), m the loss mask
+            mask * (targets != ignore_index); s_i = 1 for a row without a valid token, which has no loss).
+            The gradient flows through s_i to every valid token of the row. dual_clip applies to s_i as it
+            does to r_t (where A < 0 the loss is capped at -A c).
+        agg: "token-mean" | "seq-mean-token-sum" | "seq-mean-token-mean" | "seq-mean-token-sum-norm" (Dr. GRPO:
+            sum(l m) / (B T), T the time dimension); see ops.losses.
         checks: target-range check (host sync); off with checks=False or RLHF_FAST_CHECKS=0, and always
             skipped inside torch.compile'd code (torch.compiler.is_compiling()).
         backend: "auto" | "torch" | "triton" | "native", or None (default): use_backend's, else
             RLHF_FAST_BACKEND's, else auto. An explicit backend that cannot serve the call raises
             NotImplementedError (native: no kernel for this op; triton: float64 inputs, or the CPU without
-            TRITON_INTERPRET=1).
+            TRITON_INTERPRET=1). Triton at ratio_level="sequence" runs two passes (module docstring).
 
-    Per token l = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)) [dual-clipped where A < 0]
-    + kl_coef * kl(lp, ref) - entropy_coef * H, with r = exp(lp - old); loss = agg(l, mask).
-    The gradient in hidden, weight and bias equals that of the unfused composition.
+    Per token l = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)) [min(l, -A dual_clip) where A < 0]
+    + kl_coef * kl(lp, ref) - entropy_coef * H, with r = exp(lp - old) (token level) or r = s_i (sequence
+    level); loss = agg(l, m). The gradient in hidden, weight and bias equals that of the unfused composition.
 
     Returns:
-        (loss, stats): loss 0-dim fp32; stats detached 0-dim tensors clipfrac, approx_kl, ratio, entropy
-        (masked means) and kl (when ref_logprobs is given).
+        (loss, stats): loss 0-dim fp32; stats detached 0-dim tensors: clipfrac (share of valid tokens whose
+        loss was clipped; at the sequence level a token is clipped when its row's s_i is, so with (B,)
+        advantages it is the token-weighted share of clipped sequences), approx_kl (mean of (lp - old)^2 / 2
+        over valid tokens, at either level), ratio (mean r over valid tokens; at the sequence level the mean
+        of s_i over rows with a valid token), entropy (masked mean) and kl (when ref_logprobs is given).
     """
     _checks.floating("hidden", hidden)
     _checks.floating("weight", weight)
@@ -149,12 +180,17 @@ def fused_linear_ppo_loss(
     shape = hidden.shape[:-1]
     if targets.shape != shape:
         raise ValueError(f"targets must have shape hidden.shape[:-1] = {tuple(shape)}, got {tuple(targets.shape)}")
-    for name, x in (("old_logprobs", old_logprobs), ("advantages", advantages), ("ref_logprobs", ref_logprobs)):
+    for name, x in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
         if x is None:
             continue
         _checks.floating(name, x)
         if x.shape != shape:
             raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+    _checks.floating("advantages", advantages)
+    per_sequence = advantages.shape == shape[:-1]
+    if advantages.shape != shape and not per_sequence:
+        raise ValueError(f"advantages must have shape {tuple(shape)} (per token) or {tuple(shape[:-1])} (per "
+                         f"sequence), got {tuple(advantages.shape)}")
     _checks.mask("mask", mask, shape)
     if bias is not None:
         _checks.floating("bias", bias)
@@ -164,6 +200,7 @@ def fused_linear_ppo_loss(
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     code = _checks.estimator(kl_estimator)
     agg = _checks.agg(agg)
+    level = _checks.ratio_level(ratio_level)
     clip_low, clip_high, dual_clip = check_clip(clip_low, clip_high, dual_clip)
     temperature = _checks.positive("temperature", temperature)
     for name, value in (("kl_coef", kl_coef), ("entropy_coef", entropy_coef)):
@@ -179,42 +216,64 @@ def fused_linear_ppo_loss(
     dtype = _checks.compute_dtype(hidden, weight)
     backend = _dispatch.select("fused_linear_ppo_loss", device, dtype, backend)
 
+    rows, T = math.prod(shape[:-1]), shape[-1]  # sequences and their length: (N,) views as (rows, T)
     t1 = targets.reshape(-1).to(torch.int64).contiguous()  # (N,)
     valid = (mask != 0).reshape(-1) & (t1 != ignore_index)  # (N,)
     # Masked positions never enter: zero their per-token inputs so NaN padding cannot leak through 0 * NaN.
     flat = lambda x: torch.where(valid, x.detach().reshape(-1).to(dtype), 0.0).contiguous()  # noqa: E731
-    old, adv = flat(old_logprobs), flat(advantages)
+    old = flat(old_logprobs)
+    if per_sequence:  # (rows,), zero for a row without a valid token (its advantage may be NaN padding)
+        row_valid = valid.reshape(rows, T).any(dim=1)
+        adv = torch.where(row_valid, advantages.detach().reshape(rows).to(dtype), 0.0).contiguous()
+    else:
+        adv = flat(advantages)  # (N,)
     ref = flat(ref_logprobs) if ref_logprobs is not None else None
     w = agg_weights(valid.reshape(shape), agg, dtype).reshape(-1).contiguous()  # (N,) loss = sum(w * l)
     h2 = hidden.reshape(-1, hidden.shape[-1]).contiguous()  # (N, H)
-    if backend == "torch":
-        lp, ent, _ = linear_logprobs_op(h2, weight.contiguous(), bias, t1, temperature, ignore_index, True, "torch")
-        l, _, _ = ppo_per_token(lp, old, adv, clip_low, clip_high, dual_clip)
+    as_rows = lambda x: None if x is None else x.view(rows, T)  # noqa: E731
+    adv2 = adv[:, None] if per_sequence else as_rows(adv)  # (rows, 1) or (rows, T)
+    if backend == "torch" or level == "sequence":
+        lp, ent, _ = linear_logprobs_op(h2, weight.contiguous(), bias, t1, temperature, ignore_index, True, backend)
+        l, _, _ = _surrogate(as_rows(lp), as_rows(old), adv2, as_rows(valid), level, clip_low, clip_high, dual_clip)
         if ref is not None and kl_coef != 0.0:
-            l = l + kl_coef * kl_terms(lp - ref, code)
+            l = l + kl_coef * kl_terms(as_rows(lp) - as_rows(ref), code)
         if entropy_coef != 0.0:
-            l = l - entropy_coef * ent
-        loss = (w * l).sum()
+            l = l - entropy_coef * as_rows(ent)
+        loss = (as_rows(w) * l).sum()  # l may be (rows, 1): a sequence ratio with per-sequence advantages
     else:
         grad = torch.is_grad_enabled()
         need_w = grad and weight.requires_grad
         need_b = grad and bias is not None and bias.requires_grad
         need_grad = need_w or need_b or (grad and hidden.requires_grad)
         loss, lp, ent, *_ = linear_ppo_loss_op(
-            h2, weight.contiguous(), bias, t1, old, adv, w, ref, float(kl_coef), code, float(entropy_coef),
-            clip_low, clip_high, dual_clip, temperature, ignore_index, need_grad, need_w, need_b, backend)
-    stats = _stats(lp.detach(), ent.detach(), old, adv, ref, valid, code, clip_low, clip_high, dual_clip)
+            h2, weight.contiguous(), bias, t1, old, adv, T if per_sequence else 0, w, ref, float(kl_coef), code,
+            float(entropy_coef), clip_low, clip_high, dual_clip, temperature, ignore_index, need_grad, need_w,
+            need_b, backend)
+    stats = _stats(as_rows(lp.detach()), as_rows(ent.detach()), as_rows(old), adv2, as_rows(ref), as_rows(valid),
+                   code, level, clip_low, clip_high, dual_clip)
     return loss, stats
 
 
-def _stats(lp, ent, old, adv, ref, valid, code, clip_low, clip_high, dual_clip):
+def _surrogate(lp, old, adv, valid, level, clip_low, clip_high, dual_clip):
+    # (rows, T) inputs, adv (rows, T) or (rows, 1) -> (loss, ratio, clipped), each (rows, T) or (rows, 1)
+    if level == "sequence":
+        ratio = sequence_ratio(lp, old, valid)[:, None]  # (rows, 1)
+        return clipped_surrogate(ratio, adv, clip_low, clip_high, dual_clip)
+    return ppo_per_token(lp, old, adv, clip_low, clip_high, dual_clip)
+
+
+def _stats(lp, ent, old, adv, ref, valid, code, level, clip_low, clip_high, dual_clip):
     with torch.no_grad():
-        _, ratio, clipped = ppo_per_token(lp, old, adv, clip_low, clip_high, dual_clip)
+        _, ratio, clipped = _surrogate(lp, old, adv, valid, level, clip_low, clip_high, dual_clip)
         d = lp - old
+        if level == "sequence":
+            mean_ratio = masked_mean(ratio[:, 0], valid.any(dim=1))  # over rows with a valid token
+        else:
+            mean_ratio = masked_mean(ratio, valid)
         stats = {
-            "clipfrac": masked_mean(clipped.to(lp.dtype), valid),
+            "clipfrac": masked_mean(clipped.expand(valid.shape).to(lp.dtype), valid),
             "approx_kl": masked_mean(0.5 * d * d, valid),
-            "ratio": masked_mean(ratio, valid),
+            "ratio": mean_ratio,
             "entropy": masked_mean(ent, valid),
         }
         if ref is not None:

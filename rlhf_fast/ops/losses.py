@@ -4,6 +4,9 @@ Aggregation modes (`agg`), with l the per-token loss and m the 0/1 mask:
   "token-mean"          = sum(l * m) / sum(m)
   "seq-mean-token-sum"  = mean over rows with a valid token of sum_t(l * m)
   "seq-mean-token-mean" = mean over those rows of sum_t(l * m) / sum_t(m)
+  "seq-mean-token-sum-norm" = sum_{b,t}(l * m) / (B * T), T the tensors' time dimension (a constant, not the
+                          number of valid tokens): Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like
+                          Training"), TRL's loss_type="dr_grpo", verl's loss_agg_mode of the same name
 Each is sum(w * l) with weights w that depend on the mask only (`agg_weights`). An all-zero mask gives
 loss 0 and zero gradients, never NaN. Masked positions never enter (even when they hold NaN).
 """
@@ -21,6 +24,8 @@ def agg_weights(mask: torch.Tensor, agg: str, dtype: torch.dtype = torch.float32
     m = (mask != 0).to(dtype)
     if agg == "token-mean":
         return m / m.sum().clamp(min=1)
+    if agg == "seq-mean-token-sum-norm":
+        return m / max(1, m.numel())  # B * T: rows times the time dimension, valid or not
     rows = m.reshape(-1, m.shape[-1]) if m.dim() > 1 else m[None]
     per_row = rows.sum(dim=1, keepdim=True)
     n_rows = (per_row > 0).sum().clamp(min=1)
@@ -69,7 +74,20 @@ def check_clip(clip_low, clip_high, dual_clip):
 
 def ppo_per_token(logprobs, old_logprobs, advantages, clip_low, clip_high, dual_clip):
     """Per-token clipped surrogate l and its pieces (fp32 tensors). Plain torch ops, differentiable."""
-    ratio = torch.exp(logprobs - old_logprobs)
+    return clipped_surrogate(torch.exp(logprobs - old_logprobs), advantages, clip_low, clip_high, dual_clip)
+
+
+def sequence_ratio(logprobs, old_logprobs, valid):
+    """GSPO's sequence importance ratio (Zheng et al. 2025, "Group Sequence Policy Optimization"), per row:
+    s = exp(sum_t m (logprobs - old) / sum_t m), m = valid; 1 for a row without a valid token. (..., T) -> (...),
+    differentiable in logprobs. Invalid positions never enter (a NaN there stays out)."""
+    d = torch.where(valid, logprobs - old_logprobs, 0.0)
+    return torch.exp(d.sum(-1) / valid.sum(-1).clamp(min=1))
+
+
+def clipped_surrogate(ratio, advantages, clip_low, clip_high, dual_clip):
+    """max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)), dual-clipped where A < 0, and its pieces (ratio, where
+    clipped); ratio and advantages broadcast (a (B, 1) sequence ratio against (B, T) advantages)."""
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     loss = torch.maximum(unclipped, clipped)
@@ -114,7 +132,8 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
         old_logprobs: (B, T) log-probs at rollout time.  advantages: (B, T).  mask: (B, T) 0/1.
         clip_low, clip_high: ratio clipped to [1 - clip_low, 1 + clip_high]; clip_high defaults to clip_low.
         dual_clip: c > 1 or None; where A < 0 the loss is capped at -A * c.
-        agg: "token-mean" | "seq-mean-token-sum" | "seq-mean-token-mean" (see module docstring).
+        agg: "token-mean" | "seq-mean-token-sum" | "seq-mean-token-mean" | "seq-mean-token-sum-norm" (see the
+            module docstring).
 
     Per token, ratio = exp(logprobs - old_logprobs),
     l = max(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high)); with dual_clip c, where A < 0,
@@ -140,7 +159,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     Args:
         values: (B, T) current critic values (differentiable).  old_values: (B, T) values at rollout time.
         returns: (B, T) targets (e.g. from gae).  mask: (B, T) 0/1.
-        clip: > 0 or None.  agg: aggregation mode.
+        clip: > 0 or None.  agg: aggregation mode (module docstring).
 
     Per token 0.5 * max((v - R)^2, (old + clip(v - old, -clip, clip) - R)^2); clip=None gives 0.5 * (v - R)^2.
 

@@ -5,6 +5,7 @@ its forward is exactly the functional op of rlhf_fast.ops with those options.
 
     loss_fn = FusedLinearPPOLoss(clip_low=0.2, clip_high=0.28, entropy_coef=0.01)
     loss, stats = loss_fn(hidden, lm_head.weight, targets, old_logprobs, advantages, mask)
+    kl = FusedLinearKL()(hidden, ref_hidden, lm_head.weight, mask)  # (B, T) exact KL(pi || pi_ref)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from rlhf_fast.ops import _checks, _dispatch
+from rlhf_fast.ops.fused_kl import fused_linear_kl
 from rlhf_fast.ops.fused_ppo import fused_linear_ppo_loss
 from rlhf_fast.ops.logprobs import fused_linear_logprobs
 from rlhf_fast.ops.losses import bradley_terry_loss, check_clip, value_loss
@@ -63,18 +65,19 @@ class FusedLinearPPOLoss(nn.Module):
 
     Args (as in fused_linear_ppo_loss): clip_low, clip_high (DAPO's clip-higher; None: clip_low), dual_clip
     (c > 1 or None), entropy_coef, kl_coef (>= 0; needs ref_logprobs in forward when > 0), kl_estimator
-    ("k1" | "k2" | "k3" | "abs"), temperature (> 0), agg ("token-mean" | "seq-mean-token-sum" |
-    "seq-mean-token-mean"), ignore_index, checks, backend.
+    ("k1" | "k2" | "k3" | "abs"), temperature (> 0), ratio_level ("token" | "sequence": GSPO's sequence
+    ratio), agg ("token-mean" | "seq-mean-token-sum" | "seq-mean-token-mean" | "seq-mean-token-sum-norm"),
+    ignore_index, checks, backend.
 
-    forward(hidden (B, T, H), weight (V, H), targets (B, T) int64, old_logprobs (B, T), advantages (B, T),
+    forward(hidden (B, T, H), weight (V, H), targets (B, T) int64, old_logprobs (B, T), advantages (B, T) | (B,),
             mask (B, T) 0/1, bias (V,) | None = None, ref_logprobs (B, T) | None = None)
         -> (loss 0-dim fp32, stats dict of detached 0-dim tensors: clipfrac, approx_kl, ratio, entropy[, kl]).
     """
 
     def __init__(self, *, clip_low: float = 0.2, clip_high: float | None = None, dual_clip: float | None = None,
                  entropy_coef: float = 0.0, kl_coef: float = 0.0, kl_estimator: str = "k3",
-                 temperature: float = 1.0, agg: str = "token-mean", ignore_index: int = -100,
-                 checks: bool | None = None, backend: str | None = None):
+                 temperature: float = 1.0, ratio_level: str = "token", agg: str = "token-mean",
+                 ignore_index: int = -100, checks: bool | None = None, backend: str | None = None):
         super().__init__()
         check_clip(clip_low, clip_high, dual_clip)
         _checks.estimator(kl_estimator)
@@ -86,6 +89,7 @@ class FusedLinearPPOLoss(nn.Module):
         self.clip_low, self.clip_high, self.dual_clip = clip_low, clip_high, dual_clip
         self.entropy_coef, self.kl_coef, self.kl_estimator = entropy_coef, kl_coef, kl_estimator
         self.temperature = _checks.positive("temperature", temperature)
+        self.ratio_level = _checks.ratio_level(ratio_level)
         self.agg = _checks.agg(agg)
         self.ignore_index, self.checks, self.backend = ignore_index, checks, _backend(backend)
 
@@ -97,12 +101,38 @@ class FusedLinearPPOLoss(nn.Module):
             hidden, weight, targets, old_logprobs, advantages, mask, bias, ref_logprobs=ref_logprobs,
             kl_coef=self.kl_coef, kl_estimator=self.kl_estimator, entropy_coef=self.entropy_coef,
             clip_low=self.clip_low, clip_high=self.clip_high, dual_clip=self.dual_clip,
-            temperature=self.temperature, agg=self.agg, ignore_index=self.ignore_index, checks=self.checks,
-            backend=self.backend)
+            temperature=self.temperature, ratio_level=self.ratio_level, agg=self.agg,
+            ignore_index=self.ignore_index, checks=self.checks, backend=self.backend)
 
     def extra_repr(self) -> str:
         return _options(self, ("clip_low", "clip_high", "dual_clip", "entropy_coef", "kl_coef", "kl_estimator",
-                               "temperature", "agg", "ignore_index", "checks", "backend"))
+                               "temperature", "ratio_level", "agg", "ignore_index", "checks", "backend"))
+
+
+class FusedLinearKL(nn.Module):
+    """The exact per-token KL(pi || pi_ref) over the whole vocabulary from the policy's and the reference's
+    hidden states through one shared lm_head, without the (B, T, V) logits: ops.fused_linear_kl as a module.
+
+    Args: temperature (> 0; both logits are divided by it), checks, backend (as in fused_linear_kl).
+
+    forward(hidden (B, T, H), ref_hidden (B, T, H), weight (V, H), mask (B, T) 0/1, bias (V,) | None = None)
+        -> (B, T) fp32 KL, 0 where mask is 0; differentiable in hidden, weight and bias through the policy side
+        only (ref_hidden and the reference's logits are constants).
+    """
+
+    def __init__(self, *, temperature: float = 1.0, checks: bool | None = None, backend: str | None = None):
+        super().__init__()
+        self.temperature = _checks.positive("temperature", temperature)
+        self.checks = checks
+        self.backend = _backend(backend)
+
+    def forward(self, hidden: torch.Tensor, ref_hidden: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        return fused_linear_kl(hidden, ref_hidden, weight, mask, bias, temperature=self.temperature,
+                               checks=self.checks, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return _options(self, ("temperature", "checks", "backend"))
 
 
 class ValueLoss(nn.Module):

@@ -120,3 +120,59 @@ def test_fused_ppo_bad_input():
     t[1, 1] = V
     with pytest.raises(ValueError, match="targets must be in"):
         ops.fused_linear_ppo_loss(h, w, t, x, x, m)
+
+
+def test_fused_ppo_grpo_options_bad_input():
+    h, w, t = _lin()
+    x, m = torch.randn(2, 5), torch.ones(2, 5)
+    with pytest.raises(ValueError, match="ratio_level must be one of token, sequence, got 'seq'"):
+        ops.fused_linear_ppo_loss(h, w, t, x, x, m, ratio_level="seq")
+    for adv in (torch.randn(3), torch.randn(2, 4), torch.randn(5), torch.randn(2, 5, 1)):
+        with pytest.raises(ValueError, match=r"advantages must have shape \(2, 5\) \(per token\) or \(2,\) \(per "
+                                             r"sequence\), got"):
+            ops.fused_linear_ppo_loss(h, w, t, x, adv, m)
+    with pytest.raises(TypeError, match="advantages must be a floating-point"):
+        ops.fused_linear_ppo_loss(h, w, t, x, torch.ones(2, dtype=torch.long), m)
+    with pytest.raises(ValueError, match="agg must be one of .*seq-mean-token-sum-norm"):
+        ops.fused_linear_ppo_loss(h, w, t, x, x, m, agg="dr_grpo")
+
+
+def _kl_args():
+    return dict(hidden=torch.randn(2, 5, H), ref_hidden=torch.randn(2, 5, H), weight=torch.randn(V, H),
+                mask=torch.ones(2, 5))
+
+
+@pytest.mark.parametrize("change,exc,match", [
+    (dict(hidden=torch.ones(2, 5, H, dtype=torch.long)), TypeError, "hidden must be a floating-point"),
+    (dict(ref_hidden=torch.ones(2, 5, H, dtype=torch.long)), TypeError, "ref_hidden must be a floating-point"),
+    (dict(weight=torch.ones(V, H, dtype=torch.long)), TypeError, "weight must be a floating-point"),
+    (dict(ref_hidden=torch.randn(2, 4, H)), ValueError, r"ref_hidden must have the shape of hidden \(2, 5, 8\)"),
+    (dict(hidden=torch.randn(2, 5, H + 1), ref_hidden=torch.randn(2, 5, H + 1)), ValueError,
+     "hidden must have shape .* H = weight.shape.1. = 8"),
+    (dict(hidden=torch.randn(H), ref_hidden=torch.randn(H)), ValueError, "hidden must have shape"),
+    (dict(weight=torch.randn(V)), ValueError, "weight must be 2-D"),
+    (dict(mask=torch.ones(2, 4)), ValueError, r"mask must have shape \(2, 5\), got \(2, 4\)"),
+    (dict(mask=[[1] * 5] * 2), TypeError, "mask must be a torch.Tensor"),
+    (dict(ref_hidden=torch.randn(2, 5, H, dtype=torch.float64)), TypeError, "ref_hidden dtype torch.float64 must "
+                                                                             "equal hidden dtype torch.float32"),
+    (dict(weight=torch.randn(V, H).half()), TypeError, "weight dtype torch.float16 must equal"),
+    (dict(bias=torch.randn(V + 1)), ValueError, r"bias must have shape \(37,\), got \(38,\)"),
+    (dict(bias=torch.ones(V, dtype=torch.long)), TypeError, "bias must be a floating-point"),
+    (dict(temperature=0.0), ValueError, "temperature must be > 0, got 0.0"),
+    (dict(temperature=-1.5), ValueError, "temperature must be > 0"),
+    (dict(temperature=float("nan")), ValueError, "temperature must be > 0"),
+    (dict(temperature="1.0"), TypeError, "temperature must be a number"),
+    (dict(temperature=True), TypeError, "temperature must be a number"),
+    (dict(backend="cuda-magic"), ValueError, "is not one of"),
+    (dict(backend="native"), NotImplementedError, "no native kernel for fused_linear_kl"),
+])
+def test_fused_linear_kl_bad_input(change, exc, match):
+    kw = {**_kl_args(), **change}
+    with pytest.raises(exc, match=match):
+        ops.fused_linear_kl(**kw)
+
+
+def test_fused_linear_kl_one_device():
+    kw = {**_kl_args(), "ref_hidden": torch.randn(2, 5, H, device="meta")}  # a second device without a GPU
+    with pytest.raises(ValueError, match="all tensors must be on one device"):
+        ops.fused_linear_kl(**kw)

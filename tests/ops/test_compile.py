@@ -12,6 +12,7 @@ import torch
 
 from rlhf_fast import ops
 from rlhf_fast.ops import _dispatch
+from rlhf_fast.ops.fused_kl import linear_kl_backward_op, linear_kl_op
 from rlhf_fast.ops.fused_ppo import linear_ppo_loss_op
 from rlhf_fast.ops.gae import gae_op, kl_penalized_gae_op
 from rlhf_fast.ops.logprobs import (
@@ -145,6 +146,56 @@ def test_fused_linear_ppo_loss_compiles(compiler, backend):
         _close(a, b)
 
 
+@pytest.mark.parametrize("compiler,backend", CASES)
+def test_fused_linear_ppo_loss_grpo_options_compile(compiler, backend):
+    """GSPO's sequence ratio (two passes on Triton), (B,) advantages and Dr. GRPO's agg, compiled == eager."""
+    hidden, weight, bias, targets, old, ref_lp, adv, mask = _ppo_inputs()
+    adv_seq = adv[:, 0].contiguous()
+
+    def f(h, w, b):
+        out = []
+        for level in ("sequence", "token"):
+            loss, stats = ops.fused_linear_ppo_loss(h, w, targets, old, adv_seq, mask, b, ref_logprobs=ref_lp,
+                                                    kl_coef=0.1, dual_clip=3.0, ratio_level=level,
+                                                    agg="seq-mean-token-sum-norm", backend=backend)
+            out += [loss, stats["ratio"], stats["clipfrac"]]
+        return out
+
+    compiled = torch.compile(f, fullgraph=True, backend=compiler)
+    outs = compiled(hidden, weight, bias)
+    grads = torch.autograd.grad(outs[0] + 2 * outs[3], (hidden, weight, bias))
+    e_outs = f(hidden, weight, bias)
+    e_grads = torch.autograd.grad(e_outs[0] + 2 * e_outs[3], (hidden, weight, bias))
+    for a, b in zip([*outs, *grads], [*e_outs, *e_grads]):
+        _close(a, b)
+    leaves = [x.detach().double() for x in (hidden, weight, bias)]
+    expected = ref.linear_ppo_loss(*leaves[:2], targets, old, adv_seq, mask, leaves[2], ref_lp, kl_coef=0.1,
+                                   dual_clip=3.0, ratio_level="sequence", agg="seq-mean-token-sum-norm")
+    assert_close(outs[0], expected, torch.float32)
+
+
+@pytest.mark.parametrize("compiler,backend", CASES)
+def test_fused_linear_kl_compiles(compiler, backend):
+    hidden, weight, bias, _ = _linear_inputs()
+    ref_hidden = torch.randn(2, 3, 8)
+    mask = torch.tensor([[1.0, 0, 1], [1, 1, 1]])
+    g_out = torch.randn(2, 3)
+
+    def f(h, w, b):
+        kl = ops.fused_linear_kl(h, ref_hidden, w, mask, b, temperature=0.7, backend=backend)
+        return kl, (kl * g_out).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend=compiler)
+    kl, loss = compiled(hidden, weight, bias)
+    grads = torch.autograd.grad(loss, (hidden, weight, bias))
+    e_kl, e_loss = f(hidden, weight, bias)
+    e_grads = torch.autograd.grad(e_loss, (hidden, weight, bias))
+    for a, b in zip([kl, *grads], [e_kl, *e_grads]):
+        _close(a, b)
+    assert_close(kl, ref.linear_kl(hidden.detach(), ref_hidden, weight.detach(), mask, bias.detach(), 0.7),
+                 torch.float32)
+
+
 @pytest.mark.parametrize("compiler,backend", CASES + [case("aot_eager", "native")])
 def test_gae_ops_compile(compiler, backend):
     B, T = 2, 7
@@ -236,9 +287,22 @@ def test_opcheck_fused_linear_ppo_loss(backend):
     n = targets.numel()
     h2 = hidden.detach().reshape(n, -1).requires_grad_(True)
     w = torch.full((n,), 1.0 / n)
-    args = (h2, weight, bias, targets.reshape(n), old.reshape(n), adv.reshape(n), w, ref_lp.reshape(n), 0.1, 2,
+    args = (h2, weight, bias, targets.reshape(n), old.reshape(n), adv.reshape(n), 0, w, ref_lp.reshape(n), 0.1, 2,
             0.01, 0.2, 0.28, 3.0, 0.9, -100, True, True, True, backend)
     _opcheck(linear_ppo_loss_op, args)
+    per_row = (*args[:5], adv[:, 0].contiguous(), 3, *args[7:])  # (B,) advantages, one per row of T = 3
+    _opcheck(linear_ppo_loss_op, per_row)
+
+
+@pytest.mark.parametrize("backend", ["torch", backend_case("triton")])
+def test_opcheck_fused_linear_kl(backend):
+    hidden, weight, bias, _ = _linear_inputs(B=1, T=4, H=4, V=7)
+    h2 = hidden.detach().reshape(4, 4).requires_grad_(True)
+    r2, valid = torch.randn(4, 4), torch.tensor([True, False, True, True])
+    _opcheck(linear_kl_op, (h2, r2, weight, bias, valid, 0.8, backend))
+    kl, lse_p, lse_q = linear_kl_op(h2.detach(), r2, weight.detach(), bias.detach(), valid, 0.8, backend)
+    _opcheck(linear_kl_backward_op, (h2.detach(), r2, weight.detach(), bias.detach(), valid, lse_p, lse_q, kl,
+                                     torch.randn(4), 0.8, True, True, backend))
 
 
 @pytest.mark.parametrize("backend", ["torch", backend_case("native"), backend_case("triton")])

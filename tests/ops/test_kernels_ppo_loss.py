@@ -140,3 +140,28 @@ def test_linear_ppo_loss_nan_propagates():
         ignore_index=-100, need_grad=True, need_bias_grad=True)
     assert torch.isnan(loss[4]) and torch.isnan(gh[4]).all()
     assert torch.isfinite(loss[[0, 1, 3, 5, 6, 7]]).all() and torch.isfinite(gh[[0, 1, 3, 5, 6, 7]]).all()
+
+
+def test_linear_ppo_loss_per_row_advantages():
+    """advantages (rows,) with adv_row_len = T: each token reads its row's advantage, also in a chunk that starts
+    mid-row (N = 18 = 3 rows of 6 runs as chunks of 16 and 2 rows, so the second chunk starts at token 16)."""
+    N, H, V, T = 18, 16, 37, 6
+    hidden, weight, b, targets, leaves, lp, ent, old, _, weights, ref = make_case(N, H, V, torch.float32, True,
+                                                                                  0.7, True)
+    adv_rows = torch.tensor([1.5, -0.7, 0.4])
+    adv_tok = adv_rows.repeat_interleave(T).double()  # (N,) row r's advantage on its T tokens
+    valid = targets != -100
+    r_loss = torch.where(valid, ref_token_loss(lp, ent, old.double(), adv_tok, ref.double(), 2, 2.0), 0.0)
+    loss, out_lp, _, gh, gw, gb = P.linear_ppo_loss_fwd(
+        hidden, weight, targets, b, old, adv_rows, weights, ref, adv_row_len=T, kl_coef=KL_COEF, kl_estimator=2,
+        entropy_coef=ENT_COEF, clip_low=CLIP_LOW, clip_high=CLIP_HIGH, dual_clip=2.0, temperature=0.7,
+        ignore_index=-100, need_grad=True, need_bias_grad=True)
+    assert_close(loss, r_loss, torch.float32)
+    r_grads = torch.autograd.grad((weights.double() * r_loss).sum(), leaves)
+    for g, r in zip((gh, gw, gb), r_grads):
+        assert_close(g, r, torch.float32)
+    loss2, *_ = P.linear_ppo_loss_fwd(  # the split-V forward without gradients: one pass over all 18 tokens
+        hidden, weight, targets, b, old, adv_rows, weights, ref, adv_row_len=T, kl_coef=KL_COEF, kl_estimator=2,
+        entropy_coef=ENT_COEF, clip_low=CLIP_LOW, clip_high=CLIP_HIGH, dual_clip=2.0, temperature=0.7,
+        ignore_index=-100, need_grad=False, need_bias_grad=False)
+    assert_close(loss2, r_loss, torch.float32)

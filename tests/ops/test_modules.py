@@ -74,6 +74,42 @@ def test_fused_linear_ppo_loss_module():
         _same(g, f)
 
 
+def test_fused_linear_ppo_loss_module_grpo_options():
+    """ratio_level and the Dr. GRPO agg are module options (in repr); (B,) advantages pass through forward."""
+    hidden, weight, bias, targets = _linear()
+    with torch.no_grad():
+        lp, _ = ref.linear_logprobs_entropy(hidden, weight, targets, bias)
+    old = (lp - torch.tensor([[0.5], [-0.5]], dtype=torch.float64) + 0.1 * torch.randn_like(lp)).float()
+    adv, mask = torch.tensor([1.0, -1.0]), (torch.rand(2, 5) > 0.2).float()
+    opts = dict(clip_low=0.2, clip_high=0.28, ratio_level="sequence", agg="seq-mean-token-sum-norm")
+    m = ops.FusedLinearPPOLoss(**opts)
+    _is_stateless_module(m, "ratio_level='sequence'", "agg='seq-mean-token-sum-norm'")
+    loss, stats = m(hidden, weight, targets, old, adv, mask, bias)
+    f_loss, f_stats = ops.fused_linear_ppo_loss(hidden, weight, targets, old, adv, mask, bias, **opts)
+    _same(loss, f_loss)
+    for k in stats:
+        _same(stats[k], f_stats[k])
+    expected = ref.linear_ppo_loss(hidden.detach(), weight.detach(), targets, old, adv, mask, bias.detach(), **opts)
+    assert_close(loss, expected, torch.float32)
+    assert stats["clipfrac"] > 0  # both rows' sequence ratios leave the clip range
+
+
+def test_fused_linear_kl_module():
+    hidden, weight, bias, _ = _linear()
+    ref_hidden, mask = torch.randn(2, 5, 8), (torch.rand(2, 5) > 0.3).float()
+    m = ops.FusedLinearKL(temperature=0.7, backend="torch")
+    _is_stateless_module(m, "temperature=0.7", "checks=None", "backend='torch'")
+    kl = m(hidden, ref_hidden, weight, mask, bias)
+    f_kl = ops.fused_linear_kl(hidden, ref_hidden, weight, mask, bias, temperature=0.7, backend="torch")
+    _same(kl, f_kl)
+    grads = torch.autograd.grad(kl.sum(), (hidden, weight, bias))
+    for g, f in zip(grads, torch.autograd.grad(f_kl.sum(), (hidden, weight, bias))):
+        _same(g, f)
+    expected = ref.linear_kl(hidden.detach(), ref_hidden, weight.detach(), mask, bias.detach(), 0.7)
+    assert_close(kl, expected, torch.float32)
+    assert ops.FusedLinearKL()(hidden, ref_hidden, weight, mask).shape == (2, 5)  # no bias
+
+
 def test_value_loss_module():
     v = torch.randn(2, 6, requires_grad=True)
     old, ret, mask = torch.randn(2, 6), torch.randn(2, 6), (torch.rand(2, 6) > 0.3).float()
@@ -106,6 +142,9 @@ def test_bradley_terry_loss_module():
     (lambda: ops.FusedLinearPPOLoss(kl_coef=-1.0), ValueError, "kl_coef must be >= 0"),
     (lambda: ops.FusedLinearPPOLoss(backend="cuda-magic"), ValueError, "is not one of"),
     (lambda: ops.FusedLinearLogprobs(temperature=0), ValueError, "temperature must be > 0"),
+    (lambda: ops.FusedLinearPPOLoss(ratio_level="seq"), ValueError, "ratio_level must be one of"),
+    (lambda: ops.FusedLinearKL(temperature=-1.0), ValueError, "temperature must be > 0"),
+    (lambda: ops.FusedLinearKL(backend="cuda-magic"), ValueError, "is not one of"),
     (lambda: ops.ValueLoss(clip=-0.1), ValueError, "clip must be > 0"),
     (lambda: ops.BradleyTerryLoss(margin="big"), TypeError, "margin must be a number"),
 ])

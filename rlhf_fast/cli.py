@@ -3,6 +3,7 @@
     rlhf-fast sft   --model PATH --data sft.jsonl    --out_dir out/sft      supervised fine-tuning (+ merge)
     rlhf-fast rm    --model out/sft/model/base --data prefs.jsonl --out_dir out/rm
     rlhf-fast ppo   --model out/sft/model/base --reward_model out/rm/model --data prompts.jsonl --out_dir out/ppo
+    rlhf-fast grpo  --model PATH --data prompts.jsonl --reward_funcs accuracy,format --out_dir out/grpo
     rlhf-fast demo  --out DIR                                              the embedded end-to-end demo
     rlhf-fast bench ...                                                    benchmarks
 
@@ -24,7 +25,7 @@ import os
 import sys
 import typing
 
-SUBCOMMANDS = ("sft", "rm", "ppo", "demo", "bench")
+SUBCOMMANDS = ("sft", "rm", "ppo", "grpo", "demo", "bench")
 DELEGATED = {"demo": ("rlhf_fast.demo.run", "the embedded demo"), "bench": ("rlhf_fast.bench.cli", "the benchmark runner")}
 
 
@@ -33,11 +34,22 @@ class UsageError(Exception):
 
 
 def _stages():
-    from rlhf_fast.trainers import PPOConfig, RMConfig, SFTConfig, train_ppo, train_rm, train_sft
+    from rlhf_fast.trainers import (
+        GRPOConfig,
+        PPOConfig,
+        RMConfig,
+        SFTConfig,
+        train_grpo,
+        train_ppo,
+        train_rm,
+        train_sft,
+    )
 
     return {"sft": (SFTConfig, train_sft, "supervised fine-tuning of the policy adapter"),
             "rm": (RMConfig, train_rm, "reward model (Bradley-Terry on pairs or rankings)"),
-            "ppo": (PPOConfig, train_ppo, "PPO against the reward model")}
+            "ppo": (PPOConfig, train_ppo, "PPO against the reward model"),
+            "grpo": (GRPOConfig, train_grpo, "GRPO / Dr. GRPO / DAPO / GSPO / RLOO / REINFORCE++ with reward "
+                                             "functions (no critic)")}
 
 
 # ----------------------------------------------------------------------------------------- options
@@ -250,7 +262,7 @@ def _delegate(name: str, argv: list[str]) -> int:
 
 
 def _usage() -> str:
-    lines = ["usage: rlhf-fast {sft,rm,ppo,demo,bench} [options]", "",
+    lines = ["usage: rlhf-fast {sft,rm,ppo,grpo,demo,bench} [options]", "",
              "RLHF on one model copy: SFT -> reward model -> PPO, with fused kernels.", "", "commands:"]
     for name, (_, _, desc) in _stages().items():
         lines.append(f"  {name:6s} {desc}")

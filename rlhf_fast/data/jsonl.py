@@ -208,6 +208,17 @@ def encode_prompts(records: list[dict], tokenizer, max_length: int, response_len
     return out
 
 
+def load_prompt_examples(path: str, tokenizer, max_length: int, response_length: int) -> list[dict]:
+    """{"prompt_ids", "text", "columns"} per line of a {"prompt" | "messages", ...columns} JSONL file: what the
+    reward functions of RL with verifiable rewards read (columns: every other field, e.g. "answer", "tests")."""
+    records = load_prompts(path)
+    ids = encode_prompts(records, tokenizer, max_length, response_length, path)
+    raw = dict(read_jsonl(path))
+    return [{"prompt_ids": e["prompt_ids"], "text": r["prompt"],
+             "columns": {k: v for k, v in raw[r["line"]].items() if k not in ("prompt", "messages")}}
+            for r, e in zip(records, ids)]
+
+
 def encode_texts(records: list[dict], tokenizer, max_length: int) -> list[dict]:
     """{"input_ids"} per record, cut to max_length."""
     out = []

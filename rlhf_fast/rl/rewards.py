@@ -23,6 +23,7 @@ from __future__ import annotations
 import ast
 import functools
 import importlib
+import inspect
 import json
 import math
 import numbers
@@ -76,8 +77,9 @@ class RewardFunctions:
             (elsewhere: a warning, no limit) and stops Python code and blocking calls; a single long C call
             finishes first. The `code` built-in also limits each program it runs.
 
-    A function declares the dataset columns it needs in an optional `required_columns` attribute;
-    check_columns checks them before training.
+    A function declares the dataset columns it needs in an optional `required_columns` attribute (else they are
+    read off its signature: the parameters without a default besides the contract's own); check_columns checks
+    them before training.
     """
 
     def __init__(self, funcs: Sequence[RewardFunc], reward_weights: Sequence[float] | None = None, *,
@@ -110,7 +112,7 @@ class RewardFunctions:
         not all among `columns` (the dataset's column names). Call it before training."""
         columns = set(columns)
         for f, name in zip(self.funcs, self.names):
-            missing = [c for c in getattr(f, "required_columns", ()) if c not in columns]
+            missing = [c for c in required_columns(f) if c not in columns]
             if missing:
                 raise ConfigError(f"reward function {name!r} needs the dataset column(s) {missing}; the "
                                   f"dataset has {sorted(columns)}")
@@ -182,6 +184,46 @@ class RewardFunctions:
         return RewardFunctionError(f"reward function {name!r} failed on example {index} (completion "
                                    f"{_short(call['completions'][index])}): {type(error).__name__}: {error}",
                                    name, index)
+
+
+_NOT_COLUMNS = {"prompts", "completions", "completion_ids", "trainer_state", "rollout"}
+
+
+def required_columns(f) -> tuple[str, ...]:
+    """The dataset columns `f` needs: its `required_columns` attribute when it has one, else the parameters of
+    its signature that have no default and are not the contract's own (prompts, completions, ...)."""
+    if hasattr(f, "required_columns"):
+        return tuple(f.required_columns)
+    try:
+        params = inspect.signature(f).parameters.values()
+    except (TypeError, ValueError):  # builtins and some C callables have no signature
+        return ()
+    return tuple(p.name for p in params if p.default is inspect.Parameter.empty and p.name not in _NOT_COLUMNS
+                 and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY))
+
+
+def completion_texts(tokenizer, sequences: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
+    """The generated text of each row: the tokens under response_mask (B, T), special tokens (EOS) dropped."""
+    rows = [seq[m.bool()].tolist() for seq, m in zip(sequences, response_mask)]
+    return tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+
+def text_reward_fn(funcs: RewardFunctions, tokenizer, examples: Sequence[Mapping[str, Any]], n: int = 1):
+    """A tensor reward function (sequences, attention_mask, response_mask) -> (B * n,) for a batch whose row i
+    answers examples[i // n] ({"text": prompt, "columns": {...}}): decodes the completions and calls `funcs`.
+    Unscorable samples (every function returned None) get 0. The last call's per-function rewards are kept in
+    `.last` for metrics."""
+    prompts = [e["text"] for e in examples for _ in range(n)]
+    keys = sorted({k for e in examples for k in e["columns"]})
+    columns = {k: [e["columns"].get(k) for e in examples for _ in range(n)] for k in keys}
+
+    def fn(sequences, attention_mask, response_mask):
+        rewards, per_function = funcs(prompts, completion_texts(tokenizer, sequences, response_mask), columns)
+        fn.last = per_function
+        return rewards.nan_to_num(0.0).to(sequences.device)
+
+    fn.last = {}
+    return fn
 
 
 def reward_metrics(rewards: torch.Tensor, per_function: Mapping[str, torch.Tensor]) -> dict[str, float]:

@@ -3,6 +3,7 @@
     SFTConfig, train_sft   supervised fine-tuning of the policy adapter (then merge it into the base)
     RMConfig,  train_rm    Bradley-Terry reward model on pairs or K-way rankings (reward adapter + head)
     PPOConfig, train_ppo   PPO of policy and critic adapters against the reward adapter
+    GRPOConfig, train_grpo GRPO and its critic-free relatives (Dr. GRPO, DAPO, GSPO, RLOO, REINFORCE++)
 
 Each train_* takes the config and optionally in-memory objects (a RoleModel or transformers model, a
 tokenizer, token-id examples, a per-step callback) and returns a dict with the model and final metrics.
@@ -12,9 +13,10 @@ Shared parts: config.py (TrainConfig, OptimConfig, LoraSettings), loop.py (Run: 
 from rlhf_fast.models import LoraSettings
 from rlhf_fast.rl.kl_control import AdaptiveKLController, FixedKLController
 from rlhf_fast.trainers.config import ConfigError, OptimConfig, TrainConfig
+from rlhf_fast.trainers.grpo import GRPOConfig, train_grpo
 from rlhf_fast.trainers.ppo import PPOConfig, train_ppo
 from rlhf_fast.trainers.rm import RMConfig, train_rm
 from rlhf_fast.trainers.sft import SFTConfig, train_sft
 
-__all__ = ["AdaptiveKLController", "ConfigError", "FixedKLController", "LoraSettings", "OptimConfig",
-           "PPOConfig", "RMConfig", "SFTConfig", "TrainConfig", "train_ppo", "train_rm", "train_sft"]
+__all__ = ["AdaptiveKLController", "ConfigError", "FixedKLController", "GRPOConfig", "LoraSettings", "OptimConfig",
+           "PPOConfig", "RMConfig", "SFTConfig", "TrainConfig", "train_grpo", "train_ppo", "train_rm", "train_sft"]

@@ -22,12 +22,14 @@ from rlhf_fast.data.jsonl import (
     check_examples,
     encode_prompts,
     encode_texts,
+    load_prompt_examples,
     load_prompts,
     load_texts,
 )
 from rlhf_fast.models.io import load_reward
 from rlhf_fast.ops import fused_linear_ppo_loss, value_loss
 from rlhf_fast.rl import advantages, kl_control, rollout
+from rlhf_fast.rl.rewards import load_reward_functions, text_reward_fn
 from rlhf_fast.trainers import loop as L
 from rlhf_fast.trainers.config import ConfigError, TrainConfig, option, quiet_unless_progress
 from rlhf_fast.trainers.sft import sft_loss
@@ -40,6 +42,11 @@ class PPOConfig(TrainConfig):
     reward_model: str = option("", "folder saved by `rlhf-fast rm` (out_dir/model): reward adapter, head, offset; "
                                    "it must have been trained on this --model (checked); its own LoRA settings are "
                                    "used, whatever --lora_* say")
+    reward_funcs: str = option("", "reward functions instead of a reward model (RLVR with a critic): accuracy, "
+                                   "format, code or pkg.module:function (TRL's signature), comma-separated; "
+                                   "the prompt file's other fields are their columns")
+    reward_weights: str = option("", "comma-separated weights, one per reward function (default 1 each)")
+    reward_timeout: float = option(300.0, "seconds one reward function may take on one batch")
     # redeclared for their help: a PPO step is one rollout batch, then ppo_epochs x num_minibatches updates
     batch_size: int = option(8, "prompts per PPO step (the rollout batch); each step then makes ppo_epochs x "
                                 "num_minibatches optimiser updates on it")
@@ -76,7 +83,8 @@ class PPOConfig(TrainConfig):
     missing_eos_penalty: float | None = option(None, "subtract this (>= 0, as TRL's) from the score of responses "
                                                      "without EOS; unset: no penalty")
     loss_agg: str = option("token-mean", "loss aggregation", choices=("token-mean", "seq-mean-token-sum",
-                                                                      "seq-mean-token-mean"))
+                                                                      "seq-mean-token-mean",
+                                                                      "seq-mean-token-sum-norm"))
     ptx_data: str = option("", "pretraining text JSONL {\"text\"} for the PTX term")
     ptx_coef: float = option(0.0, "PTX coefficient (next-token loss on ptx_data)")
     ptx_batch_size: int = option(4, "texts per minibatch for the PTX term")
@@ -112,6 +120,7 @@ class PPOConfig(TrainConfig):
                                                            f"{self.kl_controller!r}"),
             (self.kl_estimator in ("k1", "k2", "k3", "abs"), f"unknown kl_estimator {self.kl_estimator!r}"),
             (self.kl_controller != "adaptive" or self.kl_coef > 0, "kl_controller adaptive needs kl_coef > 0"),
+            (self.reward_timeout > 0, f"reward_timeout must be > 0, got {self.reward_timeout}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -181,9 +190,11 @@ def train_ppo(cfg: PPOConfig, *, model=None, tokenizer=None, prompts: list[dict]
     """
     cfg.validate()
     tokenizer = L.resolve_tokenizer(cfg, tokenizer, model, need=prompts is None or bool(cfg.ptx_data))
-    if prompts is None:
+    if prompts is None and cfg.reward_funcs:
+        prompts = load_prompt_examples(cfg.data, tokenizer, cfg.max_length, cfg.response_length)
+    elif prompts is None:
         prompts = encode_prompts(load_prompts(cfg.data), tokenizer, cfg.max_length, cfg.response_length, cfg.data)
-    check_examples(prompts, ("prompt_ids",), "PPO prompts")
+    check_examples(prompts, ("prompt_ids",) + (("text", "columns") if cfg.reward_funcs else ()), "PPO prompts")
     too_long = [i for i, p in enumerate(prompts) if len(p["prompt_ids"]) + cfg.response_length > cfg.max_length]
     if too_long:
         raise DataError(f"prompt {too_long[0]} has {len(prompts[too_long[0]]['prompt_ids'])} tokens: with "
@@ -192,8 +203,16 @@ def train_ppo(cfg: PPOConfig, *, model=None, tokenizer=None, prompts: list[dict]
         ptx_examples = encode_texts(load_texts(cfg.ptx_data), tokenizer, cfg.max_length)
     if cfg.ptx_coef > 0 and not ptx_examples:
         raise ConfigError("ptx_coef > 0 needs pretraining text (--ptx_data)")
-    if model is None and not cfg.reward_model and reward_fn is None:
-        raise ConfigError("--reward_model is required: the folder written by `rlhf-fast rm` (its out_dir/model)")
+    if model is None and not cfg.reward_model and reward_fn is None and not cfg.reward_funcs:
+        raise ConfigError("--reward_model (the folder written by `rlhf-fast rm`, its out_dir/model) or "
+                          "--reward_funcs is required")
+    if cfg.reward_funcs and (cfg.reward_model or reward_fn is not None):
+        raise ConfigError("give either --reward_funcs or a reward model / reward_fn, not both")
+    funcs = None
+    if cfg.reward_funcs:
+        weights = [float(w) for w in cfg.reward_weights.split(",")] if cfg.reward_weights.strip() else None
+        funcs = load_reward_functions(cfg.reward_funcs, reward_weights=weights, reward_timeout=cfg.reward_timeout)
+        funcs.check_columns({k for e in prompts for k in e["columns"]})
     device = L.resolve_device(cfg.device)
     L.seed_everything(cfg.seed)
     model = L.load_role_model(cfg, device, model, tokenizer)
@@ -210,9 +229,10 @@ def train_ppo(cfg: PPOConfig, *, model=None, tokenizer=None, prompts: list[dict]
                stateful={"kl_controller": ctl, "score_moments": moments, "ptx_sampler": ptx_sampler}) as run:
         for _ in run:
             model.eval()  # again each step: a callback may have switched modes
-            batch = collate_prompts([prompts[i] for i in run.sampler.next()], pad_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            b = make_experience(model, cfg, batch, eos_id, ctl, moments, reward_fn)
+            examples = [prompts[i] for i in run.sampler.next()]
+            batch = {k: v.to(device) for k, v in collate_prompts(examples, pad_id).items()}
+            rfn = reward_fn if funcs is None else text_reward_fn(funcs, tokenizer, examples)
+            b = make_experience(model, cfg, batch, eos_id, ctl, moments, rfn)
             beta = ctl.value
             B = b["seq"].shape[0]
             stats: dict[str, list] = {}
@@ -239,6 +259,8 @@ def train_ppo(cfg: PPOConfig, *, model=None, tokenizer=None, prompts: list[dict]
                     "objective/rlhf_reward": (b["scores"] + non_score).mean(), "objective/kl_coef": beta,
                     "val/num_eos_tokens": b["has_eos"].sum(), "val/response_length": b["mask"].sum(1).mean(),
                     **run.common_metrics(device)})
+                if funcs is not None:
+                    metrics.update({f"rewards/{k}/mean": float(v.nanmean()) for k, v in rfn.last.items()})
                 run.log_row(metrics, ("objective/scores", "objective/kl", "loss/policy_avg"))
         run.finish()  # the final checkpoint; out_dir stays locked until the model is saved
         model.trained_roles |= {"policy", "critic"}

@@ -13,7 +13,7 @@ import types
 import pytest
 
 from rlhf_fast import cli
-from rlhf_fast.trainers import PPOConfig, RMConfig, SFTConfig
+from rlhf_fast.trainers import GRPOConfig, PPOConfig, RMConfig, SFTConfig
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
@@ -38,7 +38,7 @@ def test_help_lists_every_option():
     for name in leaf_fields(PPOConfig):
         assert f"--{name}" in r.stdout, name
     assert "KL penalty coefficient" in r.stdout  # help text comes from the config fields
-    for cls, stage in ((SFTConfig, "sft"), (RMConfig, "rm")):
+    for cls, stage in ((SFTConfig, "sft"), (RMConfig, "rm"), (GRPOConfig, "grpo")):
         text = cli.build_parser(stage).format_help()
         assert all(f"--{n}" in text for n in leaf_fields(cls))
 
@@ -115,7 +115,7 @@ def test_usage_errors(case, tiny_model, data_files, no_tokenizer_model, tmp_path
                      "does not exist"),
         "bad_value": (["sft", "--batch_size", "many"], "expected int"),
         "yaml_unknown": (["ppo", "--config", str(yml)], "unknown option 'kl_coeff'"),
-        "no_reward_model": (ppo[:-2], "--reward_model is required"),
+        "no_reward_model": (ppo[:-2], "or --reward_funcs is required"),
     }[case]
     assert cli.main(argv) == 2
     assert needle in capsys.readouterr().err

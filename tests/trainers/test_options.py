@@ -1,4 +1,4 @@
-"""Options of SFT / RM / PPO: every float refuses inf and nan, every numeric option its out-of-range values,
+"""Options of SFT / RM / PPO / GRPO: every float refuses inf and nan, every numeric option its out-of-range values,
 before anything is written; the edges of each range are accepted; progress=False silences the libraries."""
 
 from __future__ import annotations
@@ -13,18 +13,21 @@ import pytest
 from rlhf_fast.errors import ConfigError
 from rlhf_fast.models import LoraSettings
 from rlhf_fast.trainers import (
+    GRPOConfig,
     OptimConfig,
     PPOConfig,
     RMConfig,
     SFTConfig,
     TrainConfig,
+    train_grpo,
     train_ppo,
     train_rm,
     train_sft,
 )
 from rlhf_fast.trainers.config import quiet_libraries
 
-STAGES = {"sft": (SFTConfig, train_sft), "rm": (RMConfig, train_rm), "ppo": (PPOConfig, train_ppo)}
+STAGES = {"sft": (SFTConfig, train_sft), "rm": (RMConfig, train_rm), "ppo": (PPOConfig, train_ppo),
+          "grpo": (GRPOConfig, train_grpo)}
 
 
 def float_fields(cls, prefix="") -> list[str]:

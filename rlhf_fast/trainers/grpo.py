@@ -1,0 +1,332 @@
+"""GRPO and its critic-free relatives on one base: GRPO (Shao et al. 2024, DeepSeekMath), Dr. GRPO (Liu et al.
+2025), DAPO (Yu et al. 2025), GSPO (Zheng et al. 2025), RLOO (Ahmadian et al. 2024), REINFORCE++-baseline
+(Hu et al. 2025). With verifiable rewards (RLVR: a checker, not a learned reward model) or a reward model.
+
+Each step: B prompts -> G = num_generations samples each, in one batched rollout on the policy adapter ->
+rewards from the reward functions (TRL's contract, rlhf_fast.rl.rewards) -> ops.group_advantages (the mean of
+the prompt's group as the baseline; no critic) -> num_iterations passes over num_minibatches minibatches of
+ops.fused_linear_ppo_loss (clipped surrogate straight from the hidden states, no (B, T, V) logits), with
+beta * KL(pi || ref) in the loss when beta > 0, the reference being the same base with the adapters off (no
+reference pass at all when beta = 0, the default, as TRL).
+
+`loss_type` picks the defaults a paper uses; every one of them can still be set by its own flag:
+
+    grpo          seq-mean-token-mean, std scaling per group
+    dr_grpo       seq-mean-token-sum-norm (sum / (B x T)), no std scaling
+    dapo          token-mean, clip_high 0.28, dynamic sampling, soft overlong punishment
+    gspo          sequence-level importance ratio, clip 3e-4 / 4e-4
+    rloo          leave-one-out baseline, no std scaling
+    reinforce_pp  group-mean baseline, std of the whole batch
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from rlhf_fast.data.collate import collate_prompts
+from rlhf_fast.data.jsonl import DataError, check_examples, load_prompt_examples
+from rlhf_fast.models.io import load_reward
+from rlhf_fast.ops import fused_linear_kl, fused_linear_ppo_loss, group_advantages
+from rlhf_fast.rl import rewards as R
+from rlhf_fast.rl import rollout
+from rlhf_fast.trainers import loop as L
+from rlhf_fast.trainers.config import ConfigError, TrainConfig, option, quiet_unless_progress
+
+PRESETS = {
+    "grpo": dict(loss_agg="seq-mean-token-mean", scale_rewards="group", advantage_estimator="grpo"),
+    "dr_grpo": dict(loss_agg="seq-mean-token-sum-norm", scale_rewards="none", advantage_estimator="grpo"),
+    "dapo": dict(loss_agg="token-mean", scale_rewards="group", advantage_estimator="grpo", clip_high=0.28,
+                 dynamic_sampling=True, overlong_buffer=-1),  # -1: a quarter of max_completion_length
+    "gspo": dict(loss_agg="seq-mean-token-mean", scale_rewards="group", advantage_estimator="grpo",
+                 ratio_level="sequence", clip_low=3e-4, clip_high=4e-4),
+    "rloo": dict(loss_agg="seq-mean-token-mean", scale_rewards="none", advantage_estimator="rloo"),
+    "reinforce_pp": dict(loss_agg="seq-mean-token-mean", scale_rewards="batch", advantage_estimator="grpo"),
+}
+_DEFAULTS = dict(clip_low=0.2, clip_high=None, ratio_level="token", dynamic_sampling=False, overlong_buffer=0)
+
+
+@dataclass
+class GRPOConfig(TrainConfig):
+    """GRPO-family RL of the policy adapter on {"prompt", ...columns} JSONL (batch_size: prompts per step)."""
+
+    loss_type: str = option("grpo", "preset of the defaults below", choices=tuple(PRESETS))
+    num_generations: int = option(8, "samples per prompt G (the group)")
+    num_iterations: int = option(1, "passes over each rollout batch (mu; 1 = strictly on-policy)")
+    num_minibatches: int = option(1, "minibatches per pass (split over the B x G samples)")
+    max_completion_length: int = option(64, "new tokens generated per sample")
+    temperature: float = option(1.0, "sampling temperature (the loss's log-probs use the same)")
+    top_p: float = option(1.0, "nucleus sampling")
+    top_k: int = option(0, "top-k sampling (0: off)")
+    beta: float = option(0.0, "KL coefficient; 0 (as TRL): no reference pass at all")
+    kl_estimator: str = option("k3", "KL in the loss: k3 (Schulman's estimator on the sampled tokens), k1, k2, "
+                                     "abs, or full (the exact KL over the whole vocabulary)",
+                               choices=("k1", "k2", "k3", "abs", "full"))
+    clip_low: float | None = option(None, "clip range below 1 (TRL's epsilon); unset: the preset's (0.2)")
+    clip_high: float | None = option(None, "clip range above 1 (TRL's epsilon_high, DAPO's clip-higher); "
+                                           "unset: the preset's (clip_low)")
+    advantage_estimator: str | None = option(None, "grpo (group mean) or rloo (leave-one-out); unset: preset's",
+                                             choices=("grpo", "rloo"))
+    scale_rewards: str | None = option(None, "divide advantages by the std of the group, the batch, or not; "
+                                             "unset: preset's", choices=("group", "batch", "none"))
+    loss_agg: str | None = option(None, "loss aggregation; unset: preset's",
+                                  choices=("token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
+                                           "seq-mean-token-sum-norm"))
+    ratio_level: str | None = option(None, "importance ratio per token, or per sequence (GSPO); unset: preset's",
+                                     choices=("token", "sequence"))
+    dynamic_sampling: bool | None = option(None, "DAPO: drop groups whose rewards are all equal and sample more "
+                                                 "prompts; unset: preset's")
+    max_resample_batches: int = option(3, "dynamic sampling: extra prompt batches sampled at most per step")
+    overlong_buffer: int | None = option(None, "DAPO soft overlong punishment: the last N tokens before "
+                                               "max_completion_length cost up to overlong_penalty (0: off; "
+                                               "-1: a quarter of max_completion_length); unset: preset's")
+    overlong_penalty: float = option(1.0, "the soft overlong punishment at max_completion_length")
+    mask_truncated_completions: bool = option(False, "leave completions that hit max_completion_length "
+                                                     "without EOS out of the loss")
+    reward_funcs: str = option("", "comma-separated reward functions: accuracy, format, code, reward_model, or "
+                                   "pkg.module:function (TRL's signature)")
+    reward_weights: str = option("", "comma-separated weights, one per reward function (default 1 each)")
+    reward_timeout: float = option(300.0, "seconds one reward function may take on one batch")
+    format_pattern: str = option("", "regex of the `format` reward (default: a <think>/<answer> template)")
+    reward_model: str = option("", "folder written by `rlhf-fast rm` (out_dir/model), for reward_model")
+    std_eps: float = option(1e-4, "added to the std when scaling advantages")
+
+    def resolved(self) -> dict:
+        """The effective value of every preset-controlled option: the flag when set, else the preset's."""
+        out = _DEFAULTS | PRESETS[self.loss_type]
+        for k in out:
+            v = getattr(self, k)
+            if v is not None:
+                out[k] = v
+        if out["clip_low"] is None:
+            out["clip_low"] = 0.2
+        if out["overlong_buffer"] == -1:
+            out["overlong_buffer"] = self.max_completion_length // 4
+        return out
+
+    def validate(self) -> None:
+        super().validate()
+        if self.loss_type not in PRESETS:
+            raise ConfigError(f"loss_type must be one of {', '.join(PRESETS)}, got {self.loss_type!r}")
+        r = self.resolved()
+        finite = lambda x: isinstance(x, (int, float)) and math.isfinite(x)  # noqa: E731
+        checks = [
+            (self.num_generations >= 2, f"num_generations must be >= 2 (a group), got {self.num_generations}"),
+            (self.num_iterations >= 1, f"num_iterations must be >= 1, got {self.num_iterations}"),
+            (1 <= self.num_minibatches <= self.batch_size * self.num_generations,
+             f"num_minibatches must lie in [1, batch_size x num_generations], got {self.num_minibatches}"),
+            (0 < self.max_completion_length < self.max_length,
+             f"max_completion_length must lie in [1, max_length={self.max_length}), got {self.max_completion_length}"),
+            (finite(self.temperature) and self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
+            (0 < self.top_p <= 1 and self.top_k >= 0, "top_p must lie in (0, 1] and top_k be >= 0"),
+            (finite(self.beta) and self.beta >= 0, f"beta must be a finite number >= 0, got {self.beta}"),
+            (finite(r["clip_low"]) and r["clip_low"] > 0, f"clip_low must be > 0, got {r['clip_low']}"),
+            (r["clip_high"] is None or (finite(r["clip_high"]) and r["clip_high"] > 0),
+             f"clip_high must be > 0, got {r['clip_high']}"),
+            (self.max_resample_batches >= 0, "max_resample_batches must be >= 0"),
+            (0 <= r["overlong_buffer"] < self.max_completion_length or self.overlong_buffer == -1,
+             f"overlong_buffer must lie in [0, max_completion_length) or be -1, got {self.overlong_buffer}"),
+            (finite(self.overlong_penalty) and self.overlong_penalty >= 0, "overlong_penalty must be >= 0"),
+            (finite(self.reward_timeout) and self.reward_timeout > 0, "reward_timeout must be > 0"),
+            (finite(self.std_eps) and self.std_eps >= 0, f"std_eps must be >= 0, got {self.std_eps}"),
+            (bool(self.reward_funcs.strip()), "--reward_funcs is required (e.g. accuracy,format)"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+
+
+# ----------------------------------------------------------------------------------------- rewards
+def build_rewards(cfg: GRPOConfig, model) -> R.RewardFunctions:
+    """The reward functions of cfg.reward_funcs; `reward_model` scores with the model's reward adapter."""
+
+    def reward_model(prompts, completions, rollout=None, **_):
+        return model.scores(rollout.sequences, rollout.attention_mask).tolist()
+
+    weights = [float(w) for w in cfg.reward_weights.split(",")] if cfg.reward_weights.strip() else None
+    options = {"format_pattern": cfg.format_pattern} if cfg.format_pattern else {}
+    return R.load_reward_functions(cfg.reward_funcs, functions={"reward_model": reward_model},
+                                   reward_weights=weights, reward_timeout=cfg.reward_timeout, **options)
+
+
+def overlong_shaping(lengths: torch.Tensor, max_len: int, buffer: int, penalty: float) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13): 0 up to max_len - buffer, then falling
+    linearly to -penalty at max_len. lengths (B,) -> (B,) fp32."""
+    if buffer <= 0:
+        return torch.zeros_like(lengths, dtype=torch.float32)
+    over = (lengths.float() - (max_len - buffer)).clamp(min=0)
+    return -penalty * over / buffer
+
+
+def fill_unscored(rewards: torch.Tensor, G: int) -> torch.Tensor:
+    """A sample no reward function applies to (NaN) takes its group's mean of the others, so its advantage is
+    0 and it leaves the group's baseline unchanged (TRL >= 1.16 keeps such samples out of the baseline)."""
+    r = rewards.view(-1, G)
+    mean = r.nanmean(1, keepdim=True).nan_to_num(0.0)
+    return torch.where(r.isnan(), mean, r).view(-1)
+
+
+# ----------------------------------------------------------------------------------------- one step
+@torch.no_grad()
+def make_groups(model, cfg: GRPOConfig, tokenizer, batch: list[dict], rewards_fn, eos_id, pad_id, device) -> dict:
+    """Sample G completions per prompt of `batch` (example dicts: prompt_ids, text, columns), score them and
+    compute the group advantages. Returns the rollout tensors, advantages (B*G,) and metrics."""
+    opts, G = cfg.resolved(), cfg.num_generations
+    p = collate_prompts(batch, pad_id)
+    sampling = rollout.SamplingConfig(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
+                                      top_p=cfg.top_p, top_k=cfg.top_k, n=G)
+    ro = rollout.sample(model, p["prompt_ids"].to(device), p["prompt_mask"].to(device), sampling, eos_token_id=eos_id)
+    completions = R.completion_texts(tokenizer, ro.sequences, ro.response_mask)
+    prompts = [e["text"] for e in batch for _ in range(G)]
+    keys = sorted({k for e in batch for k in e["columns"]})
+    columns = {k: [e["columns"].get(k) for e in batch for _ in range(G)] for k in keys}
+    rewards, per_function = rewards_fn(prompts, completions, columns, rollout=ro)
+    lengths = ro.response_mask.sum(1)  # (B*G,)
+    rewards = fill_unscored(rewards.to(device), G) + overlong_shaping(
+        lengths, cfg.max_completion_length, opts["overlong_buffer"], cfg.overlong_penalty).to(device)
+    grouped = rewards.view(-1, G)
+    zero_std = (grouped == grouped[:, :1]).all(1)  # (B,)
+    adv = group_advantages(rewards, G, estimator=opts["advantage_estimator"], scale=opts["scale_rewards"],
+                           eps=cfg.std_eps)
+    mask = ro.mask
+    if cfg.mask_truncated_completions:
+        mask = mask * ro.has_eos[:, None].float()
+    return {"seq": ro.sequences, "attn": ro.attention_mask, "mask": mask, "adv": adv, "rewards": rewards,
+            "per_function": {k: v.to(device) for k, v in per_function.items()}, "zero_std": zero_std,
+            "lengths": lengths, "has_eos": ro.has_eos}
+
+
+def cat_groups(parts: list[dict]) -> dict:
+    out = {}
+    for k in ("seq", "attn", "mask"):
+        width = max(x[k].shape[1] for x in parts)
+        out[k] = torch.cat([torch.nn.functional.pad(x[k], (0, width - x[k].shape[1])) for x in parts])
+    for k in ("adv", "rewards", "zero_std", "lengths", "has_eos"):
+        out[k] = torch.cat([x[k] for x in parts])
+    out["per_function"] = {k: torch.cat([x["per_function"][k] for x in parts]) for k in parts[0]["per_function"]}
+    return out
+
+
+def grpo_minibatch_loss(model, cfg: GRPOConfig, b: dict, idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The clipped surrogate (+ beta * KL) on rows idx, from the policy's hidden states."""
+    opts = cfg.resolved()
+    seq, attn, mask = b["seq"][idx], b["attn"][idx], b["mask"][idx]
+    f = model.policy_forward(seq, attn)  # hidden (b, T, H) aligned with seq
+    m = mask * f.mask
+    in_loss_kl = cfg.beta > 0 and cfg.kl_estimator != "full"
+    pg, st = fused_linear_ppo_loss(f.hidden, f.weight, f.targets, b["old"][idx], b["adv"][idx], m, f.bias,
+                                   ref_logprobs=b["ref"][idx] if in_loss_kl else None,
+                                   kl_coef=cfg.beta if in_loss_kl else 0.0, kl_estimator=cfg.kl_estimator
+                                   if in_loss_kl else "k3", clip_low=opts["clip_low"], clip_high=opts["clip_high"],
+                                   ratio_level=opts["ratio_level"], temperature=cfg.temperature,
+                                   agg=opts["loss_agg"])
+    stats = {"clip_ratio/region_mean": st["clipfrac"], "entropy": st["entropy"], "approx_kl": st["approx_kl"]}
+    if in_loss_kl:
+        stats["kl"] = st["kl"]
+    if cfg.beta > 0 and cfg.kl_estimator == "full":
+        with model.role("reference"), torch.no_grad():
+            ref_hidden = model.policy_forward(seq, attn).hidden
+        kl = fused_linear_kl(f.hidden, ref_hidden, f.weight, m, f.bias, temperature=cfg.temperature)  # (b, T)
+        kl_mean = (kl * m).sum() / m.sum().clamp(min=1)
+        pg = pg + cfg.beta * kl_mean
+        stats["kl"] = kl_mean.detach()
+    return pg, stats
+
+
+# ----------------------------------------------------------------------------------------- the loop
+@quiet_unless_progress
+def train_grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, examples: list[dict] | None = None,
+               reward_funcs=None, callback=None) -> dict:
+    """Run GRPO (or a relative, by cfg.loss_type). Returns {"model", "metrics": last logged row, "out"}.
+
+    examples: {"prompt_ids": list[int], "text": str, "columns": dict} instead of reading cfg.data.
+    reward_funcs: an rlhf_fast.rl.RewardFunctions (or a list of callables with TRL's signature) instead of
+        cfg.reward_funcs.
+    callback(step, model) -> dict of extra metrics, called at every logged step.
+    """
+    if reward_funcs is not None and not cfg.reward_funcs:
+        cfg.reward_funcs = "(given)"
+    cfg.validate()
+    opts, G = cfg.resolved(), cfg.num_generations
+    tokenizer = L.resolve_tokenizer(cfg, tokenizer, model, need=True)
+    if examples is None:
+        examples = load_prompt_examples(cfg.data, tokenizer, cfg.max_length, cfg.max_completion_length)
+    check_examples(examples, ("prompt_ids", "text", "columns"), "GRPO prompts")
+    too_long = [i for i, e in enumerate(examples) if len(e["prompt_ids"]) + cfg.max_completion_length > cfg.max_length]
+    if too_long:
+        raise DataError(f"prompt {too_long[0]}: with max_completion_length={cfg.max_completion_length} it exceeds "
+                        f"max_length={cfg.max_length}")
+    device = L.resolve_device(cfg.device)
+    L.seed_everything(cfg.seed)
+    model = L.load_role_model(cfg, device, model, tokenizer)
+    if cfg.reward_model:
+        load_reward(model, cfg.reward_model)
+    if reward_funcs is None:
+        reward_funcs = build_rewards(cfg, model)
+    elif not isinstance(reward_funcs, R.RewardFunctions):
+        reward_funcs = R.RewardFunctions(list(reward_funcs), reward_timeout=cfg.reward_timeout)
+    reward_funcs.check_columns({k for e in examples for k in e["columns"]})
+    pad_id, eos_id = L.pad_id(tokenizer, model), L.eos_id(tokenizer, model)
+    model.eval()  # no dropout: the rollout's and the update's log-probs must agree
+
+    params = L.trainable_named_parameters(model, ["policy"])
+    updates = cfg.num_iterations * cfg.num_minibatches
+    extra = L.BatchSampler(len(examples), cfg.batch_size, cfg.seed + 7) if opts["dynamic_sampling"] else None
+    with L.Run(cfg, "grpo", params, len(examples), updates_per_step=updates, callback=callback, model=model,
+               stateful={"resample_sampler": extra}) as run:
+        for _ in run:
+            model.eval()
+            parts = [make_groups(model, cfg, tokenizer, [examples[i] for i in run.sampler.next()], reward_funcs,
+                                 eos_id, pad_id, device)]
+            frac_zero_std = parts[0]["zero_std"].float().mean()
+            kept = None
+            if opts["dynamic_sampling"]:  # DAPO: keep only groups that carry a learning signal
+                keep = [~parts[0]["zero_std"]]
+                for _ in range(cfg.max_resample_batches):
+                    if int(sum(k.sum() for k in keep)) >= cfg.batch_size:
+                        break
+                    parts.append(make_groups(model, cfg, tokenizer, [examples[i] for i in extra.next()],
+                                             reward_funcs, eos_id, pad_id, device))
+                    keep.append(~parts[-1]["zero_std"])
+            b = cat_groups(parts)
+            if opts["dynamic_sampling"]:
+                groups = torch.cat(keep).nonzero().squeeze(-1)[:cfg.batch_size]
+                kept = groups.numel()
+                if groups.numel() == 0:
+                    groups = torch.arange(cfg.batch_size, device=device)  # all flat: the loss is 0 anyway
+                rows = (groups[:, None] * G + torch.arange(G, device=device)).reshape(-1)  # their samples
+                b = {k: (v[groups] if k == "zero_std" else v[rows] if torch.is_tensor(v)
+                         else {n: t[rows] for n, t in v.items()}) for k, v in b.items()}
+            with torch.no_grad():
+                b["old"] = model.logprobs(b["seq"], b["attn"], temperature=cfg.temperature)  # (N, T)
+                if cfg.beta > 0 and cfg.kl_estimator != "full":
+                    b["ref"] = model.logprobs(b["seq"], b["attn"], role="reference", temperature=cfg.temperature)
+            N = b["seq"].shape[0]
+            stats: dict[str, list] = {}
+            for _ in range(cfg.num_iterations):
+                for idx in torch.randperm(N, device=device).chunk(min(cfg.num_minibatches, N)):
+                    loss, st = grpo_minibatch_loss(model, cfg, b, idx)
+                    loss.backward()
+                    st["grad_norm"] = run.apply(loss)
+                    st["loss"] = loss.detach()
+                    for k, v in st.items():
+                        stats.setdefault(k, []).append(float(v))
+            run.tokens += int(b["attn"].sum())
+            if run.logging_now():
+                metrics = {k: sum(v) / len(v) for k, v in stats.items()}
+                metrics.update(R.reward_metrics(b["rewards"], b["per_function"]))
+                if kept is not None:
+                    metrics["dynamic_sampling/kept_groups"] = kept  # groups with a learning signal, <= batch_size
+                metrics.update({"frac_reward_zero_std": frac_zero_std,
+                                "completions/mean_length": b["lengths"].float().mean(),
+                                "completions/clipped_ratio": (~b["has_eos"]).float().mean(),
+                                **run.common_metrics(device)})
+                run.log_row(metrics, ("reward", "reward_std", "loss"))
+        run.finish()  # the final checkpoint; the out_dir stays locked until the model is saved
+        model.trained_roles.add("policy")
+        out = os.path.join(cfg.out_dir, "model")
+        model.save(out, save_base=False)
+    return {"model": model, "metrics": run.row, "out": out}

@@ -163,7 +163,9 @@ def fused_linear_ppo_loss(
     Returns:
         (loss, stats): loss 0-dim fp32; stats detached 0-dim tensors: clipfrac (share of valid tokens whose
         loss was clipped; at the sequence level a token is clipped when its row's s_i is, so with (B,)
-        advantages it is the token-weighted share of clipped sequences), approx_kl (mean of (lp - old)^2 / 2
+        advantages it is the token-weighted share of clipped sequences), clipfrac_low / clipfrac_high (share of
+        valid tokens with r < 1 - clip_low and A < 0 / r > 1 + clip_high and A > 0: TRL's clip_ratio/low_mean and
+        high_mean), approx_kl (mean of (lp - old)^2 / 2
         over valid tokens, at either level), ratio (mean r over valid tokens; at the sequence level the mean
         of s_i over rows with a valid token), entropy (masked mean) and kl (when ref_logprobs is given).
     """
@@ -270,8 +272,13 @@ def _stats(lp, ent, old, adv, ref, valid, code, level, clip_low, clip_high, dual
             mean_ratio = masked_mean(ratio[:, 0], valid.any(dim=1))  # over rows with a valid token
         else:
             mean_ratio = masked_mean(ratio, valid)
+        high = clip_low if clip_high is None else clip_high
+        low_clipped = ((ratio < 1 - clip_low) & (adv < 0)).expand(valid.shape).to(lp.dtype)
+        high_clipped = ((ratio > 1 + high) & (adv > 0)).expand(valid.shape).to(lp.dtype)
         stats = {
             "clipfrac": masked_mean(clipped.expand(valid.shape).to(lp.dtype), valid),
+            "clipfrac_low": masked_mean(low_clipped, valid),  # TRL's clip_ratio/low_mean
+            "clipfrac_high": masked_mean(high_clipped, valid),  # TRL's clip_ratio/high_mean
             "approx_kl": masked_mean(0.5 * d * d, valid),
             "ratio": mean_ratio,
             "entropy": masked_mean(ent, valid),

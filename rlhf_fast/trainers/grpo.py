@@ -223,7 +223,8 @@ def grpo_minibatch_loss(model, cfg: GRPOConfig, b: dict, idx: torch.Tensor) -> t
                                    if in_loss_kl else "k3", clip_low=opts["clip_low"], clip_high=opts["clip_high"],
                                    ratio_level=opts["ratio_level"], temperature=cfg.temperature,
                                    agg=opts["loss_agg"])
-    stats = {"clip_ratio/region_mean": st["clipfrac"], "entropy": st["entropy"], "approx_kl": st["approx_kl"]}
+    stats = {"clip_ratio/region_mean": st["clipfrac"], "clip_ratio/low_mean": st["clipfrac_low"],
+             "clip_ratio/high_mean": st["clipfrac_high"], "entropy": st["entropy"], "approx_kl": st["approx_kl"]}
     if in_loss_kl:
         stats["kl"] = st["kl"]
     if cfg.beta > 0 and cfg.kl_estimator == "full":

@@ -288,3 +288,26 @@ def test_aggregate_and_value_loss_every_agg(agg):
     assert_close(vloss, v_expected)
     if agg == "seq-mean-token-sum-norm":  # the constant normaliser B * T, whatever the mask holds
         assert_close(out, (l * mask).sum() / 18)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_low_and_high_clip_fractions(backend):
+    """clipfrac_low / clipfrac_high count the tokens clipped below (r < 1 - eps_low, A < 0) and above
+    (r > 1 + eps_high, A > 0), written out plainly on the same log-probs."""
+    torch.manual_seed(3)
+    B, T, H, V = 3, 7, 16, 29
+    hidden, weight = torch.randn(B, T, H), torch.randn(V, H) / 4
+    targets = torch.randint(0, V, (B, T))
+    lp = ref.linear_logprobs_entropy(hidden, weight, targets)[0].float()
+    old = lp + 0.5 * torch.randn(B, T)  # ratios spread around 1
+    adv = torch.randn(B, T)
+    mask = (torch.rand(B, T) > 0.2).float()
+    _, st = ops.fused_linear_ppo_loss(hidden, weight, targets, old, adv, mask, clip_low=0.2, clip_high=0.28,
+                                      backend=backend)
+    r = torch.exp(lp - old)
+    m = mask.bool()
+    low = ((r < 0.8) & (adv < 0) & m).sum() / m.sum()
+    high = ((r > 1.28) & (adv > 0) & m).sum() / m.sum()
+    assert 0 < float(low) and 0 < float(high)  # the case exercises both sides
+    torch.testing.assert_close(st["clipfrac_low"], low, atol=1e-6, rtol=0)
+    torch.testing.assert_close(st["clipfrac_high"], high, atol=1e-6, rtol=0)

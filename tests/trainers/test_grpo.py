@@ -53,7 +53,7 @@ def test_policy_learns_the_rewarded_tokens(tiny_model, data_files, tmp_path):
     assert sampled_share(model, model.tokenizer) > share0 + 0.3, (share0, sampled_share(model, model.tokenizer))
     assert rows[-1]["reward"] > rows[0]["reward"]
     for key in ("reward", "reward_std", "rewards/good_share/mean", "frac_reward_zero_std", "entropy",
-                "clip_ratio/region_mean", "completions/mean_length", "completions/clipped_ratio", "tokens/s",
+                "clip_ratio/region_mean", "clip_ratio/low_mean", "clip_ratio/high_mean", "completions/mean_length", "completions/clipped_ratio", "tokens/s",
                 "peak_memory_mb", "loss"):
         assert key in rows[-1], key
     assert (tmp_path / "model" / "adapters" / "policy" / "adapter_model.safetensors").is_file()

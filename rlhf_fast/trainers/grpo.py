@@ -30,7 +30,7 @@ import torch
 from rlhf_fast.data.collate import collate_prompts
 from rlhf_fast.data.jsonl import DataError, check_examples, load_prompt_examples
 from rlhf_fast.models.io import load_reward
-from rlhf_fast.ops import fused_linear_kl, fused_linear_ppo_loss, group_advantages
+from rlhf_fast.ops import fused_linear_kl, fused_linear_logprobs, fused_linear_ppo_loss, group_advantages
 from rlhf_fast.rl import rewards as R
 from rlhf_fast.rl import rollout
 from rlhf_fast.trainers import loop as L
@@ -217,7 +217,11 @@ def grpo_minibatch_loss(model, cfg: GRPOConfig, b: dict, idx: torch.Tensor) -> t
     f = model.policy_forward(seq, attn)  # hidden (b, T, H) aligned with seq
     m = mask * f.mask
     in_loss_kl = cfg.beta > 0 and cfg.kl_estimator != "full"
-    pg, st = fused_linear_ppo_loss(f.hidden, f.weight, f.targets, b["old"][idx], b["adv"][idx], m, f.bias,
+    if b["old"] is None:  # strictly on-policy: the old log-probs are this forward's, detached (ratio 1)
+        old = fused_linear_logprobs(f.hidden.detach(), f.weight, f.targets, f.bias, temperature=cfg.temperature)
+    else:
+        old = b["old"][idx]
+    pg, st = fused_linear_ppo_loss(f.hidden, f.weight, f.targets, old.detach(), b["adv"][idx], m, f.bias,
                                    ref_logprobs=b["ref"][idx] if in_loss_kl else None,
                                    kl_coef=cfg.beta if in_loss_kl else 0.0, kl_estimator=cfg.kl_estimator
                                    if in_loss_kl else "k3", clip_low=opts["clip_low"], clip_high=opts["clip_high"],
@@ -302,7 +306,10 @@ def train_grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, examples: list[di
                 b = {k: (v[groups] if k == "zero_std" else v[rows] if torch.is_tensor(v)
                          else {n: t[rows] for n, t in v.items()}) for k, v in b.items()}
             with torch.no_grad():
-                b["old"] = model.logprobs(b["seq"], b["attn"], temperature=cfg.temperature)  # (N, T)
+                # one update on the whole batch (num_iterations = num_minibatches = 1) is strictly on-policy: the
+                # loss takes the old log-probs from its own forward instead of a separate pass (as TRL)
+                on_policy = cfg.num_iterations == 1 and cfg.num_minibatches == 1
+                b["old"] = None if on_policy else model.logprobs(b["seq"], b["attn"], temperature=cfg.temperature)
                 if cfg.beta > 0 and cfg.kl_estimator != "full":
                     b["ref"] = model.logprobs(b["seq"], b["attn"], role="reference", temperature=cfg.temperature)
             N = b["seq"].shape[0]

@@ -138,3 +138,29 @@ def test_missing_column_is_refused_before_training(tiny_model, data_files, tmp_p
     with pytest.raises(ConfigError, match="answer"):
         train_grpo(cfg(tiny_model, data_files["prompts"], tmp_path, reward_funcs="accuracy"))
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_on_policy_step_takes_old_logprobs_from_its_own_forward(tiny_model):
+    """With one update per rollout the loss reads the old log-probs off its own forward; loss and gradients equal
+    those with the old log-probs from a separate no-grad pass (model.logprobs), as num_iterations > 1 uses."""
+    from rlhf_fast.trainers.grpo import grpo_minibatch_loss
+
+    model = RoleModel.from_pretrained(tiny_model).eval()
+    with torch.no_grad():
+        for p in model.role_parameters("policy"):
+            p.normal_(0.0, 0.05)
+    seq = torch.tensor([[0, 10, 11, 20, 21, 1], [12, 13, 14, 22, 23, 24]])
+    attn = (seq != 0).long()
+    mask = torch.zeros(2, 6)
+    mask[:, 3:] = attn[:, 3:].float()
+    b = {"seq": seq, "attn": attn, "mask": mask, "adv": torch.tensor([0.7, -1.3])}
+    c = GRPOConfig(reward_funcs="x")
+    params = model.role_parameters("policy")
+    grads = []
+    for old in (None, model.logprobs(seq, attn).detach()):
+        loss, st = grpo_minibatch_loss(model, c, b | {"old": old}, torch.arange(2))
+        grads.append((loss.detach(), torch.autograd.grad(loss, params)))
+        assert float(st["clip_ratio/region_mean"]) == 0.0
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-6)
+    for g0, g1 in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(g0, g1, rtol=1e-4, atol=1e-6)

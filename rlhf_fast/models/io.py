@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from rlhf_fast.errors import ConfigError
+from rlhf_fast.models import gguf
 from rlhf_fast.models.conventions import ADAPTERS, LoraSettings
 
 SETTINGS_FILE = "role_model.json"
@@ -247,9 +248,13 @@ def _tokenizer_class(path: str) -> str | None:
 
 
 def load_tokenizer(path: str):
-    """The tokenizer of a local model folder (pad = EOS when it has no pad token); ConfigError when there is none."""
+    """The tokenizer of a local model folder or a .gguf file (pad = EOS when it has no pad token); ConfigError
+    when there is none."""
     if not path:
         raise ConfigError("--model is required: a local transformers model folder")
+    gguf_file = gguf.gguf_path(path)  # --- a .gguf file or "smollm2" (models/gguf.py) ---
+    if gguf_file is not None:
+        return gguf.load_gguf_tokenizer(gguf_file)  # --- end GGUF ---
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(f"model folder {path!r} is a file: --model takes a local transformers model folder")
     if not os.path.isdir(path):

@@ -45,7 +45,7 @@ from transformers.pytorch_utils import Conv1D
 
 from rlhf_fast import ops
 from rlhf_fast.errors import ConfigError
-from rlhf_fast.models import generation, io
+from rlhf_fast.models import generation, gguf, io
 from rlhf_fast.models.conventions import (
     ADAPTERS,
     IGNORE_INDEX,
@@ -229,7 +229,8 @@ class RoleModel(nn.Module):
         """Wrap a transformers causal LM (a local folder or a built model object) with the three adapters.
 
         Args:
-            model_or_path: a local folder with config.json and safetensors weights, or a PreTrainedModel
+            model_or_path: a local folder with config.json and safetensors weights, a .gguf file (or the
+                shorthand "smollm2"; dequantised to fp32 by rlhf_fast.models.gguf), or a PreTrainedModel
                 (used in place: its weights become the shared base, nothing is copied).
             lora: LoraSettings for all three adapters (default: r=16, alpha=32, every linear of the blocks).
             dtype: the base's dtype; None keeps the checkpoint's (or the object's). Adapters and heads stay fp32.
@@ -240,7 +241,15 @@ class RoleModel(nn.Module):
             tokenizer: optional; when None and the folder holds one, it is loaded (used for pad / eos ids).
         """
         lora = lora or LoraSettings()
-        if isinstance(model_or_path, (str, os.PathLike)):
+        gguf_file = gguf.gguf_path(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else None
+        if gguf_file is not None:  # --- a GGUF file (models/gguf.py) ---
+            lm = gguf.load_gguf_model(gguf_file, dtype=dtype, attn_implementation=_resolve_attn(attn_implementation,
+                                                                                                 dtype))
+            if tokenizer is None:
+                tokenizer = gguf.load_gguf_tokenizer(gguf_file, context_length=getattr(
+                    lm.config, "max_position_embeddings", None))
+            name = gguf_file  # --- end GGUF ---
+        elif isinstance(model_or_path, (str, os.PathLike)):
             path = Path(model_or_path)
             _check_local_model_dir(path)
             kwargs = dict(dtype=dtype or "auto", trust_remote_code=trust_remote_code, use_safetensors=True)

@@ -21,12 +21,14 @@ reference pass at all when beta = 0, the default, as TRL).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
 
 import torch
 
+from rlhf_fast.data import reasoning_gym as rg
 from rlhf_fast.data.collate import collate_prompts
 from rlhf_fast.data.jsonl import DataError, check_examples, load_prompt_examples
 from rlhf_fast.models.io import load_reward
@@ -93,6 +95,12 @@ class GRPOConfig(TrainConfig):
     format_pattern: str = option("", "regex of the `format` reward (default: a <think>/<answer> template)")
     reward_model: str = option("", "folder written by `rlhf-fast rm` (out_dir/model), for reward_model")
     std_eps: float = option(1e-4, "added to the std when scaling advantages")
+    # --- reasoning-gym tasks instead of --data (rlhf_fast/data/reasoning_gym.py) ---
+    dataset: str = option("", "reasoning_gym:NAME[?k=v&...] instead of --data: a procedural reasoning-gym task, "
+                              "scored by the `accuracy` reward through the task's own checker")
+    dataset_size: int = option(1000, "--dataset: training prompts (seed: --seed)")
+    eval_size: int = option(200, "--dataset: held-out prompts (another seed, no training question), scored "
+                                 "greedily at the end into out_dir/eval.json (0: none)")
 
     def resolved(self) -> dict:
         """The effective value of every preset-controlled option: the flag when set, else the preset's."""
@@ -133,6 +141,10 @@ class GRPOConfig(TrainConfig):
             (finite(self.reward_timeout) and self.reward_timeout > 0, "reward_timeout must be > 0"),
             (finite(self.std_eps) and self.std_eps >= 0, f"std_eps must be >= 0, got {self.std_eps}"),
             (bool(self.reward_funcs.strip()), "--reward_funcs is required (e.g. accuracy,format)"),
+            (not self.dataset or self.dataset.startswith(rg.PREFIX),
+             f"--dataset must read {rg.PREFIX}NAME[?key=value&...], got {self.dataset!r}"),
+            (not (self.dataset and self.data), "give --data or --dataset, not both"),
+            (self.dataset_size >= 1 and self.eval_size >= 0, "dataset_size must be >= 1 and eval_size >= 0"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -148,6 +160,8 @@ def build_rewards(cfg: GRPOConfig, model) -> R.RewardFunctions:
 
     weights = [float(w) for w in cfg.reward_weights.split(",")] if cfg.reward_weights.strip() else None
     options = {"format_pattern": cfg.format_pattern} if cfg.format_pattern else {}
+    if cfg.dataset:  # reasoning-gym: `accuracy` scores with the task's checker
+        options["score_answer"] = rg.score_answer
     return R.load_reward_functions(cfg.reward_funcs, functions={"reward_model": reward_model},
                                    reward_weights=weights, reward_timeout=cfg.reward_timeout, **options)
 
@@ -245,9 +259,10 @@ def grpo_minibatch_loss(model, cfg: GRPOConfig, b: dict, idx: torch.Tensor) -> t
 @quiet_unless_progress
 def train_grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, examples: list[dict] | None = None,
                reward_funcs=None, callback=None) -> dict:
-    """Run GRPO (or a relative, by cfg.loss_type). Returns {"model", "metrics": last logged row, "out"}.
+    """Run GRPO (or a relative, by cfg.loss_type). Returns {"model", "metrics": last logged row, "out", "eval":
+    the held-out evaluation of cfg.dataset (data/reasoning_gym.py evaluate; None without one)}.
 
-    examples: {"prompt_ids": list[int], "text": str, "columns": dict} instead of reading cfg.data.
+    examples: {"prompt_ids": list[int], "text": str, "columns": dict} instead of reading cfg.data / cfg.dataset.
     reward_funcs: an rlhf_fast.rl.RewardFunctions (or a list of callables with TRL's signature) instead of
         cfg.reward_funcs.
     callback(step, model) -> dict of extra metrics, called at every logged step.
@@ -257,6 +272,10 @@ def train_grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, examples: list[di
     cfg.validate()
     opts, G = cfg.resolved(), cfg.num_generations
     tokenizer = L.resolve_tokenizer(cfg, tokenizer, model, need=True)
+    held_out = []
+    if examples is None and cfg.dataset:
+        examples, held_out = rg.load_reasoning_gym_splits(cfg.dataset, cfg.dataset_size, cfg.eval_size, cfg.seed,
+                                                          tokenizer, cfg.max_length, cfg.max_completion_length)
     if examples is None:
         examples = load_prompt_examples(cfg.data, tokenizer, cfg.max_length, cfg.max_completion_length)
     check_examples(examples, ("prompt_ids", "text", "columns"), "GRPO prompts")
@@ -337,4 +356,11 @@ def train_grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, examples: list[di
         model.trained_roles.add("policy")
         out = os.path.join(cfg.out_dir, "model")
         model.save(out, save_base=False)
-    return {"model": model, "metrics": run.row, "out": out}
+        evaluation = None
+        if held_out:  # --dataset: greedy accuracy on the held-out questions
+            evaluation = rg.evaluate(model, held_out, R.Accuracy(score_answer=rg.score_answer),
+                                     max_new_tokens=cfg.max_completion_length, pad_id=pad_id, eos_id=eos_id,
+                                     decode=lambda s, m: R.completion_texts(tokenizer, s, m))
+            with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
+                json.dump({"dataset": cfg.dataset, "step": run.step, **evaluation}, f, indent=2)
+    return {"model": model, "metrics": run.row, "out": out, "eval": evaluation}

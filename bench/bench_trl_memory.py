@@ -37,6 +37,8 @@ import time
 
 import torch
 
+from rlhf_fast.bench.measure import cpu_name, git_commit
+
 VOCAB = 32768
 HIDDEN = 64
 VARIANTS = ("trl", "rlhf_fast", "materialised")
@@ -210,25 +212,9 @@ def _versions():
     out = {"python": platform.python_version()}
     for pkg in ("torch", "transformers", "trl", "peft", "accelerate", "datasets"):
         out[pkg] = md.version(pkg)
-    try:
-        out["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                           check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout.strip()
-        out["git_worktree_dirty"] = bool(dirty)
-    except (OSError, subprocess.CalledProcessError):
-        out["git_commit"] = "unknown"
+    out["git_commit"] = git_commit(os.getcwd())  # short hash, "+dirty" with uncommitted changes
+    out["git_worktree_dirty"] = out["git_commit"].endswith("+dirty")
     return out
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _markdown(report) -> str:
@@ -312,7 +298,7 @@ def main(argv=None) -> None:
                     "tensor_peak_extra_bytes": _heads_alone(summary[kind]["trl"]["scored_positions_per_call"], outs)}
              for kind, outs in (("grpo", ("log_probs", "entropy")),
                                 ("dpo", ("log_probs", "entropy", "mean_logits", "is_top1")))}
-    meta = dict(_versions(), date=a.date, device="cpu", cpu=_cpu_name(), threads=1, reps=a.reps, vocab=VOCAB,
+    meta = dict(_versions(), date=a.date, device="cpu", cpu=cpu_name(), threads=1, reps=a.reps, vocab=VOCAB,
                 hidden=HIDDEN, grpo=GRPO, dpo=DPO)
     report = {"meta": meta, "summary": summary, "heads_alone": heads, "runs": runs}
     os.makedirs(a.out, exist_ok=True)

@@ -422,6 +422,8 @@ def _stats(xs):
 def _versions():
     import importlib.metadata as md
 
+    from rlhf_fast.bench.measure import git_commit  # here: the parent process keeps torch out until it must
+
     out = {"python": platform.python_version()}
     for pkg in ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "tokenizers"):
         try:
@@ -429,26 +431,15 @@ def _versions():
         except md.PackageNotFoundError:
             out[pkg] = None
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    try:  # read-only git: no index refresh (--no-optional-locks)
-        out["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                           check=True, cwd=root).stdout.strip()
-        dirty = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain"], capture_output=True,
-                               text=True, cwd=root).stdout.strip()
-        out["git_dirty"] = bool(dirty)
-    except (OSError, subprocess.CalledProcessError):
-        out["git_commit"], out["git_dirty"] = "unknown", None
+    out["git_commit"] = git_commit(root)  # short hash, "+dirty" with uncommitted changes
+    out["git_dirty"] = out["git_commit"].endswith("+dirty")
     return out
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def _cpu() -> str:
+    from rlhf_fast.bench.measure import cpu_name
+
+    return cpu_name()
 
 
 def config_name(variant: str, mmap_threshold: int) -> str:
@@ -656,7 +647,7 @@ def main(argv=None) -> None:
                       f"{statistics.median(s['wall_s'] for s in r['steps']):.3f} s  peak RSS "
                       f"{r['memory']['process_peak'] / GiB:.3f} GiB  window {r['memory']['step_window_peak'] / GiB:.3f} "
                       f"GiB  load {r['loadavg_before'][0]:.2f}", flush=True)
-    meta = dict(_versions(), date=a.date, device="cpu", cpu=_cpu_name(), cpus=os.cpu_count(), threads=1, reps=a.reps,
+    meta = dict(_versions(), date=a.date, device="cpu", cpu=_cpu(), cpus=os.cpu_count(), threads=1, reps=a.reps,
                 steps=a.steps, warmup=a.warmup, variants=list(variants), settings=SETTINGS, lora_targets=TARGETS,
                 model=dict(vocab=VOCAB, hidden=HIDDEN, layers=LAYERS, intermediate=2 * HIDDEN, heads=4, kv_heads=2,
                            prompts=PROMPTS, prompt_words=PROMPT_WORDS),

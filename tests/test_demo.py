@@ -10,6 +10,7 @@ from rlhf_fast.demo import task
 
 REPORT_KEYS = {"sft": {"gold_score"}, "rm": {"heldout_accuracy", "labeler_agreement"},
                "ppo": {"gold_score", "gold_win_rate_vs_sft", "kl", "proxy_reward"},
+               "grpo": {"accuracy_before", "accuracy_after", "heldout_prompts"},
                "params": {"base", "trainable", "total"}}
 
 
@@ -96,6 +97,62 @@ def test_win_rate_counts_ties_half():
         task.win_rate([], [])
 
 
+# ----------------------------------------------------------------------------------------- counting (RLVR)
+def test_count_task_checker_and_sloppy_demonstrators():
+    ex = task.count_examples(400, split="train", seed=0)
+    held = task.count_examples(200, split="heldout", seed=1)
+    assert not {e["prompt"] for e in ex} & {e["prompt"] for e in held}
+    for e in ex[:50]:
+        k = len(e["prompt"].split()) - 1
+        assert 1 <= k <= task.MAX_COUNT and e["answer"] == task.NUMBERS[k - 1]
+    acc = task.count_accuracy(["count moon river"] * 4, ["two", "three", "two two", ""], ["two"] * 4)
+    assert acc == [1.0, 0.0, 0.0, 0.0]
+    demos = task.count_demonstrations(2000, seed=0)
+    right = task.count_accuracy([d["prompt"] for d in demos], [d["completion"] for d in demos],
+                                [task.NUMBERS[len(d["prompt"].split()) - 2] for d in demos])
+    by_k = {}
+    for d, r in zip(demos, right):
+        by_k.setdefault(len(d["prompt"].split()) - 1, []).append(r)
+    # short lists counted right, long ones mostly not: a checker can take a policy past its demonstrators
+    assert sum(by_k[1]) / len(by_k[1]) > 0.8 and sum(by_k[5]) / len(by_k[5]) < 0.45
+    assert 0.45 < sum(right) / len(right) < 0.7
+
+
+# ----------------------------------------------------------------------------------------- the shipped base
+def test_shipped_base_is_current():
+    """The committed pre-trained base of seed 0 was made from today's language and default settings: a change to
+    either must regenerate it (the command is in rlhf_fast/demo/base.py), or the demo silently pre-trains again."""
+    from rlhf_fast.demo import base
+    from rlhf_fast.demo.run import DemoConfig, build_base
+
+    cfg = DemoConfig()
+    model = build_base(cfg, task.build_tokenizer())
+    assert base.load(base.shipped_path(0), model, cfg) is None
+    assert base.read_metadata(base.shipped_path(0))["pretrain_loss"] < 1.5
+
+
+def test_base_file_round_trip_and_fingerprint(tmp_path):
+    from rlhf_fast.demo import base
+    from rlhf_fast.demo.run import DemoConfig, build_base
+
+    cfg = DemoConfig.tiny(seed=3)
+    tok = task.build_tokenizer()
+    a = build_base(cfg, tok)
+    with torch.no_grad():
+        for p in a.parameters():
+            p.add_(0.01)  # not the seeded initialisation
+    base.save(tmp_path / "b.safetensors", a, cfg, 1.25)
+    b = build_base(cfg, tok)
+    assert base.load(tmp_path / "b.safetensors", b, cfg) is None
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), n
+    assert b.lm_head.weight.data_ptr() == b.model.embed_tokens.weight.data_ptr()  # still tied
+    other = DemoConfig.tiny(seed=3, pretrain_steps=31)
+    why = base.load(tmp_path / "b.safetensors", build_base(other, tok), other)
+    assert why is not None and "pretrain_steps" in why
+    assert base.load(tmp_path / "missing.safetensors", b, cfg).startswith("no file")
+
+
 # ----------------------------------------------------------------------------------------- the miniature
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
@@ -133,6 +190,9 @@ def test_demo_report_keys_and_sanity(demo_dir):
     assert p["total"] <= 1.05 * p["base"]
     assert r["eval_prompts"] >= 200
     assert r["sft"]["gold_score"] <= r["max_gold_score"] and r["ppo"]["gold_score"] <= r["max_gold_score"]
+    g = r["grpo"]
+    assert g["heldout_prompts"] >= 200 and 0 <= g["accuracy_before"] <= 1 and 0 <= g["accuracy_after"] <= 1
+    assert len(g["train_reward"]) == r["config"]["grpo_steps"]
     steps = [c["step"] for c in r["curves"]["ppo"]]
     assert steps[0] == 0 and steps[-1] == r["config"]["ppo_steps"]
     assert r["curves"]["ppo_no_kl"][0]["kl"] == 0.0

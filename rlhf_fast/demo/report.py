@@ -73,6 +73,7 @@ def write_markdown(out: str, report: dict, examples: list[tuple[str, str, str, s
         f"Reward model: held-out accuracy {r['rm']['heldout_accuracy']:.3f} against the labels (labeler agreement "
         f"with the noiseless gold order, its ceiling: {r['rm']['labeler_agreement']:.3f}); "
         f"{r['rm']['heldout_gold_accuracy']:.3f} against the gold order. {r['rm']['train_pairs']} training pairs.", "",
+        *grpo_lines(r.get("grpo")),
         "![proxy and gold reward against step](reward_vs_step.png)", "",
         "![KL against step](kl_vs_step.png)", "",
         "![gold score against KL](gold_vs_kl.png)", "",
@@ -83,3 +84,14 @@ def write_markdown(out: str, report: dict, examples: list[tuple[str, str, str, s
     lines += ["", "Stage timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in r["stage_seconds"].items()), ""]
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(lines))
+
+
+def grpo_lines(g: dict | None) -> list[str]:
+    """The RLVR stage: held-out accuracy of the counting task before and after GRPO."""
+    if not g:
+        return []
+    return [
+        f"RL with a verifiable reward (GRPO, {g['steps']} steps, the checker `task.count_accuracy`): held-out "
+        f"accuracy on {g['heldout_prompts']} counting prompts, one sample at temperature 1: "
+        f"{g['accuracy_before']:.3f} (SFT) -> **{g['accuracy_after']:.3f}**; greedy: "
+        f"{g['greedy_accuracy_before']:.3f} -> {g['greedy_accuracy_after']:.3f}.", ""]

@@ -18,16 +18,18 @@ import argparse
 import dataclasses
 import json
 import os
+import random
 import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
-from rlhf_fast.demo import task
+from rlhf_fast.demo import base, task
 from rlhf_fast.demo.report import plots, write_markdown
 
 RESPONSE_LENGTH = 16
+COUNT_LENGTH = 3  # new tokens of a counting answer: the number word and <eos> (and room for a wrong longer one)
 
 
 @dataclass
@@ -44,6 +46,11 @@ class DemoConfig:
     pretrain_steps: int = 2500
     pretrain_batch: int = 64
     pretrain_lr: float = 3e-3
+    # "auto": the shipped pre-trained base of this seed (rlhf_fast/demo/assets, see demo/base.py) when it was made
+    # with exactly these settings, else pre-train; "never": always pre-train; or the path of such a file
+    pretrained: str = "auto"
+    save_pretrained: str = ""       # write the pre-trained base to this file (demo/base.py)
+    pretrain_only: bool = False     # stop after pre-training (with save_pretrained: regenerate a shipped base)
     # SFT (its own, larger LoRA: it is merged into the base and not held afterwards)
     sft_examples: int = 4000
     sft_epochs: int = 3
@@ -52,6 +59,7 @@ class DemoConfig:
     # the three role adapters held during RLHF: rank 1 on every linear keeps params.total <= 1.05 x base
     lora_r: int = 1
     lora_alpha: float = 4.0
+    count_sft_examples: int = 1500  # counting demonstrations (the RLVR task) mixed into the SFT data
     # labeled pairs and the reward model
     pair_prompts: int = 8000
     val_pair_prompts: int = 600
@@ -69,6 +77,13 @@ class DemoConfig:
     kl_coef: float = 0.2
     eval_every: int = 10
     monitor_prompts: int = 128
+    # GRPO on the counting task with a verifiable reward (the checker task.count_accuracy)
+    grpo_steps: int = 40
+    grpo_prompts: int = 16          # prompts per step
+    grpo_generations: int = 8       # samples per prompt (the group)
+    grpo_lr: float = 3e-3
+    grpo_lora_r: int = 4
+    count_eval_prompts: int = 256
     # final evaluation
     eval_prompts: int = 256
     progress: bool = True
@@ -82,7 +97,9 @@ class DemoConfig:
         small = dict(hidden_size=128, num_layers=1, pretrain_steps=30, pretrain_batch=16,
                      sft_examples=64, sft_epochs=1, lora_r=1, pair_prompts=96, val_pair_prompts=48, rm_epochs=1,
                      rm_batch=16, ppo_steps=3, no_kl_steps=3, ppo_batch=16, ppo_epochs=1, ppo_minibatches=1, eval_every=2,
-                     monitor_prompts=16, eval_prompts=200, progress=False)
+                     monitor_prompts=16, eval_prompts=200, progress=False, pretrained="never",
+                     count_sft_examples=32, grpo_steps=2, grpo_prompts=4, grpo_generations=4,
+                     count_eval_prompts=200)
         small.update(kw)
         return cls(**small)
 
@@ -126,6 +143,25 @@ def pretrain(cfg: DemoConfig, model, tokenizer) -> float:
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     model.eval()
     return float(loss.detach())
+
+
+def pretrained_base(cfg: DemoConfig, tokenizer) -> tuple[object, float | None]:
+    """The pre-trained base: the shipped file when cfg.pretrained allows and its fingerprint matches, else
+    pre-trained here (and written to cfg.save_pretrained when set). Returns (model, last loss or None)."""
+    lm = build_base(cfg, tokenizer)
+    if cfg.pretrained != "never":
+        path = base.shipped_path(cfg.seed) if cfg.pretrained == "auto" else cfg.pretrained
+        why = base.load(path, lm, cfg)
+        if why is None:
+            print(f"demo: pre-trained base from {path} (pre-train it here with --pretrained never)", file=sys.stderr)
+            return lm.eval(), base.read_metadata(path)["pretrain_loss"]
+        if cfg.pretrained != "auto":
+            raise SystemExit(f"rlhf-fast demo: --pretrained: {why}")
+        print(f"demo: pre-training the base ({why})", file=sys.stderr)
+    loss = pretrain(cfg, lm, tokenizer)
+    if cfg.save_pretrained:
+        base.save(cfg.save_pretrained, lm, cfg, loss)
+    return lm, loss
 
 
 # ----------------------------------------------------------------------------------------- sampling
@@ -223,6 +259,58 @@ def run_ppo(cfg: DemoConfig, work: str, name: str, model, tokenizer, kl_coef: fl
     return res["model"], curve
 
 
+@torch.no_grad()
+def count_accuracy(model, tokenizer, examples: list[dict], *, temperature: float, seed: int) -> float:
+    """Share of `examples` ({"prompt", "answer"}) whose sampled (temperature > 0) or greedy (0) answer the checker
+    task.count_accuracy accepts."""
+    from rlhf_fast.data.collate import collate_prompts
+    from rlhf_fast.data.jsonl import encode_prompt
+    from rlhf_fast.rl.rewards import completion_texts
+
+    g = torch.Generator().manual_seed(seed)
+    right = 0.0
+    for i in range(0, len(examples), 128):
+        rows = examples[i:i + 128]
+        b = collate_prompts([{"prompt_ids": encode_prompt(tokenizer, e["prompt"])} for e in rows],
+                            tokenizer.pad_token_id)
+        out = model.generate(b["prompt_ids"], b["prompt_mask"], max_new_tokens=COUNT_LENGTH, temperature=temperature,
+                             eos_token_id=tokenizer.eos_token_id, generator=g)
+        texts = completion_texts(tokenizer, out["sequences"], out["response_mask"])
+        right += sum(task.count_accuracy([e["prompt"] for e in rows], texts, [e["answer"] for e in rows]))
+    return right / len(examples)
+
+
+def run_grpo(cfg: DemoConfig, work: str, sft_base: str, tokenizer) -> dict:
+    """GRPO with the verifiable counting reward from the SFT model (a fresh policy adapter on the same base);
+    held-out accuracy before and after, of one sample at temperature 1 and of the greedy answer."""
+    from rlhf_fast.models import LoraSettings, RoleModel
+    from rlhf_fast.trainers import GRPOConfig, OptimConfig, train_grpo
+    from rlhf_fast.trainers.loop import read_metrics
+
+    heldout = task.count_examples(cfg.count_eval_prompts, split="heldout", seed=cfg.seed + 500)
+    data = write_jsonl(os.path.join(work, "data", "count_prompts.jsonl"),
+                       task.count_examples(cfg.grpo_steps * cfg.grpo_prompts, split="train", seed=cfg.seed + 600))
+    lora = LoraSettings(r=cfg.grpo_lora_r, alpha=2.0 * cfg.grpo_lora_r)
+    model = RoleModel.from_pretrained(sft_base, lora=lora, tokenizer=tokenizer)
+    model.eval()
+
+    def accuracy(m) -> dict:
+        return {"sampled": count_accuracy(m, tokenizer, heldout, temperature=1.0, seed=cfg.seed + 700),
+                "greedy": count_accuracy(m, tokenizer, heldout, temperature=0.0, seed=cfg.seed + 700)}
+
+    before = accuracy(model)
+    gcfg = GRPOConfig(data=data, out_dir=os.path.join(work, "grpo"), overwrite=True, seed=cfg.seed, max_length=16,
+                      batch_size=cfg.grpo_prompts, num_generations=cfg.grpo_generations, max_steps=cfg.grpo_steps,
+                      max_completion_length=COUNT_LENGTH, loss_type="grpo", progress=cfg.progress,
+                      optim=OptimConfig(lr=cfg.grpo_lr), lora=lora)
+    res = train_grpo(gcfg, model=model, tokenizer=tokenizer, reward_funcs=[task.count_accuracy])
+    after = accuracy(res["model"])
+    rewards = [r["reward"] for r in read_metrics(os.path.join(gcfg.out_dir, "metrics.jsonl")) if "reward" in r]
+    return {"accuracy_before": before["sampled"], "accuracy_after": after["sampled"],
+            "greedy_accuracy_before": before["greedy"], "greedy_accuracy_after": after["greedy"],
+            "heldout_prompts": len(heldout), "steps": cfg.grpo_steps, "train_reward": rewards}
+
+
 def count_params(model) -> dict:
     """base: unique base tensors (tied weights once); trainable: adapters and heads of the three roles;
     total: every parameter held for the four roles (the reference is the base itself)."""
@@ -256,12 +344,16 @@ def run(cfg: DemoConfig) -> dict:
     torch.manual_seed(cfg.seed)
     t = time.perf_counter()
     tok = task.build_tokenizer()
-    lm = build_base(cfg, tok)
-    pretrain_loss = pretrain(cfg, lm, tok)
+    lm, pretrain_loss = pretrained_base(cfg, tok)
     t = lap("pretrain", t)
+    if cfg.pretrain_only:
+        return {"pretrain_loss": pretrain_loss, "stage_seconds": stages}
 
     # SFT on demonstrations, read from a real JSONL file through the product's loader.
-    sft_path = write_jsonl(os.path.join(work, "data", "sft.jsonl"), task.sft_examples(cfg.sft_examples, seed=cfg.seed + 1))
+    sft_rows = task.sft_examples(cfg.sft_examples, seed=cfg.seed + 1) + task.count_demonstrations(
+        cfg.count_sft_examples, seed=cfg.seed + 2)
+    random.Random(cfg.seed).shuffle(sft_rows)
+    sft_path = write_jsonl(os.path.join(work, "data", "sft.jsonl"), sft_rows)
     sft_cfg = SFTConfig(data=sft_path, out_dir=os.path.join(work, "sft"), overwrite=True, seed=cfg.seed, max_length=40,
                         batch_size=64 if cfg.sft_examples >= 64 else cfg.sft_examples, epochs=cfg.sft_epochs,
                         progress=cfg.progress, merge=True, optim=OptimConfig(lr=cfg.sft_lr),
@@ -314,6 +406,10 @@ def run(cfg: DemoConfig) -> dict:
     no_kl_eval = evaluate(model_no_kl, tok, heldout, seed=cfg.seed + 1000)
     t = lap("ppo_no_kl", t)
 
+    # RL with a verifiable reward: GRPO on the counting task, from the same SFT base with a fresh policy adapter.
+    grpo = run_grpo(cfg, work, sft_base, tok)
+    t = lap("grpo", t)
+
     # Artefacts: DIR/model = the SFT base (the reference) in DIR/model/base, the adapters and heads.
     model.save(os.path.join(out, "model"), save_base=True)
 
@@ -331,6 +427,7 @@ def run(cfg: DemoConfig) -> dict:
                "reward_offset": rm["offset"], "labeler_beta": cfg.labeler_beta},
         "ppo": ppo_block(ppo_eval, cfg.kl_coef),
         "ppo_no_kl": ppo_block(no_kl_eval, 0.0),
+        "grpo": grpo,
         "params": params,
         "pretrain_loss": pretrain_loss,
         "max_gold_score": sum(task.max_gold(p) for p in heldout) / len(heldout),
@@ -387,7 +484,11 @@ def main(argv: list[str] | None = None) -> int:
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig) if getattr(args, f.name) is not None}
     cfg = DemoConfig.tiny(**kw) if args.tiny else DemoConfig(**kw)
     report = run(cfg)
-    print(json.dumps({k: report[k] for k in ("sft", "rm", "ppo", "ppo_no_kl", "params", "wall_seconds")}, indent=2))
+    if cfg.pretrain_only:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(json.dumps({k: report[k] for k in ("sft", "rm", "ppo", "ppo_no_kl", "grpo", "params", "wall_seconds")},
+                     indent=2))
     print(f"wrote {os.path.join(cfg.out, 'report.json')} and report.md", file=sys.stderr)
     return 0
 

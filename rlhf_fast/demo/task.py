@@ -48,7 +48,10 @@ ADJECTIVES = ["red", "sweet", "calm", "cold", "tall", "green", "grey", "heavy",
               "white", "soft", "fast", "wild", "warm", "bright", "old", "dark"]
 FUNCTION_WORDS = ["tell", "me", "about", "the", "is", "and", ",", ".", "very"]
 RATINGS = ["great", "good", "ok", "bad"]
-VOCAB = SPECIALS + FUNCTION_WORDS + NOUNS + ADJECTIVES + RATINGS
+# The counting task (the demo's RLVR stage): "count moon river bread" -> "three". Appended last so the ids of
+# the words above do not move.
+NUMBERS = ["one", "two", "three", "four", "five"]
+VOCAB = SPECIALS + FUNCTION_WORDS + NOUNS + ADJECTIVES + RATINGS + ["count"] + NUMBERS
 
 # The hidden world knowledge: which two adjectives fit each noun.
 FITS: dict[str, tuple[str, str]] = {
@@ -212,12 +215,17 @@ def _description(rng: random.Random) -> str:
 
 
 def pretraining_text(n: int, *, seed: int) -> list[str]:
-    """`n` documents of the language: descriptions, and chats (train-split prompts only) that are often followed
-    by the user's rating (`... <eos> good <eos>`)."""
+    """`n` documents of the language: descriptions, chats (train-split prompts only) that are often followed
+    by the user's rating (`... <eos> good <eos>`), and one in ten a counting chat (`count moon river <bot> two`)."""
     rng = random.Random(seed)
     docs = []
     while len(docs) < n:
-        if rng.random() < 0.4:
+        u = rng.random()
+        if u < 0.1:  # counting chats, counted as sloppily as the demonstrators count
+            nouns = tuple(rng.sample(NOUNS, rng.randint(1, MAX_COUNT)))
+            if not _is_heldout(nouns):
+                docs.append(f"{render_prompt(count_prompt(nouns))} {_sloppy_count(len(nouns), rng)} {EOS}")
+        elif u < 0.46:
             sents = " ".join(_description(rng) for _ in range(rng.randint(2, 4)))
             docs.append(f"{BOS} {sents} {EOS}")
         else:
@@ -335,3 +343,54 @@ class Labeler:
     @property
     def agreement(self) -> float:
         return self.n_agree / max(1, self.n_labels)
+
+
+# ----------------------------------------------------------------------------------------- counting (RLVR)
+# The demo's task with a verifiable answer: "count moon river bread" -> "three". A checker (count_accuracy), not
+# a learned reward model, scores it, as in RL with verifiable rewards. Demonstrators count short lists right and
+# lose track of long ones, undercounting by one: the SFT model imitates that, and only a reward that checks the
+# answer can take it past its demonstrators.
+MAX_COUNT = len(NUMBERS)
+# P(a demonstrator's count is right) for a list of k = 1..5 nouns; otherwise k - 1 (k + 1 for one noun).
+COUNT_RIGHT = (0.9, 0.8, 0.55, 0.35, 0.3)
+
+
+def count_prompt(nouns: tuple[str, ...] | list[str]) -> str:
+    return "count " + " ".join(nouns)
+
+
+def count_answer(k: int) -> str:
+    return NUMBERS[k - 1]
+
+
+def _sloppy_count(k: int, rng: random.Random) -> str:
+    if rng.random() < COUNT_RIGHT[k - 1]:
+        return count_answer(k)
+    return count_answer(k - 1 if k > 1 else 2)
+
+
+def count_examples(n: int, *, split: str, seed: int) -> list[dict[str, str]]:
+    """`n` counting prompts {"prompt", "answer"} of 1..5 distinct nouns, from the train or held-out split (the
+    same split by noun tuple as the chat prompts), deterministic in `seed`."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
+        nouns = tuple(rng.sample(NOUNS, rng.randint(1, MAX_COUNT)))
+        if _is_heldout(nouns) == (split == "heldout"):
+            out.append({"prompt": count_prompt(nouns), "answer": count_answer(len(nouns))})
+    return out
+
+
+def count_demonstrations(n: int, *, seed: int) -> list[dict[str, str]]:
+    """`n` SFT demonstrations {"prompt", "completion"} of the counting task by sloppy demonstrators (train split)."""
+    rng = random.Random(seed)
+    return [{"prompt": e["prompt"], "completion": _sloppy_count(len(e["prompt"].split()) - 1, rng)}
+            for e in count_examples(n, split="train", seed=seed + 1)]
+
+
+def count_accuracy(prompts: list[str], completions: list[str], answer: list[str], **_) -> list[float]:
+    """The verifiable reward (TRL's reward-function signature): 1 when the completion is exactly the right number
+    word, else 0. `answer` is the example's column."""
+    return [float(c.split() == [a]) for c, a in zip(completions, answer)]

@@ -57,13 +57,11 @@ class Rollout:
 def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling: SamplingConfig, *,
            eos_token_id: int | None, generator: torch.Generator | None = None) -> Rollout:
     """Sample `sampling.n` responses to each of the B left-padded prompts (prompt_ids, prompt_mask: (B, P))
-    from the policy adapter of `model` (a RoleModel), in one batched generate call."""
-    if sampling.n > 1:
-        prompt_ids = prompt_ids.repeat_interleave(sampling.n, dim=0)
-        prompt_mask = prompt_mask.repeat_interleave(sampling.n, dim=0)
+    from the policy adapter of `model` (a RoleModel), in one batched generate call (each prompt prefilled once,
+    its KV cache shared by its n samples)."""
     g = model.generate(prompt_ids, prompt_mask, max_new_tokens=sampling.max_new_tokens,
                        temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                       eos_token_id=eos_token_id, generator=generator)
+                       eos_token_id=eos_token_id, generator=generator, num_samples=sampling.n)
     seq, resp = g["sequences"], g["response_mask"]
     if eos_token_id is None:
         has_eos = torch.ones(seq.shape[0], dtype=torch.bool, device=seq.device)

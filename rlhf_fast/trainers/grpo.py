@@ -59,6 +59,9 @@ class GRPOConfig(TrainConfig):
     num_generations: int = option(8, "samples per prompt G (the group)")
     num_iterations: int = option(1, "passes over each rollout batch (mu; 1 = strictly on-policy)")
     num_minibatches: int = option(1, "minibatches per pass (split over the B x G samples)")
+    micro_batch_size: int = option(0, "samples per forward/backward inside a minibatch, gradients accumulated "
+                                      "to the same update (TRL's per_device_train_batch_size; less activation "
+                                      "memory); 0: the whole minibatch at once")
     max_completion_length: int = option(64, "new tokens generated per sample")
     temperature: float = option(1.0, "sampling temperature (the loss's log-probs use the same)")
     top_p: float = option(1.0, "nucleus sampling")
@@ -126,6 +129,7 @@ class GRPOConfig(TrainConfig):
             (self.num_iterations >= 1, f"num_iterations must be >= 1, got {self.num_iterations}"),
             (1 <= self.num_minibatches <= self.batch_size * self.num_generations,
              f"num_minibatches must lie in [1, batch_size x num_generations], got {self.num_minibatches}"),
+            (self.micro_batch_size >= 0, f"micro_batch_size must be >= 0, got {self.micro_batch_size}"),
             (0 < self.max_completion_length < self.max_length,
              f"max_completion_length must lie in [1, max_length={self.max_length}), got {self.max_completion_length}"),
             (finite(self.temperature) and self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
@@ -224,19 +228,44 @@ def cat_groups(parts: list[dict]) -> dict:
     return out
 
 
+def micro_batches(mask: torch.Tensor, idx: torch.Tensor, size: int, agg: str) -> list[tuple[torch.Tensor, float]]:
+    """Split the minibatch rows `idx` into micro-batches of `size` rows (0: one) with the share each one's loss
+    takes, so that sum(share * loss(micro)) equals the minibatch's loss under `agg`: a token-mean weighs a
+    micro-batch by its valid tokens, the seq-mean modes by its rows that have one, Dr. GRPO's sum / (B x T) by its
+    rows (T is the same padded width)."""
+    if size <= 0 or size >= idx.numel():
+        return [(idx, 1.0)]
+    parts = list(idx.split(size))
+    m = mask != 0
+    if agg == "token-mean":
+        counts = [float(m[p].sum()) for p in parts]
+    elif agg == "seq-mean-token-sum-norm":
+        counts = [float(p.numel()) for p in parts]
+    else:
+        counts = [float(m[p].any(1).sum()) for p in parts]
+    total = sum(counts)
+    return [(p, c / total if total else 0.0) for p, c in zip(parts, counts)]
+
+
 def grpo_minibatch_loss(model, cfg: GRPOConfig, b: dict, idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """The clipped surrogate (+ beta * KL) on rows idx, from the policy's hidden states."""
+    """The clipped surrogate (+ beta * KL) on rows idx, from the policy's hidden states.
+
+    Only the completion columns go through the lm head (the prompt's carry no loss); Dr. GRPO's sum / (B x T)
+    keeps the whole padded width T, as its normaliser is defined on it."""
     opts = cfg.resolved()
     seq, attn, mask = b["seq"][idx], b["attn"][idx], b["mask"][idx]
     f = model.policy_forward(seq, attn)  # hidden (b, T, H) aligned with seq
     m = mask * f.mask
+    c = 0 if opts["loss_agg"] == "seq-mean-token-sum-norm" else int(b.get("first_completion", 0))
+    hidden, targets, m = f.hidden[:, c:], f.targets[:, c:], m[:, c:]  # (b, T - c, H), (b, T - c)
+    adv = b["adv"][idx] if b["adv"].dim() == 1 else b["adv"][idx][:, c:]
     in_loss_kl = cfg.beta > 0 and cfg.kl_estimator != "full"
     if b["old"] is None:  # strictly on-policy: the old log-probs are this forward's, detached (ratio 1)
-        old = fused_linear_logprobs(f.hidden.detach(), f.weight, f.targets, f.bias, temperature=cfg.temperature)
+        old = fused_linear_logprobs(hidden.detach(), f.weight, targets, f.bias, temperature=cfg.temperature)
     else:
-        old = b["old"][idx]
-    pg, st = fused_linear_ppo_loss(f.hidden, f.weight, f.targets, old.detach(), b["adv"][idx], m, f.bias,
-                                   ref_logprobs=b["ref"][idx] if in_loss_kl else None,
+        old = b["old"][idx][:, c:]
+    pg, st = fused_linear_ppo_loss(hidden, f.weight, targets, old.detach(), adv, m, f.bias,
+                                   ref_logprobs=b["ref"][idx][:, c:] if in_loss_kl else None,
                                    kl_coef=cfg.beta if in_loss_kl else 0.0, kl_estimator=cfg.kl_estimator
                                    if in_loss_kl else "k3", clip_low=opts["clip_low"], clip_high=opts["clip_high"],
                                    ratio_level=opts["ratio_level"], temperature=cfg.temperature,
@@ -248,7 +277,7 @@ def grpo_minibatch_loss(model, cfg: GRPOConfig, b: dict, idx: torch.Tensor) -> t
     if cfg.beta > 0 and cfg.kl_estimator == "full":
         with model.role("reference"), torch.no_grad():
             ref_hidden = model.policy_forward(seq, attn).hidden
-        kl = fused_linear_kl(f.hidden, ref_hidden, f.weight, m, f.bias, temperature=cfg.temperature)  # (b, T)
+        kl = fused_linear_kl(hidden, ref_hidden[:, c:], f.weight, m, f.bias, temperature=cfg.temperature)
         kl_mean = (kl * m).sum() / m.sum().clamp(min=1)
         pg = pg + cfg.beta * kl_mean
         stats["kl"] = kl_mean.detach()
@@ -332,13 +361,19 @@ def train_grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, examples: list[di
                 if cfg.beta > 0 and cfg.kl_estimator != "full":
                     b["ref"] = model.logprobs(b["seq"], b["attn"], role="reference", temperature=cfg.temperature)
             N = b["seq"].shape[0]
+            b["first_completion"] = int(b["mask"].any(0).nonzero()[0]) if bool(b["mask"].any()) else 0
             stats: dict[str, list] = {}
             for _ in range(cfg.num_iterations):
                 for idx in torch.randperm(N, device=device).chunk(min(cfg.num_minibatches, N)):
-                    loss, st = grpo_minibatch_loss(model, cfg, b, idx)
-                    loss.backward()
+                    loss, st = 0.0, {}
+                    for sub, share in micro_batches(b["mask"], idx, cfg.micro_batch_size, opts["loss_agg"]):
+                        part, st_part = grpo_minibatch_loss(model, cfg, b, sub)
+                        (part * share).backward()
+                        loss = loss + part.detach() * share
+                        for k, v in st_part.items():  # statistics weighted as the loss is
+                            st[k] = st.get(k, 0.0) + v * share
                     st["grad_norm"] = run.apply(loss)
-                    st["loss"] = loss.detach()
+                    st["loss"] = loss
                     for k, v in st.items():
                         stats.setdefault(k, []).append(float(v))
             run.tokens += int(b["attn"].sum())

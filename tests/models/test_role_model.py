@@ -349,6 +349,71 @@ def test_sampling_is_reproducible_and_honours_top_k(model_of):
     assert torch.equal(g, greedy)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_num_samples_shares_the_prefill(arch, model_of):
+    """n samples per prompt from one prefill (its KV cache repeated) equal sampling from the prompts repeated n
+    times with the same generator, row for row; the samples of one prompt differ."""
+    from transformers.cache_utils import DynamicCache
+
+    from rlhf_fast.models.generation import KVBuffers
+
+    model = model_of(arch)
+    _randomize(model, "policy", std=0.1)
+    ids, mask = _batch(t=5)
+    kw = dict(max_new_tokens=6, temperature=1.0, eos_token_id=[])
+    a = model.generate(ids, mask, num_samples=3, generator=torch.Generator().manual_seed(5), **kw)
+    b = model.generate(ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0),
+                       generator=torch.Generator().manual_seed(5), **kw)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert a["sequences"].shape == (9, 11)
+    assert not torch.equal(a["sequences"][0], a["sequences"][1])
+    with torch.no_grad():  # the preallocated cache takes over this architecture's cache (not the slow path)
+        out = model.lm(input_ids=ids, attention_mask=mask, use_cache=True)
+    cache = getattr(out, "cache", None) or out.past_key_values
+    assert isinstance(cache, DynamicCache) and KVBuffers.wrap(cache, 4) is not None
+    with pytest.raises(ValueError, match="num_samples"):
+        model.generate(ids, mask, num_samples=0, **kw)
+
+
+def test_generation_puts_the_lora_layers_back(model_of):
+    """The merged rollout runs the plain base layers; afterwards (also after an error) the LoRA wrappers, the
+    adapters and their trainable parameters are back."""
+    from peft.tuners.lora import LoraLayer
+
+    model = model_of("llama")
+    _randomize(model, "policy", std=0.1)
+    ids, mask = _batch(t=5)
+    layers = [n for n, m in model.lm.named_modules() if isinstance(m, LoraLayer)]
+    params = [id(p) for p in model.role_parameters("policy")]
+    with torch.no_grad():
+        before = model.logprobs(ids, mask, "policy")
+    model.generate(ids, mask, max_new_tokens=3, temperature=0, eos_token_id=[])
+    with pytest.raises(TypeError):  # an error inside the merged rollout
+        model.generate(ids, mask, max_new_tokens=3, temperature=1.0, eos_token_id=[], generator="not a generator")
+    assert [n for n, m in model.lm.named_modules() if isinstance(m, LoraLayer)] == layers
+    assert [id(p) for p in model.role_parameters("policy")] == params
+    assert all(p.requires_grad for p in model.role_parameters("policy"))
+    with torch.no_grad():
+        assert torch.equal(model.logprobs(ids, mask, "policy"), before)
+
+
+def test_sampling_draws_from_the_softmax():
+    """The exponential race argmax(p / E) draws token v with probability p_v; top-k and top-p never draw an
+    excluded token (n = 40000: the largest frequency error allowed is about 4 standard deviations)."""
+    from rlhf_fast.models.generation import sample
+
+    n = 40000
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0]]).repeat(n, 1)
+    g = torch.Generator().manual_seed(0)
+    for temperature in (1.0, 0.5):
+        p = (logits[0] / temperature).softmax(-1).double()
+        freq = torch.bincount(sample(logits, temperature, 1.0, 0, g), minlength=5).double() / n
+        assert (freq - p).abs().max() < 4 * (0.25 / n) ** 0.5, (freq, p)
+    assert set(sample(logits, 1.0, 1.0, 2, g).tolist()) == {0, 1}
+    assert set(sample(logits, 1.0, 0.7, 0, g).tolist()) == {0, 1}  # p = 0.64, 0.24, ...: 0.64 < 0.7 <= 0.88
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_generation_restores_base_weights_bit_for_bit(dtype, model_of):
     model = model_of("gpt2", dtype=dtype)  # GPT-2: Conv1D layers, transposed deltas

@@ -164,3 +164,40 @@ def test_on_policy_step_takes_old_logprobs_from_its_own_forward(tiny_model):
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-6)
     for g0, g1 in zip(grads[0][1], grads[1][1]):
         torch.testing.assert_close(g0, g1, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
+def test_micro_batches_and_completion_columns_give_the_minibatch_loss(tiny_model, agg):
+    """Gradient accumulation over micro-batches (shares from micro_batches) and scoring only the completion columns
+    give the loss and gradients of the whole minibatch at once, for every aggregation; rows of unequal length, one
+    row with no completion token."""
+    from rlhf_fast.trainers.grpo import grpo_minibatch_loss, micro_batches
+
+    model = RoleModel.from_pretrained(tiny_model).eval()
+    with torch.no_grad():
+        for p in model.role_parameters("policy"):
+            p.normal_(0.0, 0.05)
+    g = torch.Generator().manual_seed(0)
+    seq = torch.randint(3, 30, (5, 8), generator=g)
+    attn = torch.ones_like(seq)
+    attn[1, :2] = 0  # left padding
+    mask = torch.zeros(5, 8)
+    mask[:, 4:] = 1.0
+    mask[2, 6:] = 0  # a short completion
+    mask[3] = 0      # no completion token at all
+    old = model.logprobs(seq, attn).detach() + 0.1 * torch.randn(5, 8, generator=g)
+    b = {"seq": seq, "attn": attn, "mask": mask, "adv": torch.randn(5, generator=g), "old": old}
+    c = GRPOConfig(reward_funcs="x", loss_agg=agg)
+    params = model.role_parameters("policy")
+    idx = torch.tensor([4, 0, 3, 1, 2])
+    whole, _ = grpo_minibatch_loss(model, c, b, idx)
+    want = torch.autograd.grad(whole, params)
+    for size, first in ((1, 0), (2, 4), (0, 4)):
+        parts = micro_batches(mask, idx, size, agg)
+        assert abs(sum(s for _, s in parts) - 1.0) < 1e-12 and len(parts) == (5 if size == 1 else 3 if size else 1)
+        loss = sum(grpo_minibatch_loss(model, c, b | {"first_completion": first}, sub)[0] * share
+                   for sub, share in parts)
+        got = torch.autograd.grad(loss, params)
+        torch.testing.assert_close(loss, whole, rtol=1e-5, atol=1e-7)
+        for x, y in zip(got, want):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-7)

@@ -11,7 +11,9 @@ dropout 0 on every linear of the blocks (PEFT on both sides), beta 0 (no referen
 clip 1.0, one optimizer step per rollout (num_iterations 1, one minibatch), fp32, no vLLM, and the same
 reward function (the share of the completion's words in a fixed quarter of the vocabulary).
 
-Variants: rlhf_fast (gradient checkpointing off), trl (off), trl_gc (on: TRL's default).
+Variants: rlhf_fast (gradient checkpointing off), trl (off), trl_gc (on: TRL's default); rlhf_fast_mb8 and trl_mb8:
+the same 32 samples per update in micro-batches of 8 with gradient accumulation (rlhf_fast micro_batch_size=8;
+TRL per_device_train_batch_size=8, gradient_accumulation_steps=4, which keeps its generation batch at 32).
 
 Each (variant, repetition) is a fresh process with ONE torch thread; the variants alternate (order rotated per
 repetition). In it: `--warmup` steps, then `--steps` timed steps in the same run (max_steps = warmup + steps).
@@ -70,7 +72,8 @@ SETTINGS = dict(batch_prompts=8, num_generations=4, max_completion_length=48, te
                 dtype="float32", seed=0)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GOOD = {f"w{i}" for i in range(0, (VOCAB - 3) // 4)}  # a quarter of the words
-VARIANTS = ("rlhf_fast", "trl", "trl_gc")
+VARIANTS = ("rlhf_fast", "trl", "trl_gc", "rlhf_fast_mb8", "trl_mb8")
+MICRO = 8  # the _mb8 variants: 8 samples per forward/backward, gradients accumulated to the same one update
 PHASES = ("generation", "scoring", "old_logprobs", "loss_forward", "backward", "optimizer", "other")
 GiB, MiB = 1 << 30, 1 << 20
 
@@ -244,10 +247,12 @@ def child(variant: str, folder: str, warmup: int, steps: int) -> dict:
         clock.started()  # the bookkeeping above is no part of any step
 
     with tempfile.TemporaryDirectory() as out_dir:
-        if variant == "rlhf_fast":
-            rows, info = _run_rlhf_fast(folder, out_dir, total, clock, at_boundary)
+        if variant.startswith("rlhf_fast"):
+            rows, info = _run_rlhf_fast(folder, out_dir, total, clock, at_boundary,
+                                        micro=MICRO if variant.endswith("_mb8") else 0)
         else:
-            rows, info = _run_trl(folder, out_dir, total, clock, at_boundary, gc=variant == "trl_gc")
+            rows, info = _run_trl(folder, out_dir, total, clock, at_boundary, gc=variant == "trl_gc",
+                                  micro=MICRO if variant.endswith("_mb8") else 0)
     per_step = []
     for s in range(warmup + 1, total + 1):
         (w0, c0, f0), (w1, c1, f1) = clock.starts[s - 2], clock.ends[s - 1]
@@ -273,7 +278,7 @@ def child(variant: str, folder: str, warmup: int, steps: int) -> dict:
             "rows_warmup": [rows.get(s, {}) for s in range(1, warmup + 1)], **info}
 
 
-def _run_rlhf_fast(folder, out_dir, total, clock, at_boundary):
+def _run_rlhf_fast(folder, out_dir, total, clock, at_boundary, micro: int = 0):
     import torch
 
     import rlhf_fast.rl.rollout as RO
@@ -315,6 +320,7 @@ def _run_rlhf_fast(folder, out_dir, total, clock, at_boundary):
                        num_generations=S["num_generations"], max_completion_length=S["max_completion_length"],
                        temperature=S["temperature"], top_p=S["top_p"], top_k=S["top_k"], beta=S["beta"],
                        num_iterations=S["num_iterations"], num_minibatches=S["num_minibatches"], loss_type="grpo",
+                       micro_batch_size=micro,
                        clip_low=S["clip"], max_steps=total, log_every=1, checkpoint_every=0, checkpoint_minutes=0,
                        progress=False, gradient_checkpointing=False,
                        optim=OptimConfig(lr=S["lr"], max_grad_norm=S["max_grad_norm"]),
@@ -334,7 +340,7 @@ def _run_rlhf_fast(folder, out_dir, total, clock, at_boundary):
     return rows, info
 
 
-def _run_trl(folder, out_dir, total, clock, at_boundary, gc: bool):
+def _run_trl(folder, out_dir, total, clock, at_boundary, gc: bool, micro: int = 0):
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -350,8 +356,9 @@ def _run_trl(folder, out_dir, total, clock, at_boundary, gc: bool):
                       warmup_steps=0, weight_decay=0.0, max_grad_norm=S["max_grad_norm"], report_to="none",
                       save_strategy="no", logging_steps=1, bf16=False, fp16=False, use_cpu=True, seed=S["seed"],
                       dataloader_num_workers=0, disable_tqdm=True,
-                      per_device_train_batch_size=S["batch_prompts"] * S["num_generations"],
-                      gradient_accumulation_steps=1, num_generations=S["num_generations"],
+                      per_device_train_batch_size=micro or S["batch_prompts"] * S["num_generations"],
+                      gradient_accumulation_steps=S["batch_prompts"] * S["num_generations"] // micro if micro else 1,
+                      num_generations=S["num_generations"],
                       max_completion_length=S["max_completion_length"], temperature=S["temperature"],
                       top_p=S["top_p"], top_k=S["top_k"], beta=S["beta"], num_iterations=S["num_iterations"],
                       epsilon=S["clip"], loss_type="grpo", scale_rewards="group", use_vllm=False,
@@ -481,9 +488,9 @@ def summarize(runs: list[dict]) -> dict:
         w = out[key]["step_window_peak_rss"]["median"] - out[key]["rss_at_timed_start"]["median"]
         out[key]["step_window_extra_rss_median"] = w
     for ours in out.values():
-        if ours["variant"] != "rlhf_fast":
+        if not ours["variant"].startswith("rlhf_fast"):
             continue
-        for v in ("trl", "trl_gc"):
+        for v in ("trl", "trl_gc", "trl_mb8"):
             t = out.get(config_name(v, ours["mmap_threshold"]))
             if t is None:
                 continue
@@ -519,7 +526,9 @@ def markdown(report: dict) -> str:
          "Settings, both sides: " + ", ".join(f"{k} {v}" for k, v in m["settings"].items())
          + f"; LoRA on {', '.join(TARGETS)} (PEFT on both sides); reward: share of the completion's words in a fixed "
          "quarter of the vocabulary. rlhf_fast: gradient checkpointing off. TRL: `trl` off, `trl_gc` on (TRL's "
-         "default); TRL `loss_type='grpo'`, `scale_rewards='group'`, constant lr.", "",
+         "default); TRL `loss_type='grpo'`, `scale_rewards='group'`, constant lr. `_mb8`: the same update in "
+         f"micro-batches of {MICRO} samples with gradient accumulation (rlhf_fast `micro_batch_size`, TRL "
+         "`per_device_train_batch_size` + `gradient_accumulation_steps`).", "",
          "Step = the interval between two end-of-step hooks. Step time: the median over processes of each "
          "process's median step, (min - max) over processes. CPU = process user + sys. Peak RSS = ru_maxrss at "
          "the end of the last timed step (imports and model load included); window peak = VmHWM over the timed "
@@ -538,11 +547,11 @@ def markdown(report: dict) -> str:
                  f"| {_mm(r['reward'], 1, '{:.3f}')} | {_mm(r['loss'], 1, '{:.2g}')} "
                  f"| {_mm(r['grad_norm'], 1, '{:.3g}')} | {_mm(b_end, 1, '{:.3g}')} "
                  f"| {_mm(r['lora_delta_timed'], 1, '{:.3g}')} |")
-    rows = [(k, q) for r in s.values() for k, q in r.get("ratios", {}).items()]
+    rows = [(f"{name} vs {k}", q) for name, r in s.items() for k, q in r.get("ratios", {}).items()]
     if rows:
         L += ["", "Ratios, rlhf_fast against each TRL configuration with the same allocator (the issue's goal: "
               ">= 1.5x TRL's step throughput at <= 0.6x its peak memory):", "",
-              "| rlhf_fast vs | throughput x (CPU) | throughput x (wall) | peak RSS fraction | window peak fraction "
+              "| rlhf_fast vs TRL | throughput x (CPU) | throughput x (wall) | peak RSS fraction | window peak fraction "
               "| window extra fraction | goal met (CPU x >= 1.5 and peak RSS <= 0.6) |", "|---|---:|---:|---:|---:|---:|---|"]
         for k, q in rows:
             met = q["throughput_x_cpu"] >= 1.5 and q["peak_rss_fraction"] <= 0.6

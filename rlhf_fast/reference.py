@@ -12,18 +12,22 @@ import torch
 __all__ = [
     "ESTIMATOR_NAMES",
     "aggregate",
+    "dpo",
     "gae_loop",
     "kl",
     "kl_penalized_gae_loop",
     "kl_rewards",
+    "kto",
     "linear_kl",
     "linear_logprobs_entropy",
     "linear_ppo_loss",
     "logprobs_entropy",
     "masked_whiten",
+    "orpo",
     "ppo_token_loss",
     "sequence_ppo_token_loss",
     "sequence_ratio",
+    "simpo",
     "value_token_loss",
 ]
 
@@ -234,3 +238,96 @@ def linear_kl(hidden, ref_hidden, weight, mask, bias=None, temperature=1.0):
     logq = log_softmax(ref_hidden.detach(), weight.detach(), None if bias is None else bias.detach())
     kl_tok = (logp.exp() * (logp - logq)).sum(-1)
     return torch.where(mask != 0, kl_tok, 0.0)
+
+
+# ---------------------------------------------------------------- preference losses (one value per example)
+
+
+def _softplus(x):
+    """log(1 + exp(x)), written x + log(1 + exp(-x)) for x > 0 so that exp never overflows (each branch sees
+    only its own side of 0, so the unused one cannot put inf or NaN into the gradient; at x = 0 the gradient is
+    the true 1/2). -log sigmoid(z) = softplus(-z)."""
+    x = x.double()
+    pos = x > 0
+    x_pos, x_neg = torch.where(pos, x, 0.0), torch.where(pos, 0.0, x)
+    return torch.where(pos, x_pos + torch.log1p(torch.exp(-x_pos)), torch.log1p(torch.exp(x_neg)))
+
+
+def _reward_stats(chosen_rewards, rejected_rewards):
+    """TRL's metrics: the means of the chosen and rejected rewards, of their difference, and the share of
+    examples whose chosen reward is strictly larger. float64 0-dim tensors, no gradient."""
+    cr, rr = chosen_rewards.detach().double(), rejected_rewards.detach().double()
+    return {"rewards/chosen": cr.mean(), "rewards/rejected": rr.mean(), "rewards/margins": (cr - rr).mean(),
+            "rewards/accuracies": (cr > rr).double().mean()}
+
+
+def dpo(chosen, rejected, ref_chosen, ref_rejected, beta=0.1, loss_type="sigmoid", label_smoothing=0.0):
+    """DPO (Rafailov et al. 2023) and its variants on (B,) log-probs: with h = (chosen - ref_chosen) -
+    (rejected - ref_rejected), z = beta h, e = label_smoothing, the mean over the batch of
+    sigmoid (cDPO): (1 - e) softplus(-z) + e softplus(z);  hinge (SLiC): max(0, 1 - z);
+    ipo: (h - 1 / (2 beta))^2;  robust (rDPO): ((1 - e) softplus(-z) - e softplus(z)) / (1 - 2e).
+    Returns (loss, reward stats(beta (chosen - ref_chosen), beta (rejected - ref_rejected)))."""
+    wins = chosen.double() - ref_chosen.double()
+    losses_ = rejected.double() - ref_rejected.double()
+    h = wins - losses_
+    z = beta * h
+    e = label_smoothing
+    if loss_type == "sigmoid":
+        per_pair = (1 - e) * _softplus(-z) + e * _softplus(z)
+    elif loss_type == "hinge":
+        per_pair = torch.clamp(1 - z, min=0)
+    elif loss_type == "ipo":
+        per_pair = (h - 1 / (2 * beta)) ** 2
+    elif loss_type == "robust":
+        per_pair = ((1 - e) * _softplus(-z) - e * _softplus(z)) / (1 - 2 * e)
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+    return per_pair.sum() / len(per_pair), _reward_stats(beta * wins, beta * losses_)
+
+
+def simpo(chosen, rejected, beta=2.0, gamma=0.5, label_smoothing=0.0):
+    """SimPO (Meng et al. 2024) on length-averaged log-probs: z = beta (chosen - rejected) - gamma,
+    mean of (1 - e) softplus(-z) + e softplus(z). Returns (loss, reward stats(beta chosen, beta rejected))."""
+    c, r = chosen.double(), rejected.double()
+    z = beta * (c - r) - gamma
+    e = label_smoothing
+    per_pair = (1 - e) * _softplus(-z) + e * _softplus(z)
+    return per_pair.sum() / len(per_pair), _reward_stats(beta * c, beta * r)
+
+
+def orpo(chosen, rejected, chosen_nll, beta=0.1):
+    """ORPO (Hong et al. 2024) on length-averaged log-probs x < 0: odds(p) = p / (1 - p), log odds = x -
+    log(1 - exp(x)); log_odds = log odds(chosen) - log odds(rejected); loss = mean(nll) - beta mean(log
+    sigmoid(log_odds)). Returns (loss, stats with TRL's ORPO names)."""
+    c, r, nll = chosen.double(), rejected.double(), chosen_nll.double()
+    log_odds = (c - torch.log1p(-torch.exp(c))) - (r - torch.log1p(-torch.exp(r)))
+    log_sig = -_softplus(-log_odds)
+    loss = nll.mean() - beta * log_sig.mean()
+    stats = _reward_stats(beta * c, beta * r)
+    stats.update({"log_odds_ratio": log_sig.detach().mean(), "log_odds_chosen": log_odds.detach().mean(),
+                  "nll_loss": nll.detach().mean()})
+    return loss, stats
+
+
+def kto(policy, ref, desirable, kl, beta=0.1, desirable_weight=1.0, undesirable_weight=1.0):
+    """KTO (Ethayarajh et al. 2024), example by example: r = policy - ref, z0 = max(kl, 0) (a constant);
+    desirable: desirable_weight (1 - 1 / (1 + exp(-beta (r - z0)))), else undesirable_weight (1 - 1 / (1 +
+    exp(-beta (z0 - r)))); the loss is the mean. Returns (loss, {"rewards/chosen": mean of beta r over the
+    desirable examples (0 if none), "rewards/rejected": over the others, "kl": z0})."""
+    z0 = max(float(kl), 0.0)
+    per_example, chosen_rewards, rejected_rewards = [], [], []
+    for i in range(len(policy)):
+        r = policy[i].double() - ref[i].double()
+        if bool(desirable[i]):
+            per_example.append(desirable_weight * (1 - 1 / (1 + torch.exp(-beta * (r - z0)))))
+            chosen_rewards.append(beta * float(r.detach()))
+        else:
+            per_example.append(undesirable_weight * (1 - 1 / (1 + torch.exp(-beta * (z0 - r)))))
+            rejected_rewards.append(beta * float(r.detach()))
+    loss = torch.stack(per_example).sum() / len(per_example)
+
+    def mean(xs):
+        return torch.tensor(sum(xs) / len(xs) if xs else 0.0, dtype=torch.float64)
+
+    return loss, {"rewards/chosen": mean(chosen_rewards), "rewards/rejected": mean(rejected_rewards),
+                  "kl": torch.tensor(z0, dtype=torch.float64)}

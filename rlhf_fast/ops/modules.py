@@ -1,4 +1,5 @@
-"""nn.Module forms of the fused losses (as Liger-Kernel's LigerFusedLinearCrossEntropyLoss is of its function).
+"""nn.Module forms of the fused losses and of the preference losses (as Liger-Kernel's
+LigerFusedLinearCrossEntropyLoss is of its function).
 
 Each module holds its options (checked in the constructor, shown by repr), no parameters and no buffers, and
 its forward is exactly the functional op of rlhf_fast.ops with those options.
@@ -6,6 +7,7 @@ its forward is exactly the functional op of rlhf_fast.ops with those options.
     loss_fn = FusedLinearPPOLoss(clip_low=0.2, clip_high=0.28, entropy_coef=0.01)
     loss, stats = loss_fn(hidden, lm_head.weight, targets, old_logprobs, advantages, mask)
     kl = FusedLinearKL()(hidden, ref_hidden, lm_head.weight, mask)  # (B, T) exact KL(pi || pi_ref)
+    loss, stats = DPOLoss(beta=0.1, loss_type="sigmoid")(chosen_logps, rejected_logps, ref_chosen, ref_rejected)
 """
 
 from __future__ import annotations
@@ -18,6 +20,17 @@ from rlhf_fast.ops.fused_kl import fused_linear_kl
 from rlhf_fast.ops.fused_ppo import fused_linear_ppo_loss
 from rlhf_fast.ops.logprobs import fused_linear_logprobs
 from rlhf_fast.ops.losses import bradley_terry_loss, check_clip, value_loss
+from rlhf_fast.ops.preference import (
+    check_beta,
+    check_finite,
+    check_label_smoothing,
+    check_loss_type,
+    check_weight,
+    dpo_loss,
+    kto_loss,
+    orpo_loss,
+    simpo_loss,
+)
 
 
 def _backend(backend: str | None) -> str | None:
@@ -179,3 +192,100 @@ class BradleyTerryLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return _options(self, ("margin",))
+
+
+class DPOLoss(nn.Module):
+    """Direct Preference Optimization and its variants (sigmoid / cDPO, hinge, IPO, robust): ops.dpo_loss as a
+    module.
+
+    Args: beta (finite > 0), loss_type ("sigmoid" | "hinge" | "ipo" | "robust"), label_smoothing (in [0, 1];
+    [0, 0.5) for "robust").
+
+    forward(chosen_logps (B,), rejected_logps (B,), ref_chosen_logps (B,), ref_rejected_logps (B,))
+        -> (loss 0-dim fp32, stats: rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies).
+    """
+
+    def __init__(self, *, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0):
+        super().__init__()
+        self.beta = check_beta(beta)
+        self.loss_type = check_loss_type(loss_type)
+        self.label_smoothing = check_label_smoothing(label_smoothing, loss_type)
+
+    def forward(self, chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
+                ref_rejected_logps: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=self.beta,
+                        loss_type=self.loss_type, label_smoothing=self.label_smoothing)
+
+    def extra_repr(self) -> str:
+        return _options(self, ("beta", "loss_type", "label_smoothing"))
+
+
+class SimPOLoss(nn.Module):
+    """Simple Preference Optimization (reference-free, length-normalised, margin gamma): ops.simpo_loss as a
+    module.
+
+    Args: beta (finite > 0), gamma (finite), label_smoothing (in [0, 1]).
+
+    forward(chosen_logps (B,), rejected_logps (B,)), both averaged over tokens
+        -> (loss 0-dim fp32, stats: rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies).
+    """
+
+    def __init__(self, *, beta: float = 2.0, gamma: float = 0.5, label_smoothing: float = 0.0):
+        super().__init__()
+        self.beta = check_beta(beta)
+        self.gamma = check_finite("gamma", gamma)
+        self.label_smoothing = check_label_smoothing(label_smoothing)
+
+    def forward(self, chosen_logps: torch.Tensor, rejected_logps: torch.Tensor
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return simpo_loss(chosen_logps, rejected_logps, beta=self.beta, gamma=self.gamma,
+                          label_smoothing=self.label_smoothing)
+
+    def extra_repr(self) -> str:
+        return _options(self, ("beta", "gamma", "label_smoothing"))
+
+
+class ORPOLoss(nn.Module):
+    """Odds Ratio Preference Optimization (chosen NLL + odds-ratio penalty): ops.orpo_loss as a module.
+
+    Args: beta (finite > 0, the odds-ratio weight), checks (log-probs < 0; None: on unless RLHF_FAST_CHECKS=0).
+
+    forward(chosen_logps (B,), rejected_logps (B,), chosen_nll (B,)), log-probs averaged over tokens
+        -> (loss 0-dim fp32, stats: rewards/*, log_odds_ratio, log_odds_chosen, nll_loss).
+    """
+
+    def __init__(self, *, beta: float = 0.1, checks: bool | None = None):
+        super().__init__()
+        self.beta = check_beta(beta)
+        self.checks = checks
+
+    def forward(self, chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, chosen_nll: torch.Tensor
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return orpo_loss(chosen_logps, rejected_logps, chosen_nll, beta=self.beta, checks=self.checks)
+
+    def extra_repr(self) -> str:
+        return _options(self, ("beta", "checks"))
+
+
+class KTOLoss(nn.Module):
+    """Kahneman-Tversky Optimization on unpaired desirable / undesirable examples: ops.kto_loss as a module.
+
+    Args: beta (finite > 0), desirable_weight, undesirable_weight (finite >= 0).
+
+    forward(policy_logps (B,), ref_logps (B,), desirable (B,) bool, kl 0-dim (detached batch KL estimate))
+        -> (loss 0-dim fp32, stats: rewards/chosen, rewards/rejected, kl).
+    """
+
+    def __init__(self, *, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
+        super().__init__()
+        self.beta = check_beta(beta)
+        self.desirable_weight = check_weight("desirable_weight", desirable_weight)
+        self.undesirable_weight = check_weight("undesirable_weight", undesirable_weight)
+
+    def forward(self, policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor,
+                kl: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return kto_loss(policy_logps, ref_logps, desirable, kl, beta=self.beta,
+                        desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight)
+
+    def extra_repr(self) -> str:
+        return _options(self, ("beta", "desirable_weight", "undesirable_weight"))

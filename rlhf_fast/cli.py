@@ -4,10 +4,12 @@
     rlhf-fast rm    --model out/sft/model/base --data prefs.jsonl --out_dir out/rm
     rlhf-fast ppo   --model out/sft/model/base --reward_model out/rm/model --data prompts.jsonl --out_dir out/ppo
     rlhf-fast grpo  --model PATH --data prompts.jsonl --reward_funcs accuracy,format --out_dir out/grpo
+    rlhf-fast dpo   --model out/sft/model/base --data prefs.jsonl --out_dir out/dpo   (--online: prompts + rewards)
+    rlhf-fast kto   --model out/sft/model/base --data feedback.jsonl --out_dir out/kto
     rlhf-fast demo  --out DIR                                              the embedded end-to-end demo
     rlhf-fast bench ...                                                    benchmarks
 
-The options of sft, rm, ppo and grpo are generated from their config dataclasses (nested dataclasses are
+The options of sft, rm, ppo, grpo, dpo and kto are generated from their config dataclasses (nested dataclasses are
 flattened); `--config run.yaml` supplies any of them (flat, or nested under `optim:` / `lora:`) and flags
 given on the command line override it. A boolean option takes TRL's forms and ours: `--progress`,
 `--progress true|false` (also yes/no, on/off, 1/0), `--no-progress` or `--no_progress`. A list option takes
@@ -25,7 +27,7 @@ import os
 import sys
 import typing
 
-SUBCOMMANDS = ("sft", "rm", "ppo", "grpo", "demo", "bench")
+SUBCOMMANDS = ("sft", "rm", "ppo", "grpo", "dpo", "kto", "demo", "bench")
 DELEGATED = {"demo": ("rlhf_fast.demo.run", "the embedded demo"), "bench": ("rlhf_fast.bench.cli", "the benchmark runner")}
 
 
@@ -35,11 +37,15 @@ class UsageError(Exception):
 
 def _stages():
     from rlhf_fast.trainers import (
+        DPOConfig,
         GRPOConfig,
+        KTOConfig,
         PPOConfig,
         RMConfig,
         SFTConfig,
+        train_dpo,
         train_grpo,
+        train_kto,
         train_ppo,
         train_rm,
         train_sft,
@@ -49,7 +55,9 @@ def _stages():
             "rm": (RMConfig, train_rm, "reward model (Bradley-Terry on pairs or rankings)"),
             "ppo": (PPOConfig, train_ppo, "PPO against the reward model"),
             "grpo": (GRPOConfig, train_grpo, "GRPO / Dr. GRPO / DAPO / GSPO / RLOO / REINFORCE++ with reward "
-                                             "functions (no critic)")}
+                                             "functions (no critic)"),
+            "dpo": (DPOConfig, train_dpo, "DPO / IPO / SimPO / ORPO on preference pairs, or online / iterative DPO"),
+            "kto": (KTOConfig, train_kto, "KTO on unpaired desirable / undesirable completions")}
 
 
 # ----------------------------------------------------------------------------------------- options
@@ -262,7 +270,7 @@ def _delegate(name: str, argv: list[str]) -> int:
 
 
 def _usage() -> str:
-    lines = ["usage: rlhf-fast {sft,rm,ppo,grpo,demo,bench} [options]", "",
+    lines = [f"usage: rlhf-fast {{{','.join(SUBCOMMANDS)}}} [options]", "",
              "RLHF on one model copy: SFT -> reward model -> PPO, with fused kernels.", "", "commands:"]
     for name, (_, _, desc) in _stages().items():
         lines.append(f"  {name:6s} {desc}")

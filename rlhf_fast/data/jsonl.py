@@ -4,6 +4,7 @@
                (the last message is the assistant's answer, the ones before it the prompt)
 - preferences: {"prompt": str, "chosen": str, "rejected": str, "margin": float (optional)}
 - rankings:    {"prompt": str, "responses": [best, ..., worst]}  (K >= 2 strings)
+- unpaired:    {"prompt": str, "completion": str, "label": true | false}  (KTO: desirable or not)
 - PPO prompts: {"prompt": str}  or  {"messages": [...]}
 - PTX text:    {"text": str}
 
@@ -122,6 +123,21 @@ def load_rankings(path: str) -> list[dict]:
         else:
             raise DataError(f"{where}: expected 'chosen' and 'rejected', or 'responses' (fields present: {sorted(obj)})")
         out.append({"line": no, "prompt": prompt, "responses": resp, "margin": margin})
+    return out
+
+
+def load_unpaired(path: str) -> list[dict]:
+    """Records {"line", "prompt", "completion", "label": bool} of an unpaired-feedback (KTO) file; the label must
+    be a JSON boolean (true: desirable), not a number or a string."""
+    out = []
+    for no, obj in read_jsonl(path):
+        where = f"{path}:{no}"
+        if "label" not in obj:
+            raise DataError(f"{where}: missing field 'label' (fields present: {sorted(obj)})")
+        if not isinstance(obj["label"], bool):
+            raise DataError(f"{where}: field 'label' must be true or false, got {obj['label']!r}")
+        out.append({"line": no, "prompt": _str(obj, "prompt", where, empty_ok=True),
+                    "completion": _str(obj, "completion", where), "label": obj["label"]})
     return out
 
 

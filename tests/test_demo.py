@@ -11,6 +11,7 @@ from rlhf_fast.demo import task
 REPORT_KEYS = {"sft": {"gold_score"}, "rm": {"heldout_accuracy", "labeler_agreement"},
                "ppo": {"gold_score", "gold_win_rate_vs_sft", "kl", "proxy_reward"},
                "grpo": {"accuracy_before", "accuracy_after", "heldout_prompts"},
+               "dpo": {"gold_score", "gold_win_rate_vs_sft", "kl", "proxy_reward", "beta"},
                "params": {"base", "trainable", "total"}}
 
 
@@ -182,7 +183,7 @@ def test_demo_report_keys_and_sanity(demo_dir):
     assert r["wall_seconds"] > 0
     assert 0.5 < r["rm"]["labeler_agreement"] <= 1.0
     assert 0.0 <= r["rm"]["heldout_accuracy"] <= 1.0
-    for run in ("ppo", "ppo_no_kl"):
+    for run in ("ppo", "ppo_no_kl", "dpo"):
         assert 0.0 <= r[run]["gold_win_rate_vs_sft"] <= 1.0
         assert all(v == v for v in r[run].values())  # no NaN
     p = r["params"]

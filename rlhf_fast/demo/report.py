@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 
 
-def plots(out: str, curves: dict[str, list[dict]]) -> list[str]:
+def plots(out: str, curves: dict[str, list[dict]], points: dict[str, dict] | None = None) -> list[str]:
+    """reward_vs_step.png, kl_vs_step.png and gold_vs_kl.png (the frontier: the PPO curves, and `points`, final
+    policies of other methods as {"kl", "gold_score", "proxy_reward"}, as single markers)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -43,6 +45,8 @@ def plots(out: str, curves: dict[str, list[dict]]) -> list[str]:
         ax.plot([r["kl"] for r in c], [r["gold_score"] for r in c], marker="o", label=f"{label}: gold")
         ax.plot([r["kl"] for r in c], [r["proxy_reward"] for r in c], ls="--", marker="x", alpha=0.6,
                 label=f"{label}: proxy")
+    for label, p in (points or {}).items():
+        ax.scatter([p["kl"]], [p["gold_score"]], marker="*", s=120, zorder=3, label=f"{label}: gold")
     ax.set(title="over-optimisation frontier", xlabel="KL to SFT (nats per response)", ylabel="score")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
@@ -59,7 +63,7 @@ def write_markdown(out: str, report: dict, examples: list[tuple[str, str, str, s
         "# rlhf-fast demo", "",
         f"Synthetic language, tiny Llama ({r['params']['base']:,} base parameters), all four roles on one base "
         f"(params.total = {r['params']['total']:,} = {r['params']['total'] / r['params']['base']:.3f} x base). "
-        f"Wall time {r['wall_seconds']:.0f} s. Gold = the hidden preference the labeler follows; proxy = the "
+        f"Wall time {r['wall_seconds']:.0f} s ({r.get('cpu_seconds', float('nan')):.0f} s of CPU). Gold = the hidden preference the labeler follows; proxy = the "
         "reward model. Evaluated on "
         f"{r['eval_prompts']} held-out prompts, one sample each at temperature 1.", "",
         "| policy | gold score | win rate vs SFT (gold) | proxy reward | KL to SFT |",
@@ -69,7 +73,11 @@ def write_markdown(out: str, report: dict, examples: list[tuple[str, str, str, s
         f"| {r['ppo']['proxy_reward']:.3f} | {r['ppo']['kl']:.2f} |",
         f"| PPO, no KL penalty | {r['ppo_no_kl']['gold_score']:.3f} | {r['ppo_no_kl']['gold_win_rate_vs_sft']:.3f} "
         f"| {r['ppo_no_kl']['proxy_reward']:.3f} | {r['ppo_no_kl']['kl']:.2f} |",
+        *[f"| DPO (sigmoid), beta={d['beta']:g} | {d['gold_score']:.3f} | {d['gold_win_rate_vs_sft']:.3f} "
+          f"| {d['proxy_reward']:.3f} | {d['kl']:.2f} |" for d in r.get("dpo_sweep") or []],
         f"| best possible | {r['max_gold_score']:.3f} | | | |", "",
+        "DPO learns from the reward model's own labeled pairs, with no reward model and no sampling; its proxy "
+        "column is that reward model's score of its samples, for comparison only.", "",
         f"Reward model: held-out accuracy {r['rm']['heldout_accuracy']:.3f} against the labels (labeler agreement "
         f"with the noiseless gold order, its ceiling: {r['rm']['labeler_agreement']:.3f}); "
         f"{r['rm']['heldout_gold_accuracy']:.3f} against the gold order. {r['rm']['train_pairs']} training pairs.", "",

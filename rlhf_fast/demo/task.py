@@ -215,17 +215,15 @@ def _description(rng: random.Random) -> str:
 
 
 def pretraining_text(n: int, *, seed: int) -> list[str]:
-    """`n` documents of the language: descriptions, chats (train-split prompts only) that are often followed
-    by the user's rating (`... <eos> good <eos>`), and one in ten a counting chat (`count moon river <bot> two`)."""
+    """`n` documents of the language: descriptions, and chats (train-split prompts only) that are often followed
+    by the user's rating (`... <eos> good <eos>`). The counting task is not in it: its words are first met in SFT.
+
+    (A version with one counting chat in ten here gave reward models of held-out accuracy 0.66, 0.66, 0.58 on seeds
+    0-2 against 0.76, 0.56, 0.81 without: docs/demo.md.)"""
     rng = random.Random(seed)
     docs = []
     while len(docs) < n:
-        u = rng.random()
-        if u < 0.1:  # counting chats, counted as sloppily as the demonstrators count
-            nouns = tuple(rng.sample(NOUNS, rng.randint(1, MAX_COUNT)))
-            if not _is_heldout(nouns):
-                docs.append(f"{render_prompt(count_prompt(nouns))} {_sloppy_count(len(nouns), rng)} {EOS}")
-        elif u < 0.46:
+        if rng.random() < 0.4:
             sents = " ".join(_description(rng) for _ in range(rng.randint(2, 4)))
             docs.append(f"{BOS} {sents} {EOS}")
         else:
@@ -348,8 +346,8 @@ class Labeler:
 # ----------------------------------------------------------------------------------------- counting (RLVR)
 # The demo's task with a verifiable answer: "count moon river bread" -> "three". A checker (count_accuracy), not
 # a learned reward model, scores it, as in RL with verifiable rewards. Demonstrators count short lists right and
-# lose track of long ones, undercounting by one: the SFT model imitates that, and only a reward that checks the
-# answer can take it past its demonstrators.
+# lose track of long ones, undercounting by one: the SFT model imitates that (and the number words are new to it:
+# pre-training never shows them), and only a reward that checks the answer can take it past its demonstrators.
 MAX_COUNT = len(NUMBERS)
 # P(a demonstrator's count is right) for a list of k = 1..5 nouns; otherwise k - 1 (k + 1 for one noun).
 COUNT_RIGHT = (0.9, 0.8, 0.55, 0.35, 0.3)

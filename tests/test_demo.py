@@ -154,6 +154,16 @@ def test_base_file_round_trip_and_fingerprint(tmp_path):
     assert base.load(tmp_path / "missing.safetensors", b, cfg).startswith("no file")
 
 
+def test_bad_pretrained_file_exits_2_and_writes_nothing(tmp_path, capsys):
+    from rlhf_fast.demo import run as demo
+
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--tiny", "--pretrained", str(tmp_path / "missing.safetensors"), "--out", str(out)])
+    assert e.value.code == 2
+    assert "--pretrained" in capsys.readouterr().err and not out.exists()
+
+
 # ----------------------------------------------------------------------------------------- the miniature
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):

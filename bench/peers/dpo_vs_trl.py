@@ -247,7 +247,7 @@ def _run_trl(folder, out_dir, total, clock, at_boundary, record_batch, gc: bool)
     import trl.trainer.dpo_trainer as TD
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainerCallback
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
     from trl import DPOConfig, DPOTrainer
 
     S = SETTINGS
@@ -285,21 +285,7 @@ def _run_trl(folder, out_dir, total, clock, at_boundary, record_batch, gc: bool)
         return loss_fn(model, inputs, *a, **k)
 
     trainer.compute_loss = compute_loss
-    trainer.accelerator.backward = clock.wrap("backward", trainer.accelerator.backward)
-    trainer._clip_grad_norm = clock.wrap("optimizer", trainer._clip_grad_norm)
-
-    class Hooks(TrainerCallback):
-        def on_pre_optimizer_step(self, args, state, control, **kw):
-            clock.mark = clock.now()
-
-        def on_optimizer_step(self, args, state, control, **kw):
-            clock.add("optimizer", clock.mark)
-            clock.mark = None
-
-        def on_step_end(self, args, state, control, model=None, **kw):
-            at_boundary(model.named_parameters(), False)
-
-    trainer.add_callback(Hooks())
+    P.instrument_trl(trainer, clock, at_boundary)
     trainer.train()
     rows = {}
     for h in trainer.state.log_history:

@@ -340,11 +340,33 @@ def _run_rlhf_fast(folder, out_dir, total, clock, at_boundary, micro: int = 0):
     return rows, info
 
 
+def instrument_trl(trainer, clock, at_boundary) -> None:
+    """Time a TRL trainer's backward and optimizer step (accelerator.backward, _clip_grad_norm + the optimizer
+    callbacks) and mark its step boundaries; shared with dpo_vs_trl.py."""
+    from transformers import TrainerCallback
+
+    trainer.accelerator.backward = clock.wrap("backward", trainer.accelerator.backward)
+    trainer._clip_grad_norm = clock.wrap("optimizer", trainer._clip_grad_norm)
+
+    class Hooks(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            clock.mark = clock.now()
+
+        def on_optimizer_step(self, args, state, control, **kw):
+            clock.add("optimizer", clock.mark)
+            clock.mark = None
+
+        def on_step_end(self, args, state, control, model=None, **kw):
+            at_boundary(model.named_parameters(), False)
+
+    trainer.add_callback(Hooks())
+
+
 def _run_trl(folder, out_dir, total, clock, at_boundary, gc: bool, micro: int = 0):
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainerCallback
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
     from trl import GRPOConfig, GRPOTrainer
 
     S = SETTINGS
@@ -372,21 +394,7 @@ def _run_trl(folder, out_dir, total, clock, at_boundary, gc: bool, micro: int = 
     trainer._generate_single_turn = clock.wrap("generation", trainer._generate_single_turn)
     trainer._generate_and_score_completions = clock.wrap("rollout", trainer._generate_and_score_completions)
     trainer.compute_loss = clock.wrap("loss_forward", trainer.compute_loss)
-    trainer.accelerator.backward = clock.wrap("backward", trainer.accelerator.backward)
-    trainer._clip_grad_norm = clock.wrap("optimizer", trainer._clip_grad_norm)
-
-    class Hooks(TrainerCallback):
-        def on_pre_optimizer_step(self, args, state, control, **kw):
-            clock.mark = clock.now()
-
-        def on_optimizer_step(self, args, state, control, **kw):
-            clock.add("optimizer", clock.mark)
-            clock.mark = None
-
-        def on_step_end(self, args, state, control, model=None, **kw):
-            at_boundary(model.named_parameters(), False)
-
-    trainer.add_callback(Hooks())
+    instrument_trl(trainer, clock, at_boundary)
     trainer.train()
     rows = {}
     for h in trainer.state.log_history:

@@ -61,7 +61,7 @@ def load(path: str | os.PathLike, model: torch.nn.Module, cfg) -> str | None:
     if saved != want:
         diff = sorted(k for k in want if (saved or {}).get(k) != want[k])
         return f"{path} was pre-trained with other settings ({', '.join(diff) or 'unreadable metadata'})"
-    missing, unexpected = load_model(model, str(path), strict=True)
+    missing, unexpected = load_model(model, str(path), strict=False)
     if missing or unexpected:
         return f"{path} does not fit the model (missing {missing}, unexpected {unexpected})"
     return None

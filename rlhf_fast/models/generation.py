@@ -50,7 +50,7 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_
 
     Rows that have finished leave the decode batch (their KV cache rows are dropped), so a batch of short answers
     does not pay for its longest. Tokens are drawn by the exponential race argmax(p / E), E ~ Exp(1) i.i.d.,
-    which picks token v with probability p_v (as torch.multinomial, at a fraction of its cost).
+    which picks token v with probability p_v, as torch.multinomial does (cheaper than it in a CPU profile).
     """
     check_inputs(prompt_ids, prompt_mask)
     if max_new_tokens < 1:
@@ -93,9 +93,10 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_
             alive[rows, step] = 1
             length = step + 1
             going = ~torch.isin(tok, eos_t) if eos_ids else torch.ones_like(tok, dtype=torch.bool)
-            if step == max_new_tokens - 1 or not bool(going.any()):
+            n_going = int(going.sum())  # the loop's one host synchronisation per token
+            if step == max_new_tokens - 1 or n_going == 0:
                 break
-            if not bool(going.all()):  # finished rows leave the batch
+            if n_going < going.numel():  # finished rows leave the batch
                 keep = going.nonzero().squeeze(-1)
                 kv.select(keep) if kv is not None else cache.batch_select_indices(keep)
                 rows, tok, mask, next_pos = rows[keep], tok[keep], mask[keep], next_pos[keep]
@@ -233,8 +234,8 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int,
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(-1)
-    # E = -log(1 - U), U ~ U[0, 1): torch.rand + log1p is several times faster on the CPU than exponential_ and
-    # multinomial. E = 0 (U = 0) is floored, so a p = 0 token stays at 0 instead of 0/0 = NaN winning the argmax.
+    # E = -log(1 - U), U ~ U[0, 1): torch.rand + log1p cost less than exponential_ and multinomial in a CPU profile
+    # of the decode loop. E = 0 (U = 0) is floored, so a p = 0 token stays at 0 instead of 0/0 = NaN winning the argmax.
     u = torch.rand(probs.shape, generator=generator, device=probs.device, dtype=probs.dtype)
     race = torch.log1p(-u).neg_().clamp_(min=torch.finfo(probs.dtype).tiny)
     return (probs / race).argmax(-1)

@@ -361,7 +361,8 @@ def train_grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, examples: list[di
                 if cfg.beta > 0 and cfg.kl_estimator != "full":
                     b["ref"] = model.logprobs(b["seq"], b["attn"], role="reference", temperature=cfg.temperature)
             N = b["seq"].shape[0]
-            b["first_completion"] = int(b["mask"].any(0).nonzero()[0]) if bool(b["mask"].any()) else 0
+            cols = b["mask"].any(0).nonzero()  # the columns that hold a completion token
+            b["first_completion"] = int(cols[0]) if cols.numel() else 0
             stats: dict[str, list] = {}
             for _ in range(cfg.num_iterations):
                 for idx in torch.randperm(N, device=device).chunk(min(cfg.num_minibatches, N)):

@@ -48,6 +48,7 @@ def test_bad_input_exits_2_before_writing(tiny_model, data_files, tmp_path):
         "column": (["--reward_funcs", "accuracy"], "answer"),
         "unknown": (["--reward_funcs", "no_such_reward"], "no_such_reward"),
         "module": (["--reward_funcs", "no_such_module:fn"], "no_such_module"),
+        "micro": (["--reward_funcs", "format", "--micro_batch_size", "-1"], "micro_batch_size"),
     }
     for name, (extra, needle) in cases.items():
         out = tmp_path / name

@@ -6,8 +6,12 @@
     rlhf-fast grpo  --model PATH --data prompts.jsonl --reward_funcs accuracy,format --out_dir out/grpo
     rlhf-fast dpo   --model out/sft/model/base --data prefs.jsonl --out_dir out/dpo   (--online: prompts + rewards)
     rlhf-fast kto   --model out/sft/model/base --data feedback.jsonl --out_dir out/kto
+    rlhf-fast raft  --model PATH --data prompts.jsonl --reward_model out/rm/model --rounds 2 --n 8 --out_dir out/raft
+    rlhf-fast best-of-n --model PATH --data prompts.jsonl --n 8 --reward_model out/rm/model --out picks.jsonl
     rlhf-fast demo  --out DIR                                              the embedded end-to-end demo
     rlhf-fast bench ...                                                    benchmarks
+    rlhf-fast label --judge M --constitution c.txt --data pairs.jsonl --out prefs.jsonl   RLAIF labels
+    rlhf-fast revise --model M --constitution c.txt --data prompts.jsonl --out sft.jsonl  critique-revision
 
 The options of sft, rm, ppo, grpo, dpo and kto are generated from their config dataclasses (nested dataclasses are
 flattened); `--config run.yaml` supplies any of them (flat, or nested under `optim:` / `lora:`) and flags
@@ -27,8 +31,10 @@ import os
 import sys
 import typing
 
-SUBCOMMANDS = ("sft", "rm", "ppo", "grpo", "dpo", "kto", "demo", "bench")
+SUBCOMMANDS = ("sft", "rm", "ppo", "grpo", "dpo", "kto", "label", "revise", "raft", "best-of-n", "demo", "bench")
 DELEGATED = {"demo": ("rlhf_fast.demo.run", "the embedded demo"), "bench": ("rlhf_fast.bench.cli", "the benchmark runner")}
+DELEGATED |= {"label": ("rlhf_fast.rl.label", "RLAIF labelling"), "revise": ("rlhf_fast.rl.revise", "critique-revision")}
+DELEGATED["best-of-n"] = ("rlhf_fast.rl.best_of_n", "Best-of-N sampling")
 
 
 class UsageError(Exception):
@@ -50,6 +56,7 @@ def _stages():
         train_rm,
         train_sft,
     )
+    from rlhf_fast.trainers.raft import RAFTConfig, train_raft
 
     return {"sft": (SFTConfig, train_sft, "supervised fine-tuning of the policy adapter"),
             "rm": (RMConfig, train_rm, "reward model (Bradley-Terry on pairs or rankings)"),
@@ -57,7 +64,8 @@ def _stages():
             "grpo": (GRPOConfig, train_grpo, "GRPO / Dr. GRPO / DAPO / GSPO / RLOO / REINFORCE++ with reward "
                                              "functions (no critic)"),
             "dpo": (DPOConfig, train_dpo, "DPO / IPO / SimPO / ORPO on preference pairs, or online / iterative DPO"),
-            "kto": (KTOConfig, train_kto, "KTO on unpaired desirable / undesirable completions")}
+            "kto": (KTOConfig, train_kto, "KTO on unpaired desirable / undesirable completions"),
+            "raft": (RAFTConfig, train_raft, "RAFT: rounds of Best-of-N sampling, then SFT on the picks")}
 
 
 # ----------------------------------------------------------------------------------------- options
@@ -274,7 +282,10 @@ def _usage() -> str:
              "RLHF on one model copy: SFT -> reward model -> PPO, with fused kernels.", "", "commands:"]
     for name, (_, _, desc) in _stages().items():
         lines.append(f"  {name:6s} {desc}")
-    lines += ["  demo   the embedded end-to-end demo (no downloads)", "  bench  benchmarks", "",
+    lines += ["  label  RLAIF: preference pairs labelled by a judge LM from a written constitution",
+              "  revise Constitutional AI: sample, critique, revise -> SFT data",
+              "  best-of-n  Best-of-N: N samples per prompt, scored, the best kept as JSONL",
+              "  demo   the embedded end-to-end demo (no downloads)", "  bench  benchmarks", "",
               "`rlhf-fast COMMAND --help` lists a command's options."]
     return "\n".join(lines)
 

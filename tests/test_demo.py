@@ -198,6 +198,11 @@ def test_demo_report_keys_and_sanity(demo_dir):
         assert all(v == v for v in r[run].values())  # no NaN
     p = r["params"]
     assert p["trainable"] > 0 and p["total"] == p["base"] + p["trainable"]
+    bon = r["best_of_n"]
+    assert [b["n"] for b in bon] == [1, 2, 8]
+    assert bon[0]["kl"] == pytest.approx(0.0, abs=1e-12)  # Best-of-1 is the policy itself
+    assert all(b["kl"] <= b["kl_bound"] + 1e-9 for b in bon)  # ties only lower the KL below the closed form
+    assert bon[-1]["proxy_reward"] >= bon[0]["proxy_reward"] - 1e-9  # picking by the RM cannot lower its score
     assert p["total"] <= 1.05 * p["base"]
     assert r["eval_prompts"] >= 200
     assert r["sft"]["gold_score"] <= r["max_gold_score"] and r["ppo"]["gold_score"] <= r["max_gold_score"]
@@ -230,3 +235,134 @@ def test_demo_artefacts_load_back(demo_dir):
     plain = plain[0, :-1].gather(-1, ids[0, 1:, None]).squeeze(-1)
     torch.testing.assert_close(ref[0, 1:], plain, rtol=1e-4, atol=1e-4)
     assert model.scores(ids, mask).shape == (1,)
+
+
+# ----------------------------------------------------------------------------------------- Best-of-N maths
+def _brute_force_best_of_n(scores: list[float], n: int) -> list[float]:
+    """P(Best-of-n picks item i): enumerate every ordered n-tuple of draws; ties broken uniformly."""
+    import itertools
+
+    m = len(scores)
+    p = [0.0] * m
+    for draw in itertools.product(range(m), repeat=n):
+        top = max(scores[i] for i in draw)
+        winners = [i for i in draw if scores[i] == top]
+        for i in winners:
+            p[i] += 1.0 / len(winners) / m ** n
+    return p
+
+
+@pytest.mark.parametrize("scores, n", [([0.3, 1.2, -0.5, 0.9], 3), ([1.0, 1.0, 0.0, 2.0, 1.0], 3),
+                                       ([5.0, 5.0, 5.0], 2), ([0.1], 4), ([2.0, -1.0, 2.0, 0.5], 1)])
+def test_best_of_n_weights_match_enumeration(scores, n):
+    from rlhf_fast.demo.best_of_n import best_of_n_weights
+
+    got = best_of_n_weights(torch.tensor(scores, dtype=torch.float64), n)
+    assert got.tolist() == pytest.approx(_brute_force_best_of_n(scores, n), abs=1e-12)
+
+
+def test_best_of_n_curve_kl_approaches_closed_form_without_ties():
+    import math
+
+    from rlhf_fast.demo import best_of_n
+
+    m = 20000
+    responses = [[f"r{i}" for i in range(m)]]
+    scores = [[float(i) for i in torch.randperm(m, generator=torch.Generator().manual_seed(0))]]
+    rows = best_of_n.curve(["tell me about moon river"], responses, scores, [1, 2, 8])
+    for r in rows:
+        assert r["kl"] == pytest.approx(math.log(r["n"]) - (r["n"] - 1) / r["n"], abs=2e-3)
+
+
+def test_best_of_n_curve_merges_repeated_responses():
+    from rlhf_fast.demo import best_of_n
+
+    # the same response drawn twice is one outcome of probability 1/2, not two outcomes of 1/4
+    prompt = "tell me about moon river"
+    rows = best_of_n.curve([prompt], [["bright moon <eos>", "bright moon <eos>", "calm river <eos>", "red moon <eos>"]],
+                           [[1.0, 1.0, 0.0, 2.0]], [2])
+    p = torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64)          # bright moon, calm river, red moon
+    w = torch.tensor([0.75 ** 2 - 0.25 ** 2, 0.25 ** 2, 1 - 0.75 ** 2], dtype=torch.float64)
+    gold = torch.tensor(task.gold_scores([prompt] * 3, ["bright moon <eos>", "calm river <eos>", "red moon <eos>"]))
+    assert rows[0]["kl"] == pytest.approx(float((w * (w / p).log()).sum()), abs=1e-12)
+    assert rows[0]["gold_score"] == pytest.approx(float((w * gold.double()).sum()), abs=1e-12)
+
+
+# ----------------------------------------------------------------------------------------- across seeds
+def test_demo_seeds_runs_each_seed_and_summarises(tmp_path):
+    from rlhf_fast.demo import run as demo
+
+    out = tmp_path / "seeds"
+    assert demo.main(["--tiny", "--seeds", "5,6", "--jobs", "2", "--out", str(out)]) == 0
+    reports = {s: json.loads((out / f"seed{s}" / "report.json").read_text()) for s in (5, 6)}
+    assert reports[5]["config"]["seed"] == 5 and reports[6]["config"]["seed"] == 6
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seeds"] == [5, 6]
+    win = summary["figures"]["PPO gold win rate vs SFT"]
+    vals = [reports[s]["ppo"]["gold_win_rate_vs_sft"] for s in (5, 6)]
+    assert win["per_seed"] == {"5": vals[0], "6": vals[1]}
+    assert (win["min"], win["max"]) == (min(vals), max(vals))
+    assert win["mean"] == pytest.approx(sum(vals) / 2)
+    assert "| PPO gold win rate vs SFT |" in (out / "summary.md").read_text()
+
+
+def test_demo_seeds_bad_input_exits_2(tmp_path):
+    from rlhf_fast.demo import run as demo
+
+    for argv in (["--seeds", "0,x"], ["--seeds", "0,0"], ["--seeds", "0,1", "--seed", "2"], ["--seeds", "0", "--jobs", "0"]):
+        with pytest.raises(SystemExit) as e:
+            demo.main(["--tiny", "--out", str(tmp_path / "x"), *argv])
+        assert e.value.code == 2, argv
+    assert not (tmp_path / "x").exists()
+
+
+# ----------------------------------------------------------------------------------------- RLAIF and ensembles
+def test_ai_labeler_matches_a_plain_forward_of_the_base():
+    """The demo's AI labeler (rl.judge.Judge in rating mode on the base) against the full logits of a plain forward."""
+    from rlhf_fast.demo import ai_labeler
+    from rlhf_fast.demo import run as demo
+
+    tok = task.build_tokenizer()
+    torch.manual_seed(0)
+    lm = demo.build_base(demo.DemoConfig.tiny(), tok).eval()
+    rows = [{"prompt": "tell me about moon river", "chosen": "bright moon , calm river", "rejected": "red moon"},
+            {"prompt": "tell me about bread fish", "chosen": "warm bread", "rejected": "very cold fish , old lamp"},
+            {"prompt": "tell me about tree", "chosen": "tall tree", "rejected": "tall tree"}]
+    words = [w.split("=")[0] for w in ai_labeler.RATING_WORDS.split(",")]
+    values = [float(w.split("=")[1]) for w in ai_labeler.RATING_WORDS.split(",")]
+    ids = tok.convert_tokens_to_ids(words)
+
+    def q(prompt, response):  # the rating distribution from a plain forward, no padding, full logits
+        text = f"{task.BOS} {task.USER} {prompt} {task.BOT} {response} {task.EOS}"
+        x = torch.tensor([tok(text)["input_ids"]])
+        with torch.no_grad():
+            return lm(input_ids=x).logits[0, -1, ids].double().softmax(-1)
+
+    expected = []
+    for r in rows:
+        qa, qb = q(r["prompt"], r["chosen"]), q(r["prompt"], r["rejected"])
+        expected.append(sum(float(qa[i] * qb[j]) * (1.0 if values[i] > values[j] else 0.5 if values[i] == values[j]
+                                                     else 0.0) for i in range(4) for j in range(4)))
+    j = ai_labeler.judge(lm, tok, batch_size=2)
+    got = j.compare([r["prompt"] for r in rows], [r["chosen"] for r in rows], [r["rejected"] for r in rows])
+    assert got.tolist() == pytest.approx(expected, abs=1e-5)
+    assert got[2] == pytest.approx(0.5, abs=1e-6)  # a response against itself
+    labels, _ = ai_labeler.relabel(j, rows)
+    for r, lab, p in zip(rows, labels, expected):
+        assert (lab["chosen"], lab["rejected"]) == ((r["chosen"], r["rejected"]) if p >= 0.5 else (r["rejected"], r["chosen"]))
+
+
+def test_demo_all_stages_report(tmp_path):
+    from rlhf_fast.demo import run as demo
+
+    out = tmp_path / "all"
+    assert demo.main(["--tiny", "--all", "--ensemble_members", "2", "--out", str(out)]) == 0
+    r = json.loads((out / "report.json").read_text())
+    a, e = r["ai_labeler"], r["ensemble"]
+    assert 0.0 <= a["labeler_agreement"] <= 1.0 and 0.0 <= a["rm_heldout_gold_accuracy"] <= 1.0
+    assert a["pairs"] == r["rm"]["train_pairs"]  # the AI labeler relabels the very pairs the human labeled
+    assert e["members"] == 2 and len(e["rm_member_heldout_accuracy"]) == 2
+    assert e["ppo_no_kl"]["kl_coef"] == 0.0 and e["ppo_no_kl"]["ensemble_std"] >= 0.0
+    assert [c["step"] for c in e["curve"]][0] == 0
+    md = (out / "report.md").read_text()
+    assert "AI labeler" in md and "| the ensemble |" in md

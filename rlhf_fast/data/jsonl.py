@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 
 
 class DataError(ValueError):
@@ -300,3 +301,22 @@ def fit_context(examples: list[dict], max_length: int, what: str) -> list[dict]:
             e["response_ids"] = [r[:room] for r in e["response_ids"]]
         out.append(e)
     return out
+
+
+def write_jsonl_atomic(path: str, rows: list[dict]) -> None:
+    """Write `rows` as JSONL into a temporary sibling (its folder made if missing), then rename it over `path`: a
+    reader, or a crash, never sees half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+                               dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 
 
-def plots(out: str, curves: dict[str, list[dict]], points: dict[str, dict] | None = None) -> list[str]:
-    """reward_vs_step.png, kl_vs_step.png and gold_vs_kl.png (the frontier: the PPO curves, and `points`, final
-    policies of other methods as {"kl", "gold_score", "proxy_reward"}, as single markers)."""
+def plots(out: str, curves: dict[str, list[dict]], points: dict[str, dict] | None = None,
+          best_of_n: list[dict] | None = None) -> list[str]:
+    """reward_vs_step.png, kl_vs_step.png and gold_vs_kl.png (the frontier: the PPO curves, `points`, final
+    policies of other methods as {"kl", "gold_score", "proxy_reward"}, as single markers, and the Best-of-N curve
+    as rows {"n", "kl", "gold_score"})."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -45,6 +47,9 @@ def plots(out: str, curves: dict[str, list[dict]], points: dict[str, dict] | Non
         ax.plot([r["kl"] for r in c], [r["gold_score"] for r in c], marker="o", label=f"{label}: gold")
         ax.plot([r["kl"] for r in c], [r["proxy_reward"] for r in c], ls="--", marker="x", alpha=0.6,
                 label=f"{label}: proxy")
+    if best_of_n:
+        ax.plot([r["kl"] for r in best_of_n], [r["gold_score"] for r in best_of_n], marker="s", color="black",
+                label="Best-of-N (N = " + ",".join(str(r["n"]) for r in best_of_n) + "): gold")
     for label, p in (points or {}).items():
         ax.scatter([p["kl"]], [p["gold_score"]], marker="*", s=120, zorder=3, label=f"{label}: gold")
     ax.set(title="over-optimisation frontier", xlabel="KL to SFT (nats per response)", ylabel="score")
@@ -81,6 +86,8 @@ def write_markdown(out: str, report: dict, examples: list[tuple[str, str, str, s
         f"Reward model: held-out accuracy {r['rm']['heldout_accuracy']:.3f} against the labels (labeler agreement "
         f"with the noiseless gold order, its ceiling: {r['rm']['labeler_agreement']:.3f}); "
         f"{r['rm']['heldout_gold_accuracy']:.3f} against the gold order. {r['rm']['train_pairs']} training pairs.", "",
+        *best_of_n_lines(r.get("best_of_n")),
+        *all_stages_lines(r),
         *grpo_lines(r.get("grpo")),
         "![proxy and gold reward against step](reward_vs_step.png)", "",
         "![KL against step](kl_vs_step.png)", "",
@@ -103,3 +110,39 @@ def grpo_lines(g: dict | None) -> list[str]:
         f"accuracy on {g['heldout_prompts']} counting prompts, one sample at temperature 1: "
         f"{g['accuracy_before']:.3f} (SFT) -> **{g['accuracy_after']:.3f}**; greedy: "
         f"{g['greedy_accuracy_before']:.3f} -> {g['greedy_accuracy_after']:.3f}.", ""]
+
+
+def best_of_n_lines(rows: list[dict] | None) -> list[str]:
+    """Best-of-N from the SFT model against N: gold, proxy, measured KL and the closed form."""
+    if not rows:
+        return []
+    return ["Best-of-N from the SFT model, picked by the reward model (gold and KL exact on the empirical "
+            "distribution of the samples per prompt; the closed form log N - (N - 1)/N assumes no two samples tie):",
+            "", "| N | gold score | proxy reward | KL measured | log N - (N-1)/N |", "|---|---|---|---|---|",
+            *[f"| {r['n']} | {r['gold_score']:.3f} | {r['proxy_reward']:.3f} | {r['kl']:.3f} | {r['kl_bound']:.3f} |"
+              for r in rows], ""]
+
+
+def all_stages_lines(r: dict) -> list[str]:
+    """`--all`: the AI labeler and the reward-model ensemble."""
+    lines = []
+    a = r.get("ai_labeler")
+    if a:
+        p = a["ppo"]
+        lines += [f"AI labeler (the pre-trained base asked for the user's rating, RLAIF): agrees with the gold order on "
+                  f"{a['labeler_agreement']:.3f} of the {a['pairs']} training pairs (the noisy human labeler: "
+                  f"{r['rm']['labeler_agreement']:.3f}). A reward model on its labels orders held-out pairs as the gold "
+                  f"does {a['rm_heldout_gold_accuracy']:.3f} of the time (on the human labels: "
+                  f"{r['rm']['heldout_gold_accuracy']:.3f}); PPO on it: gold score {p['gold_score']:.3f}, win rate vs "
+                  f"SFT {p['gold_win_rate_vs_sft']:.3f}, KL {p['kl']:.2f}.", ""]
+    e = r.get("ensemble")
+    if e:
+        p, s = e["ppo_no_kl"], r["ppo_no_kl"]
+        lines += [f"Reward-model ensemble ({e['members']} reward adapters on the one base, bootstrap resamples; "
+                  f"held-out accuracy of their mean {e['rm_heldout_accuracy']:.3f}), PPO without KL on "
+                  f"{e['reduce']} (penalty {e['penalty']:g}) against the single reward model's no-KL run:", "",
+                  "| no-KL PPO on | gold score | proxy reward | KL to SFT |", "|---|---|---|---|",
+                  f"| one reward model | {s['gold_score']:.3f} | {s['proxy_reward']:.3f} | {s['kl']:.2f} |",
+                  f"| the ensemble | {p['gold_score']:.3f} | {p['proxy_reward']:.3f} (members' mean) | {p['kl']:.2f} |",
+                  ""]
+    return lines

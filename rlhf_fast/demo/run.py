@@ -5,8 +5,10 @@ plain loop here, since pre-training is not part of the product):
   1. tokenizer + tiny Llama, pre-trained in-process on the language (rlhf_fast.demo.task)
   2. SFT on demonstrations (train_sft; the policy LoRA is merged so the base becomes the SFT reference)
   3. pairs of SFT samples labeled by the noisy Bradley-Terry labeler -> reward model (train_rm)
-  4. PPO against the reward model with the KL penalty (train_ppo), and again with the KL penalty off
-  5. evaluation by the gold labeler on held-out prompts; report.json, report.md and plots
+  4. Best-of-N from the SFT model, picked by the reward model (gold score and KL against N; demo/best_of_n.py)
+  5. PPO against the reward model with the KL penalty (train_ppo), and again with the KL penalty off;
+     DPO on the same pairs; GRPO on the counting task with a checker as the reward
+  6. evaluation by the gold labeler on held-out prompts; report.json, report.md and plots
 
 The gold preference is read only by task.Labeler (the labels) and task.gold_scores (evaluation:
 the monitoring curves and the final table). Nothing the trainers see is computed from it except the labels.
@@ -15,6 +17,7 @@ the monitoring curves and the final table). Nothing the trainers see is computed
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf_fast.demo import base, task
+from rlhf_fast.demo import ai_labeler, base, best_of_n, task
 from rlhf_fast.demo.report import plots, write_markdown
 
 RESPONSE_LENGTH = 16
@@ -96,6 +99,18 @@ class DemoConfig:
     grpo_lr: float = 3e-3
     grpo_lora_r: int = 4
     count_eval_prompts: int = 256
+    # Best-of-N from the SFT model against the reward model: bon_samples per held-out prompt give the gold score
+    # and KL of every N in bon_ns exactly on their empirical distribution (demo/best_of_n.py)
+    bon_samples: int = 32
+    bon_ns: str = "1,2,4,8,16,32"
+    # `--all` adds the longer stages (about 20 more minutes): an AI labeler (the pre-trained base, asked for the
+    # user's rating) relabels the pairs -> a reward model on its labels -> PPO on it; and a reward-model ensemble
+    # (ensemble_members adapters on the base, ensemble_rm_epochs each) -> PPO without KL on its conservative reward
+    all_stages: bool = False
+    ensemble_members: int = 4
+    ensemble_rm_epochs: int = 4
+    ensemble_reduce: str = "mean_minus_std"
+    ensemble_penalty: float = 1.0
     # final evaluation
     eval_prompts: int = 256
     progress: bool = True
@@ -111,7 +126,7 @@ class DemoConfig:
                      rm_batch=16, ppo_steps=3, no_kl_steps=3, ppo_batch=16, ppo_epochs=1, ppo_minibatches=1, eval_every=2,
                      monitor_prompts=16, eval_prompts=200, progress=False, pretrained="never",
                      count_sft_examples=32, count_sft_epochs=1, dpo_batch=16, dpo_epochs=1, grpo_steps=2, grpo_prompts=4, grpo_generations=4,
-                     count_eval_prompts=200)
+                     count_eval_prompts=200, bon_samples=8, bon_ns="1,2,8")
         small.update(kw)
         return cls(**small)
 
@@ -234,6 +249,10 @@ def label_pairs(model, tokenizer, prompts: list[str], labeler: task.Labeler, see
         if lab is not None:
             rows.append({"prompt": p, "chosen": _strip_eos(lab[0]), "rejected": _strip_eos(lab[1])})
     return rows
+
+
+def _ints(csv: str) -> list[int]:
+    return [int(x) for x in csv.split(",") if x.strip()]
 
 
 def _strip_eos(text: str) -> str:
@@ -359,6 +378,99 @@ def run_grpo(cfg: DemoConfig, work: str, sft_base: str, tokenizer) -> dict:
             "demonstrator_accuracy": sum(task.COUNT_RIGHT) / len(task.COUNT_RIGHT)}
 
 
+def run_ai_labeler(cfg: DemoConfig, work: str, sft_base: str, tokenizer, judge_lm, pairs: list[dict],
+                   val_pairs: list[dict], monitor: list[str], heldout: list[str], sft_gold: list[float]) -> dict:
+    """RLAIF: the pre-trained base relabels the human-labeled pairs (demo/ai_labeler.py); a reward model trained on
+    its labels (same settings as the human one), then PPO with the KL penalty on it."""
+    from rlhf_fast.models import LoraSettings, RoleModel
+    from rlhf_fast.trainers import OptimConfig, RMConfig, train_rm
+
+    j = ai_labeler.judge(judge_lm, tokenizer)
+    ai_pairs, agreement = ai_labeler.relabel(j, pairs)
+    ai_val, val_agreement = ai_labeler.relabel(j, val_pairs)
+    path = write_jsonl(os.path.join(work, "data", "prefs_ai.jsonl"), ai_pairs)
+    val_path = write_jsonl(os.path.join(work, "data", "prefs_ai_val.jsonl"), ai_val)
+    lora = LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha)
+    model = RoleModel.from_pretrained(sft_base, lora=lora, tokenizer=tokenizer)
+    model.eval()
+    rm = train_rm(RMConfig(data=path, val_data=val_path, out_dir=os.path.join(work, "rm_ai"), overwrite=True,
+                           seed=cfg.seed, max_length=40, batch_size=cfg.rm_batch, epochs=cfg.rm_epochs,
+                           progress=cfg.progress, optim=OptimConfig(lr=cfg.rm_lr), lora=lora),
+                  model=model, tokenizer=tokenizer)
+    gold_acc = rm_gold_accuracy(model, tokenizer, val_pairs)  # the human val pairs: only their responses are read
+    model, curve = run_ppo(cfg, work, "ppo_ai", model, tokenizer, cfg.kl_coef, cfg.ppo_steps, monitor)
+    e = evaluate(model, tokenizer, heldout, seed=cfg.seed + 1000)
+    return {"labeler_agreement": agreement, "val_labeler_agreement": val_agreement,
+            "rm_heldout_accuracy": float(rm["val"].get("accuracy", float("nan"))),
+            "rm_heldout_gold_accuracy": gold_acc, "pairs": len(ai_pairs),
+            "ppo": {"gold_score": e["gold_score"], "gold_win_rate_vs_sft": task.win_rate(e["gold"], sft_gold),
+                    "kl": e["kl"], "proxy_reward": e["proxy_reward"], "kl_coef": cfg.kl_coef},
+            "curve": curve}
+
+
+def run_ensemble(cfg: DemoConfig, work: str, sft_base: str, tokenizer, pref_path: str, val_path: str,
+                 monitor: list[str], heldout: list[str], sft_gold: list[float]) -> dict:
+    """A reward-model ensemble (cfg.ensemble_members adapters + heads on the one base, each on a bootstrap resample
+    of the human pairs) and PPO without the KL penalty on its conservative reward (cfg.ensemble_reduce), the same
+    run as the single-RM no-KL one otherwise. Proxy = the members' mean score."""
+    from rlhf_fast.models import LoraSettings, RoleModel
+    from rlhf_fast.trainers import OptimConfig, RMConfig, train_ppo, train_rm
+
+    lora = LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha)
+    model = RoleModel.from_pretrained(sft_base, lora=lora, tokenizer=tokenizer)
+    model.eval()
+    rm = train_rm(RMConfig(data=pref_path, val_data=val_path, out_dir=os.path.join(work, "rm_ensemble"),
+                           overwrite=True, seed=cfg.seed, max_length=40, batch_size=cfg.rm_batch,
+                           epochs=cfg.ensemble_rm_epochs, progress=cfg.progress, optim=OptimConfig(lr=cfg.rm_lr),
+                           lora=lora, ensemble=cfg.ensemble_members),
+                  model=model, tokenizer=tokenizer)
+
+    def ens_eval(m, prompts, seed) -> dict:
+        e = evaluate(m, tokenizer, prompts, seed=seed)
+        s = ensemble_sample_scores(m, tokenizer, prompts, e["responses"])  # (K, n)
+        return e | {"proxy_reward": float(s.mean()), "ensemble_std": float(s.std(0, unbiased=False).mean())}
+
+    curve: list[dict] = []
+
+    def callback(step, m):
+        if step % cfg.eval_every and step != cfg.no_kl_steps:
+            return {}
+        e = ens_eval(m, monitor, cfg.seed + 7)
+        curve.append({"step": step, "gold_score": e["gold_score"], "proxy_reward": e["proxy_reward"], "kl": e["kl"],
+                      "ensemble_std": e["ensemble_std"]})
+        return {"eval/gold_score": e["gold_score"], "eval/proxy_reward": e["proxy_reward"], "eval/kl": e["kl"]}
+
+    e0 = ens_eval(model, monitor, cfg.seed + 7)
+    curve.append({"step": 0, "gold_score": e0["gold_score"], "proxy_reward": e0["proxy_reward"], "kl": e0["kl"],
+                  "ensemble_std": e0["ensemble_std"]})
+    pcfg = _ppo_config(cfg, work, "ppo_no_kl_ensemble", 0.0, cfg.no_kl_steps)
+    pcfg.ensemble_reduce, pcfg.ensemble_penalty = cfg.ensemble_reduce, cfg.ensemble_penalty
+    res = train_ppo(pcfg, model=model, tokenizer=tokenizer, callback=callback)
+    e = ens_eval(res["model"], heldout, cfg.seed + 1000)
+    return {"members": cfg.ensemble_members, "reduce": cfg.ensemble_reduce, "penalty": cfg.ensemble_penalty,
+            "rm_heldout_accuracy": float(rm["val"].get("ensemble_accuracy", float("nan"))),
+            "rm_member_heldout_accuracy": [float(v.get("accuracy", float("nan"))) for v in rm["val"].get("members", [])],
+            "ppo_no_kl": {"gold_score": e["gold_score"], "gold_win_rate_vs_sft": task.win_rate(e["gold"], sft_gold),
+                          "kl": e["kl"], "proxy_reward": e["proxy_reward"], "ensemble_std": e["ensemble_std"],
+                          "kl_coef": 0.0},
+            "curve": curve}
+
+
+@torch.no_grad()
+def ensemble_sample_scores(model, tokenizer, prompts: list[str], responses: list[str]) -> torch.Tensor:
+    """(K, n) every ensemble member's score of the sampled responses (text ending in <eos> when it finished)."""
+    from rlhf_fast.data.collate import pad
+    from rlhf_fast.data.jsonl import encode_prompt
+
+    out = []
+    for i in range(0, len(prompts), 128):
+        seqs = [encode_prompt(tokenizer, p) + tokenizer(r, add_special_tokens=False)["input_ids"]
+                for p, r in zip(prompts[i:i + 128], responses[i:i + 128])]
+        ids, mask = pad(seqs, tokenizer.pad_token_id)
+        out.append(model.ensemble_scores(ids, mask))
+    return torch.cat(out, 1)
+
+
 def count_params(model) -> dict:
     """base: unique base tensors (tied weights once); trainable: adapters and heads of the three roles;
     total: every parameter held for the four roles (the reference is the base itself)."""
@@ -396,6 +508,7 @@ def run(cfg: DemoConfig) -> dict:
     if cfg.pretrain_only:
         return {"pretrain_loss": pretrain_loss, "stage_seconds": stages}
     os.makedirs(work, exist_ok=True)
+    judge_lm = copy.deepcopy(lm) if cfg.all_stages else None  # the AI labeler: the base before SFT changes it
 
     # SFT on demonstrations, read from a real JSONL file through the product's loader.
     sft_path = write_jsonl(os.path.join(work, "data", "sft.jsonl"), task.sft_examples(cfg.sft_examples, seed=cfg.seed + 1))
@@ -436,6 +549,11 @@ def run(cfg: DemoConfig) -> dict:
 
     # SFT baseline on the held-out prompts (the policy adapter is still zero: the policy is the SFT model).
     sft_eval = evaluate(model, tok, heldout, seed=cfg.seed + 1000)
+    # Best-of-N from the SFT model, picked by the reward model: no training, only samples.
+    bon_resp, bon_scores = best_of_n.sample_many(model, tok, heldout, cfg.bon_samples, max_new_tokens=RESPONSE_LENGTH,
+                                                 seed=cfg.seed + 2000)
+    bon = best_of_n.curve(heldout, bon_resp, bon_scores, _ints(cfg.bon_ns))
+    t = lap("best_of_n", t)
 
     ppo_prompts = train_prompts[n_tr + cfg.val_pair_prompts:]
     write_jsonl(os.path.join(work, "data", "prompts.jsonl"), [{"prompt": p} for p in ppo_prompts])
@@ -459,6 +577,15 @@ def run(cfg: DemoConfig) -> dict:
     grpo = run_grpo(cfg, work, sft_base, tok)
     t = lap("grpo", t)
 
+    extra = {}
+    if cfg.all_stages:
+        extra["ai_labeler"] = run_ai_labeler(cfg, work, sft_base, tok, judge_lm, pairs, val_pairs, monitor, heldout,
+                                             sft_eval["gold"])
+        t = lap("ai_labeler", t)
+        extra["ensemble"] = run_ensemble(cfg, work, sft_base, tok, pref_path, val_path, monitor, heldout,
+                                         sft_eval["gold"])
+        t = lap("ensemble", t)
+
     # Artefacts: DIR/model = the SFT base (the reference) in DIR/model/base, the adapters and heads.
     model.save(os.path.join(out, "model"), save_base=True)
 
@@ -476,20 +603,26 @@ def run(cfg: DemoConfig) -> dict:
                "reward_offset": rm["offset"], "labeler_beta": cfg.labeler_beta},
         "ppo": ppo_block(ppo_eval, cfg.kl_coef),
         "ppo_no_kl": ppo_block(no_kl_eval, 0.0),
+        "best_of_n": bon,
         "dpo": dpo[0] if dpo else None,
         "dpo_sweep": dpo,
         "grpo": grpo,
+        **extra,
         "params": params,
         "pretrain_loss": pretrain_loss,
         "max_gold_score": sum(task.max_gold(p) for p in heldout) / len(heldout),
         "eval_prompts": len(heldout),
-        "curves": {"ppo": curve, "ppo_no_kl": curve_no_kl},
+        "curves": {"ppo": curve, "ppo_no_kl": curve_no_kl,
+                   **({"ppo_no_kl_ensemble": extra["ensemble"]["curve"]} if extra else {})},
         "config": dataclasses.asdict(cfg),
         "stage_seconds": stages,
     }
     t = time.perf_counter()
-    report["plots"] = plots(out, {f"kl_coef={cfg.kl_coef}": curve, "no KL": curve_no_kl},
-                            points={f"DPO beta={d['beta']:g}": d for d in dpo})
+    curves = {f"kl_coef={cfg.kl_coef}": curve, "no KL": curve_no_kl}
+    if extra:
+        curves[f"no KL, ensemble of {cfg.ensemble_members} ({cfg.ensemble_reduce})"] = extra["ensemble"]["curve"]
+    report["plots"] = plots(out, curves,
+                            points={f"DPO beta={d['beta']:g}": d for d in dpo}, best_of_n=bon)
     report["stage_seconds"]["report"] = time.perf_counter() - t
     report["wall_seconds"] = time.perf_counter() - t_start
     # CPU seconds of this process (user + sys; the demo runs one thread): on a shared machine, closer than wall time
@@ -523,10 +656,114 @@ def rm_gold_accuracy(model, tokenizer, pairs: list[dict]) -> float:
     return ok / max(1, len(pairs))
 
 
+# Figures of report.json summarised across seeds: (label, path into the report).
+SUMMARY = [
+    ("RM held-out accuracy (labels)", ("rm", "heldout_accuracy")),
+    ("RM held-out accuracy (gold order)", ("rm", "heldout_gold_accuracy")),
+    ("SFT gold score", ("sft", "gold_score")),
+    ("PPO gold win rate vs SFT", ("ppo", "gold_win_rate_vs_sft")),
+    ("PPO gold score", ("ppo", "gold_score")),
+    ("PPO KL to SFT", ("ppo", "kl")),
+    ("no-KL PPO gold score", ("ppo_no_kl", "gold_score")),
+    ("no-KL PPO proxy reward", ("ppo_no_kl", "proxy_reward")),
+    ("no-KL PPO KL to SFT", ("ppo_no_kl", "kl")),
+    ("DPO gold win rate vs SFT", ("dpo", "gold_win_rate_vs_sft")),
+    ("DPO KL to SFT", ("dpo", "kl")),
+    ("GRPO counting accuracy before", ("grpo", "accuracy_before")),
+    ("GRPO counting accuracy after", ("grpo", "accuracy_after")),
+    ("human labeler agreement with gold", ("rm", "labeler_agreement")),
+    ("AI labeler agreement with gold", ("ai_labeler", "labeler_agreement")),
+    ("RM on AI labels: held-out accuracy (gold order)", ("ai_labeler", "rm_heldout_gold_accuracy")),
+    ("PPO on the AI-label RM: gold win rate vs SFT", ("ai_labeler", "ppo", "gold_win_rate_vs_sft")),
+    ("PPO on the AI-label RM: KL to SFT", ("ai_labeler", "ppo", "kl")),
+    ("RM ensemble: held-out accuracy of the mean", ("ensemble", "rm_heldout_accuracy")),
+    ("no-KL PPO on the ensemble: gold score", ("ensemble", "ppo_no_kl", "gold_score")),
+    ("no-KL PPO on the ensemble: proxy (members' mean)", ("ensemble", "ppo_no_kl", "proxy_reward")),
+    ("no-KL PPO on the ensemble: KL to SFT", ("ensemble", "ppo_no_kl", "kl")),
+    ("wall seconds", ("wall_seconds",)),
+    ("CPU seconds", ("cpu_seconds",)),
+]
+
+
+def _figures(report: dict) -> dict[str, float]:
+    """The summarised figures of one report (those it has), including every Best-of-N row."""
+    out = {}
+    for label, path in SUMMARY:
+        v = report
+        for k in path:
+            v = v.get(k) if isinstance(v, dict) else None
+        if isinstance(v, (int, float)):
+            out[label] = float(v)
+    for r in report.get("best_of_n") or []:
+        out[f"Best-of-{r['n']} gold score"] = r["gold_score"]
+        out[f"Best-of-{r['n']} KL (measured)"] = r["kl"]
+    return out
+
+
+def summarize(reports: dict[int, dict], out: str) -> dict:
+    """summary.json and summary.md in `out`: each figure per seed, with mean, min and max across seeds."""
+    per_seed = {s: _figures(r) for s, r in reports.items()}
+    labels = list(dict.fromkeys(k for f in per_seed.values() for k in f))
+    seeds = sorted(per_seed)
+    rows = {}
+    for label in labels:
+        vals = [per_seed[s][label] for s in seeds if label in per_seed[s]]
+        rows[label] = {"per_seed": {str(s): per_seed[s].get(label) for s in seeds},
+                       "mean": sum(vals) / len(vals), "min": min(vals), "max": max(vals)}
+    lines = ["# rlhf-fast demo across seeds", "", f"Seeds {', '.join(map(str, seeds))}; each a full run "
+             "(its report.md in seed<N>/).", "",
+             "| figure | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | min | max |",
+             "|---|" + "---|" * (len(seeds) + 3)]
+    for label, r in rows.items():
+        cells = [("" if r["per_seed"][str(s)] is None else f"{r['per_seed'][str(s)]:.3f}") for s in seeds]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {r['mean']:.3f} | {r['min']:.3f} | {r['max']:.3f} |")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump({"seeds": seeds, "figures": rows}, f, indent=2)
+    return rows
+
+
+def _run_seeds(argv: list[str], seeds: list[int], jobs: int, out: str) -> int:
+    """Each seed in its own process (`rlhf-fast demo ... --seed N --out OUT/seedN`), `jobs` at a time."""
+    import subprocess
+
+    procs: list[tuple[int, subprocess.Popen]] = []
+    failed = []
+    pending = list(seeds)
+    while pending or procs:
+        while pending and len(procs) < jobs:
+            s = pending.pop(0)
+            cmd = [sys.executable, "-m", "rlhf_fast.demo.run", *argv, "--seed", str(s), "--out",
+                   os.path.join(out, f"seed{s}")]
+            print(f"demo: seed {s} -> {os.path.join(out, f'seed{s}')}", file=sys.stderr)
+            procs.append((s, subprocess.Popen(cmd, stdout=subprocess.DEVNULL)))
+        s, p = procs.pop(0)
+        if p.wait() != 0:
+            failed.append(s)
+    if failed:
+        print(f"demo: seeds {failed} failed (see their output above)", file=sys.stderr)
+        return 1
+    reports = {}
+    for s in seeds:
+        with open(os.path.join(out, f"seed{s}", "report.json")) as f:
+            reports[s] = json.load(f)
+    summarize(reports, out)
+    print(f"wrote {os.path.join(out, 'summary.md')} and summary.json", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="rlhf-fast demo", description="The embedded end-to-end demo (no downloads): "
-                                "pre-training, SFT, labeled pairs, reward model, PPO with and without KL, report.")
+                                "pre-training, SFT, labeled pairs, reward model, Best-of-N, PPO with and without KL, "
+                                "DPO, GRPO, report.")
     p.add_argument("--tiny", action="store_true", help="a miniature run (toy sizes, for tests)")
+    p.add_argument("--seeds", default="", help="comma-separated seeds: one full run per seed in OUT/seed<N> (each "
+                   "its own process), then OUT/summary.md with each figure's mean, min and max")
+    p.add_argument("--jobs", type=int, default=1, help="with --seeds: runs at a time (default 1)")
+    p.add_argument("--all", dest="all_flag", action="store_true", help="add the longer stages (AI labeler -> reward "
+                   "model -> PPO; reward-model ensemble -> PPO without KL): about 20 more minutes per seed")
     for f in dataclasses.fields(DemoConfig):
         flag = "--" + f.name
         if f.type in ("bool", bool):
@@ -536,14 +773,30 @@ def main(argv: list[str] | None = None) -> int:
             typ = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__)
             p.add_argument(flag, type=typ, default=None, help=f"(default {f.default})")
     args = p.parse_args(argv)
+    if args.seeds:
+        try:
+            seeds = _ints(args.seeds)
+        except ValueError:
+            p.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
+        if args.seed is not None or args.jobs < 1 or not seeds or len(set(seeds)) != len(seeds):
+            p.error("--seeds needs distinct integers, --jobs >= 1 and no --seed")
+        rest = list(argv if argv is not None else sys.argv[1:])
+        for flag in ("--seeds", "--jobs", "--out"):  # the per-seed runs get their own --seed and --out
+            while flag in rest:
+                i = rest.index(flag)
+                del rest[i:i + 2]
+            rest = [a for a in rest if not a.startswith(flag + "=")]
+        return _run_seeds(rest, seeds, args.jobs, args.out or DemoConfig.out)
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig) if getattr(args, f.name) is not None}
+    if args.all_flag:
+        kw["all_stages"] = True
     cfg = DemoConfig.tiny(**kw) if args.tiny else DemoConfig(**kw)
     report = run(cfg)
     if cfg.pretrain_only:
         print(json.dumps(report, indent=2))
         return 0
-    print(json.dumps({k: report[k] for k in ("sft", "rm", "ppo", "ppo_no_kl", "dpo", "grpo", "params", "wall_seconds")},
-                     indent=2))
+    print(json.dumps({k: report.get(k) for k in ("sft", "rm", "ppo", "ppo_no_kl", "dpo", "grpo", "best_of_n", "params",
+                                                 "wall_seconds")}, indent=2))
     print(f"wrote {os.path.join(cfg.out, 'report.json')} and report.md", file=sys.stderr)
     return 0
 

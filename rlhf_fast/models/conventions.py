@@ -18,6 +18,14 @@ ADAPTERS = ("policy", "critic", "reward")
 IGNORE_INDEX = -100
 
 
+def reward_member_name(k: int) -> str:
+    """The adapter of reward-ensemble member k: "reward" for member 0 (a single reward model is an ensemble of
+    one), "reward_1", "reward_2", ... for the others (RoleModel.set_reward_members)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"reward member index must be an integer >= 0, got {k!r}")
+    return "reward" if k == 0 else f"reward_{k}"
+
+
 @dataclass
 class LoraSettings:
     """LoRA hyper-parameters shared by the three adapters (Hu et al. 2021: W + (alpha / r) * B @ A)."""
@@ -76,3 +84,17 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 def shift_right(x: torch.Tensor) -> torch.Tensor:
     # (B, T, ...) -> (B, T, ...) with x[:, t] moved to t + 1 and zeros at 0.
     return torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+
+
+def resolve_device(name: str) -> torch.device:
+    """--device NAME -> torch.device: "auto" is cuda when available, else cpu. ConfigError for a name torch does not
+    know or cuda asked for without a CUDA device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"--device {name!r} is not a torch device") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name!r} asked for, but no CUDA device is available")
+    return dev

@@ -2,7 +2,9 @@
 
     path/role_model.json                     settings: LoRA of each adapter, base fingerprint, trained roles, ...
     path/adapters/{policy,critic,reward}/    adapter_config.json + adapter_model.safetensors (PEFT's format)
-    path/heads.safetensors                   value_head.* and score_head.*
+    path/heads.safetensors                   value_head.* and score_head.* (+ score_head_k.* of ensemble members)
+    path/adapters/reward_k/                  reward-ensemble members k = 1 .. K-1 (an ensemble folder only; its
+                                             settings hold "reward_ensemble": {"members": K, "offsets": [...]})
     path/base/                               the base in transformers format + tokenizer (save_base=True only)
 
 Every folder is written into a temporary sibling and renamed into place, so a reader never sees half of one.
@@ -29,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from rlhf_fast.errors import ConfigError
 from rlhf_fast.models import gguf
-from rlhf_fast.models.conventions import ADAPTERS, LoraSettings
+from rlhf_fast.models.conventions import ADAPTERS, LoraSettings, reward_member_name
 
 SETTINGS_FILE = "role_model.json"
 HEADS_FILE = "heads.safetensors"
@@ -108,11 +110,16 @@ def save(model, path: str | os.PathLike, *, save_base: bool = False) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        for name in ADAPTERS:
+        names = list(getattr(model, "adapter_names", ADAPTERS))  # + the reward-ensemble members, if any
+        for name in names:
             model.peft.peft_config[name].base_model_name_or_path = model.base_name_or_path
-        model.peft.save_pretrained(str(tmp / "adapters"), selected_adapters=list(ADAPTERS))
+        model.peft.save_pretrained(str(tmp / "adapters"), selected_adapters=names)
         heads = {f"value_head.{k}": v.detach().contiguous() for k, v in model.value_head.state_dict().items()}
         heads |= {f"score_head.{k}": v.detach().contiguous() for k, v in model.score_head.state_dict().items()}
+        members = getattr(model, "reward_members", 1)
+        for j in range(1, members):
+            heads |= {f"score_head_{j}.{k}": v.detach().contiguous()
+                      for k, v in model.reward_head(j).state_dict().items()}
         save_file(heads, str(tmp / HEADS_FILE))
         if save_base:
             model.lm.save_pretrained(str(tmp / "base"), state_dict=base_state_dict(model))
@@ -126,6 +133,8 @@ def save(model, path: str | os.PathLike, *, save_base: bool = False) -> Path:
                     "dtype": str(model.lm_head.weight.dtype),
                     "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                                  "peft": peft.__version__}}
+        if members > 1:  # only an ensemble writes this entry: a single reward model's folder is as before
+            settings["reward_ensemble"] = {"members": members, "offsets": [float(o) for o in model.reward_offsets]}
         (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
         old = None
         if path.exists():
@@ -169,11 +178,17 @@ def _load_tensors(f: Path) -> dict[str, torch.Tensor]:
 def load_adapters(model, path: str | os.PathLike, roles: tuple[str, ...] = ADAPTERS) -> None:
     """Load the adapters of `roles` (and their heads: critic -> value_head, reward -> score_head) written by
     save() into `model`. An adapter saved with other LoRA settings (rank, alpha, targets) is re-created with
-    them first, so e.g. a reward model trained at r=4 loads into a model built at r=8."""
+    them first, so e.g. a reward model trained at r=4 loads into a model built at r=8. "reward" of an ensemble
+    folder loads every member (the model grows or shrinks to the folder's K members)."""
     path = Path(path)
     settings = read_settings(path)
     heads = _load_tensors(path / HEADS_FILE)
-    for name in roles:
+    members = ensemble_size(settings, path)
+    names = list(roles)
+    if "reward" in roles:
+        model.set_reward_members(members)
+        names += [reward_member_name(j) for j in range(1, members)]
+    for name in names:
         saved = adapter_settings(settings, name)
         if saved != model.adapter_lora[name]:
             model.replace_adapter(name, saved)
@@ -183,15 +198,28 @@ def load_adapters(model, path: str | os.PathLike, roles: tuple[str, ...] = ADAPT
         if missing:
             raise ConfigError(f"adapter {name!r} in {f} does not fit this base: {len(missing)} tensors missing, "
                               f"e.g. {missing[0]}")
-    for role, head_name, head in (("critic", "value_head", model.value_head), ("reward", "score_head", model.score_head)):
+    member_heads = [("reward", f"score_head_{j}", model.reward_head(j)) for j in range(1, members) if "reward" in roles]
+    for role, head_name, head in [("critic", "value_head", model.value_head), ("reward", "score_head", model.score_head),
+                                  *member_heads]:
         if role in roles:
             sd = {k.split(".", 1)[1]: v for k, v in heads.items() if k.startswith(head_name + ".")}
             try:
                 head.load_state_dict(sd)
             except RuntimeError as e:
                 raise ConfigError(f"{path / HEADS_FILE}: {head_name} does not fit this base: {e}") from e
+    if "reward" in roles:
+        model.reward_offsets = list((settings.get("reward_ensemble") or {}).get("offsets", [0.0] * members))
     model.trained_roles |= set(settings.get("trained_roles", [])) & set(roles)
     model.refresh_trainable()
+
+
+def ensemble_size(settings: dict, path: str | os.PathLike = SETTINGS_FILE) -> int:
+    """K, the reward-ensemble members a folder's settings record (1 for a single reward model)."""
+    entry = settings.get("reward_ensemble") or {}
+    k = entry.get("members", 1)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"{path}: reward_ensemble records {k!r} members (expected an integer >= 1)")
+    return k
 
 
 def load_reward(model, path: str | os.PathLike) -> None:
@@ -230,11 +258,13 @@ def load(cls, path: str | os.PathLike, base=None, *, dtype: torch.dtype | None =
     return model
 
 
-def set_reward_offset(model, offset: float) -> None:
-    """Fold the reward normalisation offset into the score head's bias: it is saved with the head, so every
-    later score (PPO's included) is normalised without anyone having to remember it."""
+def set_reward_offset(model, offset: float, member: int = 0) -> None:
+    """Fold the reward normalisation offset into the score head's bias (of reward-ensemble member `member`): it
+    is saved with the head, so every later score (PPO's included) is normalised without anyone having to
+    remember it. The offsets are also recorded per member (settings "reward_ensemble" of an ensemble folder)."""
     with torch.no_grad():
-        model.score_head.bias.add_(offset)
+        model.reward_head(member).bias.add_(offset)
+    model.reward_offsets[member] += float(offset)
 
 
 # ----------------------------------------------------------------------------------------------- tokenizers

@@ -53,6 +53,7 @@ from rlhf_fast.models.conventions import (
     LoraSettings,
     check_inputs,
     position_ids,
+    reward_member_name,
     shift_right,
     token_mask,
 )
@@ -208,6 +209,10 @@ class RoleModel(nn.Module):
         for head in (self.value_head, self.score_head):
             nn.init.normal_(head.weight, std=1.0 / math.sqrt(h + 1))
             nn.init.zeros_(head.bias)
+        # reward-ensemble members 1..K-1: adapters "reward_1", ... and these score heads (set_reward_members);
+        # member 0 is the "reward" adapter and score_head, so a single reward model is an ensemble of one
+        self.member_heads = nn.ModuleList()
+        self.reward_offsets = [0.0]  # the normalisation offset folded into each member's head bias (models/io.py)
         self.refresh_trainable()
         self._active = "policy"
         self.pad_token_id, self.eos_token_id = self._special_tokens()
@@ -342,7 +347,7 @@ class RoleModel(nn.Module):
         """Every adapter trainable, the base frozen. peft's set_adapter flips requires_grad of the inactive
         adapters off; a policy graph recorded before a switch to the critic must still reach the policy adapter
         in the backward, so all stay trainable."""
-        for name in ADAPTERS:
+        for name in self.adapter_names:
             for p in self._adapter_parameters(name):
                 p.requires_grad_(True)
 
@@ -350,12 +355,12 @@ class RoleModel(nn.Module):
     def replace_adapter(self, name: str, lora: LoraSettings) -> None:
         """Re-create adapter `name` with other LoRA settings (a zero update, B = 0): e.g. before loading a reward
         adapter that was trained at another rank. Optimisers holding the old parameters must be rebuilt."""
-        if name not in ADAPTERS:
-            raise ValueError(f"unknown adapter {name!r}; adapters are {', '.join(ADAPTERS)}")
+        if name not in self.adapter_names:
+            raise ValueError(f"unknown adapter {name!r}; adapters are {', '.join(self.adapter_names)}")
         fan_in_fan_out = bool(self.peft.peft_config[name].fan_in_fan_out)
         device = self.lm_head.weight.device
         if self._active == name:
-            other = next(a for a in ADAPTERS if a != name)
+            other = next(a for a in self.adapter_names if a != name)
             self.peft.base_model.set_adapter(other)
             self._active = other
         self.peft.delete_adapter(name)
@@ -363,6 +368,82 @@ class RoleModel(nn.Module):
         self.peft.to(device)
         self.adapter_lora[name] = lora
         self.refresh_trainable()
+
+    # -- reward ensemble ---------------------------------------------------------------------------------
+
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        """Every adapter on the base: policy, critic, reward, then the reward members reward_1 ... reward_{K-1}."""
+        return ADAPTERS + tuple(reward_member_name(k) for k in range(1, self.reward_members))
+
+    @property
+    def reward_members(self) -> int:
+        """K, the reward models on this base: 1 (the "reward" adapter) plus the extra ensemble members."""
+        return 1 + len(getattr(self, "member_heads", ()))
+
+    def reward_head(self, k: int = 0) -> nn.Linear:
+        """Member k's score head: score_head for k = 0, else member_heads[k - 1]."""
+        if not 0 <= k < self.reward_members:
+            raise ValueError(f"reward member {k} does not exist; this model has {self.reward_members}")
+        return self.score_head if k == 0 else self.member_heads[k - 1]
+
+    def member_parameters(self, k: int) -> list[nn.Parameter]:
+        """What reward member k trains: its adapter and its score head (k = 0: role_parameters("reward"))."""
+        return self._adapter_parameters(reward_member_name(k)) + list(self.reward_head(k).parameters())
+
+    @torch.no_grad()
+    def set_reward_members(self, k: int) -> None:
+        """Grow (or shrink) the reward ensemble to k members on the same base: member j >= 1 is a new LoRA adapter
+        "reward_j" (the reward adapter's LoRA settings, B = 0) and a new score head. Only k - 1 small adapters and
+        heads are added, never a copy of the base. Optimisers holding the old parameters must be rebuilt."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ConfigError(f"a reward ensemble needs an integer number of members >= 1, got {k!r}")
+        lora, device = self.adapter_lora["reward"], self.lm_head.weight.device
+        fan_in_fan_out = bool(self.peft.peft_config["reward"].fan_in_fan_out)
+        h = self.lm_head.weight.shape[1]
+        while self.reward_members > k:
+            name = reward_member_name(self.reward_members - 1)
+            if self._active == name:
+                self.peft.base_model.set_adapter("reward")
+                self._active = "reward"
+            self.peft.delete_adapter(name)
+            del self.member_heads[-1], self.adapter_lora[name]
+        while self.reward_members < k:
+            name = reward_member_name(self.reward_members)
+            self.peft.add_adapter(name, _peft_config(lora, self._default_targets, fan_in_fan_out))
+            self.adapter_lora[name] = lora
+            head = nn.Linear(h, 1, dtype=torch.float32, device=device)
+            nn.init.normal_(head.weight, std=1.0 / math.sqrt(h + 1))
+            nn.init.zeros_(head.bias)
+            self.member_heads.append(head)
+        self.reward_offsets = (list(self.reward_offsets) + [0.0] * k)[:k]
+        self.peft.to(device)
+        self.refresh_trainable()
+
+    @torch.no_grad()
+    def reset_reward_member(self, k: int, seed: int) -> None:
+        """Re-initialise member k from its own seed (LoRA A random, B = 0, a fresh score head), leaving the global
+        random state as it was: the members of an ensemble start from different points."""
+        name, head = reward_member_name(k), self.reward_head(k)
+        device = self.lm_head.weight.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for module in self.peft.modules():
+                if isinstance(module, LoraLayer) and name in module.lora_A:
+                    module.reset_lora_parameters(name, True)
+            nn.init.normal_(head.weight, std=1.0 / math.sqrt(head.weight.shape[1] + 1))
+            nn.init.zeros_(head.bias)
+
+    @contextlib.contextmanager
+    def reward_member(self, k: int):
+        """Context in which the LM runs as reward member k (k = 0 is role("reward"))."""
+        name = reward_member_name(k)
+        self.reward_head(k)  # checks that it exists
+        if self._active != name:
+            self.peft.base_model.set_adapter(name)
+            self.refresh_trainable()
+            self._active = name
+        yield
 
     # -- roles -------------------------------------------------------------------------------------------
 
@@ -458,22 +539,33 @@ class RoleModel(nn.Module):
         v = self.value_head(hidden[:, :-1].float()).squeeze(-1)  # (B, T-1)
         return F.pad(v, (1, 0)) * token_mask(attention_mask)
 
-    def scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, member: int = 0) -> torch.Tensor:
         """The reward model's score of each sequence: (B,) fp32, the score head on the last real token's hidden.
 
         A row without any real token scores 0. With grad mode on this is the reward model's training forward.
+        member: which reward-ensemble member scores (0, the "reward" adapter, unless set_reward_members added more).
         """
         check_inputs(input_ids, attention_mask)
-        with self.role("reward"):
+        with self.reward_member(member):
             hidden = self._hidden(input_ids, attention_mask)
-        return self._scores_from_hidden(hidden, attention_mask)
+        return self._scores_from_hidden(hidden, attention_mask, self.reward_head(member))
 
-    def _scores_from_hidden(self, hidden, attention_mask):
+    def ensemble_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Every reward member's score of each sequence: (K, B) fp32, row k = scores(..., member=k).
+
+        One backbone forward of the B rows per member, one after the other (as experience()'s sequential mode:
+        peft's per-row adapter routing in one K*B-row forward ran slower on the CPU and needs K times the
+        activations). The members share the frozen base: only their adapters and heads differ.
+        """
+        check_inputs(input_ids, attention_mask)
+        return torch.stack([self.scores(input_ids, attention_mask, k) for k in range(self.reward_members)])
+
+    def _scores_from_hidden(self, hidden, attention_mask, head: nn.Module | None = None):
         m = attention_mask.bool()
         t = m.shape[1]
         last = (t - 1) - m.flip(1).long().argmax(1)  # (B,) index of the last real token
         h_last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
-        return self.score_head(h_last.float()).squeeze(-1) * m.any(1)
+        return (self.score_head if head is None else head)(h_last.float()).squeeze(-1) * m.any(1)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, role: str = "policy"):
         """The role's natural output: log-probs (policy, reference), values (critic) or scores (reward)."""

@@ -4,6 +4,7 @@
     advantages.py  shape_scores(), ppo_advantages() (and the group advantages of the critic-free methods)
     kl_control.py  FixedKLController, AdaptiveKLController, RunningMoments
     rewards.py     reward functions for verifiable rewards (TRL's contract): built-ins accuracy, format, code
+    ensemble.py    reduce_ensemble(): K reward members' scores -> one reward (mean, min, mean - lambda * std)
 """
 
 from rlhf_fast.rl.advantages import ppo_advantages, shape_scores

@@ -35,6 +35,8 @@ from rlhf_fast.models.io import load_reward
 from rlhf_fast.ops import fused_linear_kl, fused_linear_logprobs, fused_linear_ppo_loss, group_advantages
 from rlhf_fast.rl import rewards as R
 from rlhf_fast.rl import rollout
+from rlhf_fast.rl.ensemble import REDUCTIONS, check_options, ensemble_reward
+from rlhf_fast.rl.judge import DEFAULT_RATING_WORDS, bind_judges, judge_functions
 from rlhf_fast.trainers import loop as L
 from rlhf_fast.trainers.config import ConfigError, TrainConfig, option, quiet_unless_progress
 
@@ -91,12 +93,22 @@ class GRPOConfig(TrainConfig):
     overlong_penalty: float = option(1.0, "the soft overlong punishment at max_completion_length")
     mask_truncated_completions: bool = option(False, "leave completions that hit max_completion_length "
                                                      "without EOS out of the loss")
-    reward_funcs: str = option("", "comma-separated reward functions: accuracy, format, code, reward_model, or "
+    reward_funcs: str = option("", "comma-separated reward functions: accuracy, format, code, reward_model, judge, "
                                    "pkg.module:function (TRL's signature)")
     reward_weights: str = option("", "comma-separated weights, one per reward function (default 1 each)")
     reward_timeout: float = option(300.0, "seconds one reward function may take on one batch")
     format_pattern: str = option("", "regex of the `format` reward (default: a <think>/<answer> template)")
     reward_model: str = option("", "folder written by `rlhf-fast rm` (out_dir/model), for reward_model")
+    judge: str = option("", "--reward_funcs judge: the judge LM's folder (equal to --model: the policy's own base, "
+                            "adapters off, judges without a second copy); reward = its expected rating (rl/judge.py)")
+    constitution: str = option("", "--reward_funcs judge: the principles, a text file with one per line")
+    judge_template: str = option("", "--reward_funcs judge: rating template file (default: the shipped one)")
+    judge_rating_words: str = option(DEFAULT_RATING_WORDS, "--reward_funcs judge: word=value,... each one token")
+    ensemble_reduce: str | None = option(None, "reward_model from an ensemble (`rlhf-fast rm --ensemble K`): the "
+                                               "members' mean, min, mean_minus_std (mean - ensemble_penalty x std, "
+                                               "Coste et al. 2023) or mean_minus_var; unset: mean_minus_std",
+                                         choices=REDUCTIONS)
+    ensemble_penalty: float | None = option(None, "lambda of mean_minus_std / mean_minus_var (>= 0); unset: 1.0")
     std_eps: float = option(1e-4, "added to the std when scaling advantages")
     # --- reasoning-gym tasks instead of --data (rlhf_fast/data/reasoning_gym.py) ---
     dataset: str = option("", "reasoning_gym:NAME[?k=v&...] instead of --data: a procedural reasoning-gym task, "
@@ -153,20 +165,29 @@ class GRPOConfig(TrainConfig):
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
+        check_options(self.ensemble_reduce, self.ensemble_penalty, has_reward_model=uses_reward_model(self))
+
+
+def uses_reward_model(cfg: GRPOConfig) -> bool:
+    return "reward_model" in [f.strip() for f in cfg.reward_funcs.split(",")]
 
 
 # ----------------------------------------------------------------------------------------- rewards
-def build_rewards(cfg: GRPOConfig, model) -> R.RewardFunctions:
-    """The reward functions of cfg.reward_funcs; `reward_model` scores with the model's reward adapter."""
+def build_rewards(cfg: GRPOConfig, model, ensemble=None) -> R.RewardFunctions:
+    """The reward functions of cfg.reward_funcs; `reward_model` scores with the model's reward adapter, or with
+    `ensemble` (an rl.ensemble.EnsembleReward: the members' reduced score) when given."""
 
     def reward_model(prompts, completions, rollout=None, **_):
+        if ensemble is not None:
+            return ensemble(rollout.sequences, rollout.attention_mask).tolist()
         return model.scores(rollout.sequences, rollout.attention_mask).tolist()
 
     weights = [float(w) for w in cfg.reward_weights.split(",")] if cfg.reward_weights.strip() else None
     options = {"format_pattern": cfg.format_pattern} if cfg.format_pattern else {}
     if cfg.dataset:  # reasoning-gym: `accuracy` scores with the task's checker
         options["score_answer"] = rg.score_answer
-    return R.load_reward_functions(cfg.reward_funcs, functions={"reward_model": reward_model},
+    judge = judge_functions(cfg.reward_funcs, cfg.judge, cfg.constitution, cfg.judge_template, cfg.judge_rating_words)
+    return R.load_reward_functions(cfg.reward_funcs, functions={"reward_model": reward_model, **judge},
                                    reward_weights=weights, reward_timeout=cfg.reward_timeout, **options)
 
 
@@ -317,10 +338,12 @@ def train_grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, examples: list[di
     model = L.load_role_model(cfg, device, model, tokenizer)
     if cfg.reward_model:
         load_reward(model, cfg.reward_model)
+    ensemble = ensemble_reward(model, cfg.ensemble_reduce, cfg.ensemble_penalty) if uses_reward_model(cfg) else None
     if reward_funcs is None:
-        reward_funcs = build_rewards(cfg, model)
+        reward_funcs = build_rewards(cfg, model, ensemble)
     elif not isinstance(reward_funcs, R.RewardFunctions):
         reward_funcs = R.RewardFunctions(list(reward_funcs), reward_timeout=cfg.reward_timeout)
+    bind_judges(reward_funcs, model, cfg.model, tokenizer)  # `judge`: the policy's base when --judge is --model
     reward_funcs.check_columns({k for e in examples for k in e["columns"]})
     pad_id, eos_id = L.pad_id(tokenizer, model), L.eos_id(tokenizer, model)
     model.eval()  # no dropout: the rollout's and the update's log-probs must agree
@@ -381,6 +404,8 @@ def train_grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, examples: list[di
             if run.logging_now():
                 metrics = {k: sum(v) / len(v) for k, v in stats.items()}
                 metrics.update(R.reward_metrics(b["rewards"], b["per_function"]))
+                if ensemble is not None:
+                    metrics["rewards/ensemble_std"] = ensemble.pop_std()  # across members, mean over the samples
                 if kept is not None:
                     metrics["dynamic_sampling/kept_groups"] = kept  # groups with a learning signal, <= batch_size
                 metrics.update({"frac_reward_zero_std": frac_zero_std,

@@ -37,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhf_fast.models import RoleModel
+from rlhf_fast.models.conventions import resolve_device  # noqa: F401  (L.resolve_device for the trainers)
 from rlhf_fast.models.io import load_tokenizer
 from rlhf_fast.trainers import checkpoint as ckpt
 from rlhf_fast.trainers.config import ConfigError, OptimConfig, TrainConfig
@@ -45,18 +46,6 @@ from rlhf_fast.trainers.config import ConfigError, OptimConfig, TrainConfig
 class TrainingDiverged(RuntimeError):
     """The run stopped making updates: `diverged_after(total)` consecutive steps had every update skipped (a
     non-finite loss, gradient norm or updated weight). The `rlhf-fast` command reports it in one line, exit 1."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as e:
-        raise ConfigError(f"device {name!r} is not a torch device") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} asked for, but no CUDA device is available")
-    return dev
 
 
 def seed_everything(seed: int) -> None:
@@ -347,6 +336,8 @@ RESUME_RULES: dict[str, str] = {
     "max_length": MATCH, "val_data": MATCH, "val_fraction": MATCH,  # rm: the validation split takes training data
     "reward_model": MATCH, "response_length": MATCH, "ppo_epochs": MATCH, "num_minibatches": MATCH,  # ppo
     "ptx_data": MATCH, "ptx_coef": MATCH, "ptx_batch_size": MATCH,  # ppo: the PTX sampler is checkpoint state
+    "ensemble": MATCH,  # rm: the number of reward members is the checkpoint's parameter set
+    "ensemble_reduce": CHANGE, "ensemble_penalty": CHANGE,  # ppo/grpo: how the members' scores become one reward
     # applied: the optimiser's hyper-parameters are re-set after its state is loaded, the schedule is rebuilt
     # from the current options (and the new max_steps / epochs), the KL controller's beta is set to kl_coef
     "optim": CHANGE, "kl_coef": CHANGE, "kl_target": CHANGE, "kl_horizon": CHANGE, "max_steps": CHANGE,

@@ -29,6 +29,8 @@ from rlhf_fast.data.jsonl import (
 from rlhf_fast.models.io import load_reward
 from rlhf_fast.ops import fused_linear_ppo_loss, value_loss
 from rlhf_fast.rl import advantages, kl_control, rollout
+from rlhf_fast.rl.ensemble import REDUCTIONS, check_options, ensemble_reward
+from rlhf_fast.rl.judge import DEFAULT_RATING_WORDS, bind_judges, judge_functions
 from rlhf_fast.rl.rewards import load_reward_functions, text_reward_fn
 from rlhf_fast.trainers import loop as L
 from rlhf_fast.trainers.config import ConfigError, TrainConfig, option, quiet_unless_progress
@@ -43,10 +45,20 @@ class PPOConfig(TrainConfig):
                                    "it must have been trained on this --model (checked); its own LoRA settings are "
                                    "used, whatever --lora_* say")
     reward_funcs: str = option("", "reward functions instead of a reward model (RLVR with a critic): accuracy, "
-                                   "format, code or pkg.module:function (TRL's signature), comma-separated; "
+                                   "format, code, judge or pkg.module:function (TRL's signature), comma-separated; "
                                    "the prompt file's other fields are their columns")
+    judge: str = option("", "--reward_funcs judge: the judge LM's folder (equal to --model: the policy's own base, "
+                            "adapters off, judges without a second copy); reward = its expected rating (rl/judge.py)")
+    constitution: str = option("", "--reward_funcs judge: the principles, a text file with one per line")
+    judge_template: str = option("", "--reward_funcs judge: rating template file (default: the shipped one)")
+    judge_rating_words: str = option(DEFAULT_RATING_WORDS, "--reward_funcs judge: word=value,... each one token")
     reward_weights: str = option("", "comma-separated weights, one per reward function (default 1 each)")
     reward_timeout: float = option(300.0, "seconds one reward function may take on one batch")
+    ensemble_reduce: str | None = option(None, "a reward-model ensemble (`rlhf-fast rm --ensemble K`): the reward is "
+                                               "the members' mean, min, mean_minus_std (mean - ensemble_penalty x "
+                                               "std, Coste et al. 2023) or mean_minus_var; unset: mean_minus_std",
+                                         choices=REDUCTIONS)
+    ensemble_penalty: float | None = option(None, "lambda of mean_minus_std / mean_minus_var (>= 0); unset: 1.0")
     # redeclared for their help: a PPO step is one rollout batch, then ppo_epochs x num_minibatches updates
     batch_size: int = option(8, "prompts per PPO step (the rollout batch); each step then makes ppo_epochs x "
                                 "num_minibatches optimiser updates on it")
@@ -125,6 +137,7 @@ class PPOConfig(TrainConfig):
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
+        check_options(self.ensemble_reduce, self.ensemble_penalty, has_reward_model=not self.reward_funcs)
 
 
 def kl_controller(cfg: PPOConfig):
@@ -140,13 +153,17 @@ def sampling_config(cfg: PPOConfig) -> rollout.SamplingConfig:
 
 @torch.no_grad()
 def make_experience(model, cfg: PPOConfig, prompts: dict, eos_id: int | None, ctl, moments,
-                    reward_fn=None) -> dict:
-    """Generate, score and compute advantages for one batch of prompts (left-padded prompt_ids/prompt_mask)."""
+                    reward_fn=None, ensemble=None) -> dict:
+    """Generate, score and compute advantages for one batch of prompts (left-padded prompt_ids/prompt_mask).
+    ensemble: an rl.ensemble.EnsembleReward whose reduced score replaces the reward head's (an extra forward per
+    member: experience() already scored member 0, kept as it is for the single-model path)."""
     ro = rollout.sample(model, prompts["prompt_ids"], prompts["prompt_mask"], sampling_config(cfg),
                         eos_token_id=eos_id)
     exp = model.experience(ro.sequences, ro.attention_mask, temperature=cfg.temperature)  # (B, T) each, scores (B,)
     mask = ro.mask  # (B, T): generated tokens up to and including the first EOS
     raw = exp["scores"].float() if reward_fn is None else rollout.score(model, ro, reward_fn)  # (B,)
+    if reward_fn is None and ensemble is not None:
+        raw = ensemble(ro.sequences, ro.attention_mask)  # (B,) reduced over the K members
     raw = advantages.shape_scores(raw, ro.has_eos, missing_eos_penalty=cfg.missing_eos_penalty)
     scores = advantages.shape_scores(raw, ro.has_eos, moments=moments if cfg.normalize_scores else None,
                                      clip=cfg.score_clip)
@@ -211,13 +228,18 @@ def train_ppo(cfg: PPOConfig, *, model=None, tokenizer=None, prompts: list[dict]
     funcs = None
     if cfg.reward_funcs:
         weights = [float(w) for w in cfg.reward_weights.split(",")] if cfg.reward_weights.strip() else None
-        funcs = load_reward_functions(cfg.reward_funcs, reward_weights=weights, reward_timeout=cfg.reward_timeout)
+        judge = judge_functions(cfg.reward_funcs, cfg.judge, cfg.constitution, cfg.judge_template,
+                                cfg.judge_rating_words)
+        funcs = load_reward_functions(cfg.reward_funcs, functions=judge, reward_weights=weights,
+                                      reward_timeout=cfg.reward_timeout)
         funcs.check_columns({k for e in prompts for k in e["columns"]})
     device = L.resolve_device(cfg.device)
     L.seed_everything(cfg.seed)
     model = L.load_role_model(cfg, device, model, tokenizer)
+    bind_judges(funcs, model, cfg.model, tokenizer)  # `judge`: the policy's base when --judge is --model
     if cfg.reward_model:
         load_reward(model, cfg.reward_model)
+    ensemble = ensemble_reward(model, cfg.ensemble_reduce, cfg.ensemble_penalty) if not cfg.reward_funcs else None
     pad_id, eos_id = L.pad_id(tokenizer, model), L.eos_id(tokenizer, model)
     model.eval()  # no dropout in PPO: the rollout's and the update's log-probs must agree
 
@@ -232,7 +254,7 @@ def train_ppo(cfg: PPOConfig, *, model=None, tokenizer=None, prompts: list[dict]
             examples = [prompts[i] for i in run.sampler.next()]
             batch = {k: v.to(device) for k, v in collate_prompts(examples, pad_id).items()}
             rfn = reward_fn if funcs is None else text_reward_fn(funcs, tokenizer, examples)
-            b = make_experience(model, cfg, batch, eos_id, ctl, moments, rfn)
+            b = make_experience(model, cfg, batch, eos_id, ctl, moments, rfn, ensemble)
             beta = ctl.value
             B = b["seq"].shape[0]
             stats: dict[str, list] = {}
@@ -261,6 +283,8 @@ def train_ppo(cfg: PPOConfig, *, model=None, tokenizer=None, prompts: list[dict]
                     **run.common_metrics(device)})
                 if funcs is not None:
                     metrics.update({f"rewards/{k}/mean": float(v.nanmean()) for k, v in rfn.last.items()})
+                if ensemble is not None:
+                    metrics["rewards/ensemble_std"] = ensemble.pop_std()  # across members, mean over the samples
                 run.log_row(metrics, ("objective/scores", "objective/kl", "loss/policy_avg"))
         run.finish()  # the final checkpoint; out_dir stays locked until the model is saved
         model.trained_roles |= {"policy", "critic"}

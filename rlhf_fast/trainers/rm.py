@@ -14,6 +14,13 @@ equal once cut to max_length) are dropped before training, with a warning and th
 data/dropped_pairs and data/val_dropped_pairs (data.jsonl.drop_tied_pairs); a data set of nothing else is a
 DataError. Accuracy, in training and in validation alike, counts a pair scored exactly equal as 0.5: a
 tie is a coin flip, as its Bradley-Terry loss log 2 says.
+
+Ensembles (`--ensemble K`, docs/ensembles.md): K reward members on the one base (adapters "reward", "reward_1",
+..., each with its own score head and init seed seed + k), trained together in one run. Member k reads a
+bootstrap resample of the training prompts (drawn with replacement, seed + k) through the run's one shuffled
+order, so all members advance in step and a checkpoint (hence --resume) holds them all. Each step makes one
+forward and backward per member and one optimiser update of all of them (the gradient norm is clipped over the
+whole ensemble). Each member's offset is normalised on validation; the ensemble is one out_dir/model folder.
 """
 
 from __future__ import annotations
@@ -43,20 +50,25 @@ class RMConfig(TrainConfig):
     val_fraction: float = option(0.1, "share of the prompts held out for validation when val_data is empty")
     eval_every: int = option(0, "evaluate on the validation split every N steps (0: only at the end)")
     normalize: bool = option(True, "shift rewards to mean 0 on the validation split; the offset is saved")
+    ensemble: int = option(1, "train K reward models on the one base (K adapters + score heads, each on a "
+                              "bootstrap resample of the pairs, seed + k), saved as one folder; 1: a single one")
 
     def validate(self) -> None:
         super().validate()
+        if isinstance(self.ensemble, bool) or not isinstance(self.ensemble, int) or self.ensemble < 1:
+            raise ConfigError(f"ensemble must be an integer >= 1 (reward models on the base), got {self.ensemble!r}")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"val_fraction must lie in [0, 1), got {self.val_fraction}")
         if self.eval_every < 0:
             raise ConfigError(f"eval_every must be >= 0, got {self.eval_every}")
 
 
-def rm_loss(model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Bradley-Terry loss of a ranking batch (see collate_rankings), averaged per prompt, and metrics."""
+def rm_loss(model, batch: dict, member: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Bradley-Terry loss of a ranking batch (see collate_rankings), averaged per prompt, and metrics, of reward
+    member `member` (0 unless the model holds an ensemble)."""
     from rlhf_fast.ops import bradley_terry_loss
 
-    scores = model.scores(batch["input_ids"], batch["attention_mask"])  # (S,)
+    scores = model.scores(batch["input_ids"], batch["attention_mask"], member)  # (S,)
     c, r = scores[batch["chosen"]], scores[batch["rejected"]]  # (P,)
     margin, group = batch["margin"].to(scores.dtype), batch["group"]
     counts = torch.bincount(group, minlength=batch["n_groups"])
@@ -79,13 +91,20 @@ def pair_accuracy(d: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_rm(model, examples: list[dict], pad_id: int, device, batch_size: int = 16) -> dict:
-    """Pair accuracy, mean margin and reward mean/std over `examples` (scores before any offset)."""
+def evaluate_rm(model, examples: list[dict], pad_id: int, device, batch_size: int = 16,
+                member: int | None = 0) -> dict:
+    """Pair accuracy, mean margin and reward mean/std over `examples` (the scores as the heads give them now) of
+    reward member `member`; member=None: of the ensemble's mean score (a member's constant offset moves its
+    reward mean, never a pair's order)."""
     model.eval()
     ok, pairs, margins, all_scores = 0.0, 0, [], []
     for i in range(0, len(examples), batch_size):
         b = collate_rankings(examples[i:i + batch_size], pad_id)
-        s = model.scores(b["input_ids"].to(device), b["attention_mask"].to(device)).float().cpu()
+        ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)
+        if member is None:
+            s = model.ensemble_scores(ids, mask).float().cpu().mean(0)  # (S,)
+        else:
+            s = model.scores(ids, mask, member).float().cpu()
         d = s[b["chosen"]] - s[b["rejected"]]
         ok += float(pair_accuracy(d))
         pairs += d.numel()
@@ -105,6 +124,11 @@ def split_validation(examples: list[dict], fraction: float, seed: int) -> tuple[
         return examples, []
     perm = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
     return [examples[i] for i in perm[n_val:]], [examples[i] for i in perm[:n_val]]
+
+
+def bootstrap_indices(n: int, seed: int) -> list[int]:
+    """n indices into n examples drawn uniformly with replacement (a bootstrap resample, Efron 1979), seeded."""
+    return torch.randint(n, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def _drop_ties(examples: list[dict], what: str) -> tuple[list[dict], int]:
@@ -143,32 +167,73 @@ def train_rm(cfg: RMConfig, *, model=None, tokenizer=None, examples: list[dict] 
     L.seed_everything(cfg.seed)
     model = L.load_role_model(cfg, device, model, tokenizer)
     pad_id = L.pad_id(tokenizer, model)
+    K = cfg.ensemble
+    if K > 1:  # members 1..K-1 join the reward adapter on the same base; each starts from its own seed
+        model.set_reward_members(K)
+        for k in range(K):
+            model.reset_reward_member(k, cfg.seed + k)
+    # member k's view of the training prompts: itself for a single model, a bootstrap resample in an ensemble
+    views = [list(range(len(examples)))] if K == 1 else [bootstrap_indices(len(examples), cfg.seed + k)
+                                                          for k in range(K)]
 
-    params = L.trainable_named_parameters(model, ["reward"])
+    ids = {id(p) for k in range(K) for p in model.member_parameters(k)}
+    params = [(n, p) for n, p in model.named_parameters() if id(p) in ids]
     with L.Run(cfg, "rm", params, len(examples), callback=callback, model=model) as run:
         for step in run:
             model.train()
-            batch = collate_rankings([examples[i] for i in run.sampler.next()], pad_id)
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            loss, metrics = rm_loss(model, batch)
-            loss.backward()
+            rows, per_member = run.sampler.next(), []
+            for k in range(K):
+                batch = collate_rankings([examples[views[k][i]] for i in rows], pad_id)
+                batch = {n: v.to(device) if torch.is_tensor(v) else v for n, v in batch.items()}
+                loss_k, metrics = rm_loss(model, batch, k)
+                loss_k.backward()  # member by member: one graph alive at a time
+                per_member.append((loss_k.detach(), metrics))
+                run.tokens += int(batch["attention_mask"].sum())
+            loss = torch.stack([m[0] for m in per_member]).mean()
             gnorm = run.apply(loss)
-            run.tokens += int(batch["attention_mask"].sum())
             if run.logging_now():
-                metrics.update({"loss": loss.detach(), "grad_norm": gnorm, **run.common_metrics(device)})
+                metrics = per_member[0][1] if K == 1 else _member_metrics(per_member)
+                metrics.update({"loss": loss, "grad_norm": gnorm, **run.common_metrics(device)})
                 if cfg.eval_every and step % cfg.eval_every == 0 and val_examples:
-                    metrics.update({f"val/{k}": v for k, v in evaluate_rm(model, val_examples, pad_id, device).items()})
+                    metrics.update(validation_metrics(model, val_examples, pad_id, device, K)[0])
                 run.log_row(metrics, ("loss", "accuracy", "margin_mean"))
         run.finish()  # the final checkpoint, before the offset changes the score head; out_dir stays locked
         model.trained_roles.add("reward")
 
-        val = evaluate_rm(model, val_examples, pad_id, device) if val_examples else {}
-        offset = -val["reward_mean"] if (cfg.normalize and val) else 0.0
-        set_reward_offset(model, offset)
-        run.log.log(run.step, {f"val/{k}": v for k, v in val.items()} | {"reward_offset": offset,
-                                                                           "data/dropped_pairs": dropped,
-                                                                           "data/val_dropped_pairs": val_dropped})
+        row, vals = validation_metrics(model, val_examples, pad_id, device, K) if val_examples else ({}, [{}] * K)
+        offsets = [-v["reward_mean"] if (cfg.normalize and v) else 0.0 for v in vals]  # each member to mean 0
+        for k, offset in enumerate(offsets):
+            set_reward_offset(model, offset, k)
+        val, offset = vals[0], offsets[0]
+        normalization = {"offset": offset, "validation": val}
+        if K > 1:
+            val = {k[4:]: v for k, v in row.items() if k.count("/") == 1} | {"members": vals}
+            normalization = {"offsets": offsets, "validation": val}
+            row |= {f"reward_offset/member_{j}": o for j, o in enumerate(offsets)}
+        run.log.log(run.step, row | {"reward_offset": offset, "data/dropped_pairs": dropped,
+                                     "data/val_dropped_pairs": val_dropped})
         out = os.path.join(cfg.out_dir, "model")
         model.save(out, save_base=False)
-        ckpt.atomic_write_json(os.path.join(out, "reward_normalization.json"), {"offset": offset, "validation": val})
-    return {"model": model, "metrics": run.row, "val": val, "offset": offset, "out": out}
+        ckpt.atomic_write_json(os.path.join(out, "reward_normalization.json"), normalization)
+    return {"model": model, "metrics": run.row, "val": val, "offset": offset if K == 1 else offsets, "out": out}
+
+
+def validation_metrics(model, val_examples: list[dict], pad_id: int, device, K: int) -> tuple[dict, list[dict]]:
+    """(logged row, each member's evaluate_rm). One model: val/<metric>. An ensemble: val/<metric> is the
+    members' average, val/ensemble_<metric> that of the ensemble's mean score, val/member_k/<metric> member k's."""
+    vals = [evaluate_rm(model, val_examples, pad_id, device, member=k) for k in range(K)]
+    if K == 1:
+        return {f"val/{k}": v for k, v in vals[0].items()}, vals
+    row = {f"val/{k}": sum(v[k] for v in vals) / K for k in vals[0]}
+    row |= {f"val/ensemble_{k}": v for k, v in evaluate_rm(model, val_examples, pad_id, device, member=None).items()}
+    row |= {f"val/member_{j}/{k}": v for j, vj in enumerate(vals) for k, v in vj.items()}
+    return row, vals
+
+
+def _member_metrics(per_member: list) -> dict:
+    # the members' mean under the usual names (what the bar shows), and each member's own
+    out = {k: torch.stack([m[k] for _, m in per_member]).mean() for k in per_member[0][1]}
+    for j, (loss, m) in enumerate(per_member):
+        out |= {f"member_{j}/loss": loss} | {f"member_{j}/{k}": v for k, v in m.items()}
+    return out
+

@@ -280,13 +280,13 @@ def _delegate(name: str, argv: list[str]) -> int:
 def _usage() -> str:
     lines = [f"usage: rlhf-fast {{{','.join(SUBCOMMANDS)}}} [options]", "",
              "RLHF on one model copy: SFT -> reward model -> PPO, with fused kernels.", "", "commands:"]
-    for name, (_, _, desc) in _stages().items():
-        lines.append(f"  {name:6s} {desc}")
-    lines += ["  label  RLAIF: preference pairs labelled by a judge LM from a written constitution",
-              "  revise Constitutional AI: sample, critique, revise -> SFT data",
-              "  best-of-n  Best-of-N: N samples per prompt, scored, the best kept as JSONL",
-              "  demo   the embedded end-to-end demo (no downloads)", "  bench  benchmarks", "",
-              "`rlhf-fast COMMAND --help` lists a command's options."]
+    rows = [(name, desc) for name, (_, _, desc) in _stages().items()]
+    rows += [("label", "RLAIF: preference pairs labelled by a judge LM from a written constitution"),
+             ("revise", "Constitutional AI: sample, critique, revise -> SFT data"),
+             ("best-of-n", "Best-of-N: N samples per prompt, scored, the best kept as JSONL"),
+             ("demo", "the embedded end-to-end demo (no downloads)"), ("bench", "benchmarks")]
+    lines += [f"  {name:10s} {desc}" for name, desc in rows]
+    lines += ["", "`rlhf-fast COMMAND --help` lists a command's options."]
     return "\n".join(lines)
 
 

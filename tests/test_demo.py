@@ -191,6 +191,8 @@ def test_demo_report_keys_and_sanity(demo_dir):
     for block, keys in REPORT_KEYS.items():
         assert keys <= set(r[block]), (block, keys - set(r[block]))
     assert r["wall_seconds"] > 0
+    assert set(r["stage_cpu_seconds"]) == set(r["stage_seconds"]) - {"report"}
+    assert sum(r["stage_cpu_seconds"].values()) <= r["cpu_seconds"] + 1e-6
     assert 0.5 < r["rm"]["labeler_agreement"] <= 1.0
     assert 0.0 <= r["rm"]["heldout_accuracy"] <= 1.0
     for run in ("ppo", "ppo_no_kl", "dpo"):

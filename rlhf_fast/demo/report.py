@@ -97,6 +97,8 @@ def write_markdown(out: str, report: dict, examples: list[tuple[str, str, str, s
     ]
     lines += [f"| {p} | {a} | {b} | {c} |" for p, a, b, c in examples]
     lines += ["", "Stage timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in r["stage_seconds"].items()), ""]
+    if r.get("stage_cpu_seconds"):
+        lines += ["Stage CPU seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in r["stage_cpu_seconds"].items()), ""]
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(lines))
 

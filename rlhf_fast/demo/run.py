@@ -494,9 +494,13 @@ def run(cfg: DemoConfig) -> dict:
     out = cfg.out
     work = os.path.join(out, "work")
 
+    stage_cpu: dict[str, float] = {}
+    cpu_mark = [cpu_start]
+
     def lap(name: str, t: float) -> float:
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.process_time()
         stages[name] = now - t
+        stage_cpu[name], cpu_mark[0] = cpu - cpu_mark[0], cpu  # CPU seconds: what a shared machine does not inflate
         return now
 
     torch.set_num_threads(max(1, cfg.threads))
@@ -616,6 +620,7 @@ def run(cfg: DemoConfig) -> dict:
                    **({"ppo_no_kl_ensemble": extra["ensemble"]["curve"]} if extra else {})},
         "config": dataclasses.asdict(cfg),
         "stage_seconds": stages,
+        "stage_cpu_seconds": stage_cpu,
     }
     t = time.perf_counter()
     curves = {f"kl_coef={cfg.kl_coef}": curve, "no KL": curve_no_kl}

@@ -141,11 +141,12 @@ def non_finite(params: list[tuple[str, torch.Tensor]]) -> list[str]:
 
 def save_checkpoint(root: str, step: int, *, params: list[tuple[str, torch.nn.Parameter]], optimizer,
                     scheduler, state: dict, keep: int = 2, run_id: str | None = None, trainer: str | None = None,
-                    config: dict | None = None) -> str:
+                    config: dict | None = None, rank_rngs: list | None = None) -> str:
     """Write `<root>/step-<step>` atomically, then delete this run's older checkpoints past the `keep` newest.
 
     params: the trainable (name, parameter) pairs; state: JSON-able trainer state; config: the run's config
     (JSON-able), saved beside it so a resume compares against what this checkpoint was trained with.
+    rank_rngs: under torchrun, every process's RNG states in rank order (rng_ranks.pt; rng.pt is rank 0's).
     run_id / trainer go to run.json; rotation only ever deletes checkpoints with the same run_id (None
     matches checkpoints written without one), oldest step first, never one past `step` or this one.
     Refuses (ValueError) to write non-finite weights.
@@ -162,6 +163,8 @@ def save_checkpoint(root: str, step: int, *, params: list[tuple[str, torch.nn.Pa
         _save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
         _save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
         _save(rng_state(), os.path.join(tmp, "rng.pt"))
+        if rank_rngs is not None:
+            _save(rank_rngs, os.path.join(tmp, "rng_ranks.pt"))
         for name, obj in (("state.json", {"step": step, **state}), ("run.json", {"run_id": run_id, "trainer": trainer}),
                           ("config.json", config)):
             if obj is not None:
@@ -226,6 +229,11 @@ def read_checkpoint(path: str) -> dict:
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{os.path.join(path, 'config.json')} is unreadable: {e}") from e
     out["run"] = read_run_info(path)
+    ranks = os.path.join(path, "rng_ranks.pt")  # written by runs on several processes only
+    try:
+        out["rng_ranks"] = torch.load(ranks, map_location="cpu", weights_only=False) if os.path.isfile(ranks) else None
+    except Exception as e:  # noqa: BLE001 - as above
+        raise CheckpointError(f"{ranks} is unreadable (truncated or corrupt?): {type(e).__name__}: {e}") from e
     return out
 
 

@@ -64,6 +64,8 @@ def check_out_dir(path: str) -> None:
 class OptimConfig:
     """AdamW over the adapters and heads, with warm-up and a decay schedule."""
 
+    optimizer: str = option("adamw", "adamw, or sgd (plain SGD: lr and weight_decay; the betas and eps are unused)",
+                            choices=("adamw", "sgd"))
     lr: float = option(1e-4, "peak learning rate of AdamW")
     weight_decay: float = option(0.0, "AdamW weight decay")
     beta1: float = option(0.9, "AdamW beta1")
@@ -86,6 +88,8 @@ class OptimConfig:
         if self.warmup_steps < 0 or self.max_grad_norm < 0:
             raise ConfigError(f"warmup_steps and max_grad_norm must be >= 0, got {self.warmup_steps}, "
                               f"{self.max_grad_norm}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ConfigError(f"optimizer must be adamw or sgd, got {self.optimizer!r}")
         if self.lr_scheduler not in ("constant", "linear", "cosine"):
             raise ConfigError(f"lr_scheduler must be constant, linear or cosine, got {self.lr_scheduler!r}")
 
@@ -117,6 +121,11 @@ class TrainConfig:
     progress: bool = option(True, "show a progress bar with live metrics (off: also no progress bars, logs or "
                                   "deprecation warnings from transformers and peft)")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward to save memory")
+    distributed: str = option("ddp", "under torchrun (WORLD_SIZE > 1): ddp replicates the base and all-reduces the "
+                                     "adapters' gradients; fsdp2 (sharded base) is not implemented yet. Ignored on "
+                                     "one process (docs/distributed.md)", choices=("ddp", "fsdp2"))
+    dist_timeout_minutes: float = option(10.0, "under torchrun: a collective that waits longer than this (a process "
+                                               "died or hangs) ends the run with an error")
     optim: OptimConfig = option(factory=OptimConfig, help="optimiser")
     lora: LoraSettings = option(factory=lambda: LoraSettings(r=8, alpha=16.0),
                                 help="LoRA adapters (flags --lora_r, --lora_alpha, --lora_dropout, "
@@ -138,6 +147,10 @@ class TrainConfig:
             raise ConfigError("log_every and keep_checkpoints must be > 0, checkpoint_every >= 0")
         if self.checkpoint_minutes < 0:
             raise ConfigError(f"checkpoint_minutes must be >= 0, got {self.checkpoint_minutes}")
+        if self.distributed not in ("ddp", "fsdp2"):
+            raise ConfigError(f"distributed must be ddp or fsdp2, got {self.distributed!r}")
+        if not self.dist_timeout_minutes > 0:
+            raise ConfigError(f"dist_timeout_minutes must be > 0, got {self.dist_timeout_minutes}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         self.optim.validate()

@@ -57,6 +57,7 @@ from rlhf_fast.data.jsonl import (
 from rlhf_fast.models.conventions import IGNORE_INDEX, token_mask
 from rlhf_fast.models.io import base_fingerprint, load_reward
 from rlhf_fast.ops import dpo_loss, fused_linear_logprobs, orpo_loss, simpo_loss
+from rlhf_fast.trainers import distributed as D
 from rlhf_fast.trainers import dpo_online as O
 from rlhf_fast.trainers import loop as L
 from rlhf_fast.trainers.config import ConfigError, TrainConfig, option, quiet_unless_progress
@@ -268,7 +269,9 @@ def train_dpo(cfg: DPOConfig, *, model=None, tokenizer=None, examples: list[dict
             examples = encode_rankings(load_rankings(cfg.data), tokenizer, cfg.max_length, cfg.data)
         check_examples(examples, ("prompt_ids", "response_ids"), "DPO examples")
         examples, dropped = preference_pairs(examples, cfg.max_length)
-    device = L.resolve_device(cfg.device)
+    if cfg.online or cfg.ref_update_every:
+        D.refuse("dpo --online / --ref_update_every")
+    device = D.init_from_env(cfg)
     L.seed_everything(cfg.seed)
     model = L.load_role_model(cfg, device, model, tokenizer)
     if cfg.reward_model:
@@ -299,8 +302,9 @@ def train_dpo(cfg: DPOConfig, *, model=None, tokenizer=None, examples: list[dict
             if batch is not None:  # None: every sampled pair was a tie, nothing to learn from this step
                 ref = batch_reference(cache, idx, device) if cache is not None else None
                 loss, stats = dpo_batch_loss(model, cfg, batch, ref)
+                loss = loss * D.share(len(idx))  # torchrun: this process's share of the mean over the global pairs
                 loss.backward()
-                stats.update(loss=loss.detach(), grad_norm=run.apply(loss))
+                stats.update(grad_norm=run.apply(loss), loss=run.loss)
                 run.tokens += int(batch["attention_mask"].sum())
             if updates is not None and step % cfg.ref_update_every == 0:
                 updates.merge(step, run.opt)
@@ -313,5 +317,5 @@ def train_dpo(cfg: DPOConfig, *, model=None, tokenizer=None, examples: list[dict
         model.trained_roles.add("policy")
         out = os.path.join(cfg.out_dir, "model")
         # after a reference update the base itself was trained: save it, the adapters alone would lose it
-        model.save(out, save_base=bool(updates and updates.steps))
+        D.on_main(lambda: model.save(out, save_base=bool(updates and updates.steps)), "saving the model")
     return {"model": model, "metrics": run.row, "out": out}

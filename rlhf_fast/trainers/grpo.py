@@ -37,6 +37,7 @@ from rlhf_fast.rl import rewards as R
 from rlhf_fast.rl import rollout
 from rlhf_fast.rl.ensemble import REDUCTIONS, check_options, ensemble_reward
 from rlhf_fast.rl.judge import DEFAULT_RATING_WORDS, bind_judges, judge_functions
+from rlhf_fast.trainers import distributed as D
 from rlhf_fast.trainers import loop as L
 from rlhf_fast.trainers.config import ConfigError, TrainConfig, option, quiet_unless_progress
 
@@ -228,14 +229,16 @@ def make_groups(model, cfg: GRPOConfig, tokenizer, batch: list[dict], rewards_fn
         lengths, cfg.max_completion_length, opts["overlong_buffer"], cfg.overlong_penalty).to(device)
     grouped = rewards.view(-1, G)
     zero_std = (grouped == grouped[:, :1]).all(1)  # (B,)
-    adv = group_advantages(rewards, G, estimator=opts["advantage_estimator"], scale=opts["scale_rewards"],
-                           eps=cfg.std_eps)
+    # torchrun: a process holds whole groups; the batch scale (reinforce_pp) needs every process's rewards
+    adv = D.local_rows(group_advantages(D.all_gather_cat(rewards), G, estimator=opts["advantage_estimator"],
+                                        scale=opts["scale_rewards"], eps=cfg.std_eps))
     mask = ro.mask
     if cfg.mask_truncated_completions:
         mask = mask * ro.has_eos[:, None].float()
     return {"seq": ro.sequences, "attn": ro.attention_mask, "mask": mask, "adv": adv, "rewards": rewards,
             "per_function": {k: v.to(device) for k, v in per_function.items()}, "zero_std": zero_std,
-            "lengths": lengths, "has_eos": ro.has_eos}
+            "lengths": lengths, "has_eos": ro.has_eos,
+            "width": D.global_width(p["prompt_ids"].shape[1], ro.sequences.shape[1])}
 
 
 def cat_groups(parts: list[dict]) -> dict:
@@ -333,9 +336,12 @@ def train_grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, examples: list[di
     if too_long:
         raise DataError(f"prompt {too_long[0]}: with max_completion_length={cfg.max_completion_length} it exceeds "
                         f"max_length={cfg.max_length}")
-    device = L.resolve_device(cfg.device)
+    if opts["dynamic_sampling"]:
+        D.refuse("grpo --dynamic_sampling (DAPO's resampling of flat groups)")
+    device = D.init_from_env(cfg)
     L.seed_everything(cfg.seed)
     model = L.load_role_model(cfg, device, model, tokenizer)
+    D.seed_rank_streams(cfg.seed)  # torchrun: each process samples its own completions
     if cfg.reward_model:
         load_reward(model, cfg.reward_model)
     ensemble = ensemble_reward(model, cfg.ensemble_reduce, cfg.ensemble_penalty) if uses_reward_model(cfg) else None
@@ -376,6 +382,7 @@ def train_grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, examples: list[di
                 rows = (groups[:, None] * G + torch.arange(G, device=device)).reshape(-1)  # their samples
                 b = {k: (v[groups] if k == "zero_std" else v[rows] if torch.is_tensor(v)
                          else {n: t[rows] for n, t in v.items()}) for k, v in b.items()}
+            b["width"] = parts[0]["width"]  # the padded width one process would have (Dr. GRPO's T under torchrun)
             with torch.no_grad():
                 # one update on the whole batch (num_iterations = num_minibatches = 1) is strictly on-policy: the
                 # loss takes the old log-probs from its own forward instead of a separate pass (as TRL)
@@ -388,22 +395,29 @@ def train_grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, examples: list[di
             b["first_completion"] = int(cols[0]) if cols.numel() else 0
             stats: dict[str, list] = {}
             for _ in range(cfg.num_iterations):
-                for idx in torch.randperm(N, device=device).chunk(min(cfg.num_minibatches, N)):
-                    loss, st = 0.0, {}
+                # one permutation of the global batch (rank 0's under torchrun); this process's rows of each part
+                for idx in D.minibatches(N, cfg.num_minibatches, device):
+                    idx = idx.to(device)
+                    # torchrun: this process's part of the minibatch's loss (exactly 1 on one process)
+                    scale = D.agg_share(b["mask"][idx], opts["loss_agg"], b["width"])
+                    loss, st = torch.zeros((), device=device), {}
                     for sub, share in micro_batches(b["mask"], idx, cfg.micro_batch_size, opts["loss_agg"]):
+                        if sub.numel() == 0:  # the minibatch's rows are all on other processes
+                            continue
                         part, st_part = grpo_minibatch_loss(model, cfg, b, sub)
-                        (part * share).backward()
-                        loss = loss + part.detach() * share
-                        for k, v in st_part.items():  # statistics weighted as the loss is
+                        (part * (share * scale)).backward()
+                        loss = loss + part.detach() * (share * scale)
+                        for k, v in st_part.items():  # statistics weighted as the loss is (on this process)
                             st[k] = st.get(k, 0.0) + v * share
                     st["grad_norm"] = run.apply(loss)
-                    st["loss"] = loss
+                    st["loss"] = run.loss
                     for k, v in st.items():
                         stats.setdefault(k, []).append(float(v))
             run.tokens += int(b["attn"].sum())
             if run.logging_now():
                 metrics = {k: sum(v) / len(v) for k, v in stats.items()}
-                metrics.update(R.reward_metrics(b["rewards"], b["per_function"]))
+                metrics.update(R.reward_metrics(D.all_gather_cat(b["rewards"]),  # the global batch's
+                                                {k: D.all_gather_cat(v) for k, v in b["per_function"].items()}))
                 if ensemble is not None:
                     metrics["rewards/ensemble_std"] = ensemble.pop_std()  # across members, mean over the samples
                 if kept is not None:
@@ -416,9 +430,9 @@ def train_grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, examples: list[di
         run.finish()  # the final checkpoint; the out_dir stays locked until the model is saved
         model.trained_roles.add("policy")
         out = os.path.join(cfg.out_dir, "model")
-        model.save(out, save_base=False)
+        D.on_main(lambda: model.save(out, save_base=False), "saving the model")
         evaluation = None
-        if held_out:  # --dataset: greedy accuracy on the held-out questions
+        if held_out and D.is_main():  # --dataset: greedy accuracy on the held-out questions
             evaluation = rg.evaluate(model, held_out, R.Accuracy(score_answer=rg.score_answer),
                                      max_new_tokens=cfg.max_completion_length, pad_id=pad_id, eos_id=eos_id,
                                      decode=lambda s, m: R.completion_texts(tokenizer, s, m))

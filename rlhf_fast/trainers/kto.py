@@ -29,6 +29,7 @@ import torch
 from rlhf_fast.data.collate import collate_sft
 from rlhf_fast.data.jsonl import check_examples, encode_sft, fit_context, load_unpaired
 from rlhf_fast.ops import kto_loss
+from rlhf_fast.trainers import distributed as D
 from rlhf_fast.trainers import loop as L
 from rlhf_fast.trainers.config import ConfigError, TrainConfig, option, quiet_unless_progress
 from rlhf_fast.trainers.dpo import policy_logps, reference_logps
@@ -101,6 +102,7 @@ def train_kto(cfg: KTOConfig, *, model=None, tokenizer=None, examples: list[dict
     Every check (options, data, model folder) runs before anything is written to cfg.out_dir.
     """
     cfg.validate()
+    D.refuse("kto (its KL reference point is a batch statistic, not yet all-reduced)")
     tokenizer = L.resolve_tokenizer(cfg, tokenizer, model, need=examples is None)
     if examples is None:
         records = load_unpaired(cfg.data)

@@ -40,6 +40,7 @@ from rlhf_fast.models import RoleModel
 from rlhf_fast.models.conventions import resolve_device  # noqa: F401  (L.resolve_device for the trainers)
 from rlhf_fast.models.io import load_tokenizer
 from rlhf_fast.trainers import checkpoint as ckpt
+from rlhf_fast.trainers import distributed as D
 from rlhf_fast.trainers.config import ConfigError, OptimConfig, TrainConfig
 
 
@@ -114,6 +115,8 @@ def eos_id(tokenizer, model=None) -> int | None:
 
 # ----------------------------------------------------------------------------------------- optimiser
 def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                              weight_decay=cfg.weight_decay)
 
@@ -197,12 +200,20 @@ def diverged_after(total: int) -> int:
 # ----------------------------------------------------------------------------------------- data order
 class BatchSampler:
     """Shuffled index batches, epoch after epoch, from a seed; its position is part of a checkpoint
-    so a resumed run sees the very same batches."""
+    so a resumed run sees the very same batches.
 
-    def __init__(self, n: int, batch_size: int, seed: int):
+    shard (rank, world): the batch is global; every process draws the same permutation and next() returns this
+    process's contiguous slice of each global batch (batch_size / world indices), so the state is the same
+    everywhere and a run means the same on 1 or N processes."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, shard: tuple[int, int] = (0, 1)):
         if n <= 0:
             raise ConfigError("the data set is empty")
         self.n, self.batch_size, self.seed = n, min(batch_size, n), seed
+        self.rank, self.world = shard
+        if self.batch_size % self.world:
+            raise ConfigError(f"the global batch of {self.batch_size} examples (batch_size, at most the data set's "
+                              f"{n}) cannot be split evenly over {self.world} processes")
         self.epoch, self.pos = 0, 0
         self._perm = self._permutation()
 
@@ -220,7 +231,8 @@ class BatchSampler:
             self._perm = self._permutation()
         out = self._perm[self.pos:self.pos + self.batch_size]
         self.pos += self.batch_size
-        return out
+        k = self.batch_size // self.world
+        return out[self.rank * k:(self.rank + 1) * k]
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "pos": self.pos}
@@ -301,6 +313,16 @@ class MetricsLogger:
             self._tb = None
 
 
+class SilentLogger:
+    """The metrics log of the processes other than rank 0 under torchrun: the row, nothing written."""
+
+    def log(self, step: int, metrics: dict) -> dict:
+        return {"step": step, **{k: _scalar(v) for k, v in metrics.items()}}
+
+    def close(self) -> None:
+        pass
+
+
 def progress_bar(total: int, initial: int, desc: str, enabled: bool):
     return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True)
 
@@ -344,6 +366,9 @@ RESUME_RULES: dict[str, str] = {
     "epochs": CHANGE, "log_every": CHANGE, "checkpoint_every": CHANGE, "checkpoint_minutes": CHANGE,
     "keep_checkpoints": CHANGE, "progress": CHANGE, "device": CHANGE, "gradient_checkpointing": CHANGE,
     "eval_every": CHANGE, "normalize": CHANGE, "merge": CHANGE,
+    # the global batch is the same on any number of processes: a run may resume on another number of them
+    "distributed": CHANGE, "dist_timeout_minutes": CHANGE,
+    "optim.optimizer": MATCH,  # the optimiser's state in the checkpoint is that of the one it was trained with
 }
 
 
@@ -438,6 +463,11 @@ class Run:
     since the last one, and at the end. An update whose loss, gradient norm or resulting weights are not finite
     is undone (apply_gradients) and counted in skipped_steps; diverged_after(total) consecutive steps without
     an applied update raise TrainingDiverged.
+
+    Under torchrun (distributed.py, the DDP tier): the initial trainable parameters are broadcast from rank 0, the
+    sampler hands each process its slice of the global batch, apply() sums the gradients over the processes first,
+    log_row() averages the metrics over them, and rank 0 alone locks the out_dir and writes the config, the log and
+    the checkpoints (with every process's RNG state); every process restores the checkpoint on resume.
     """
 
     def __init__(self, cfg: TrainConfig, name: str, params: list, n_examples: int, *, updates_per_step: int = 1,
@@ -445,7 +475,7 @@ class Run:
         self.cfg, self.params, self.name = cfg, params, name
         self.callback, self.model = callback, model
         self.opt = build_optimizer([p for _, p in params], cfg.optim)
-        self.sampler = BatchSampler(n_examples, cfg.batch_size, cfg.seed)
+        self.sampler = BatchSampler(n_examples, cfg.batch_size, cfg.seed, shard=(D.rank(), D.world()))
         self.total = cfg.max_steps or cfg.epochs * self.sampler.steps_per_epoch
         self.sched = build_scheduler(self.opt, cfg.optim, self.total * updates_per_step)
         self.stateful = {"sampler": self.sampler, **{k: v for k, v in (stateful or {}).items() if v is not None}}
@@ -457,23 +487,35 @@ class Run:
         if cfg.resume and overwrite:
             raise ConfigError("--resume and --overwrite exclude each other: continue the run in out_dir, or "
                               "delete it and start afresh")
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        self._lock = ckpt.lock_out_dir(cfg.out_dir)
+        self._lock = None
+        D.broadcast_params([p for _, p in params])  # under torchrun: rank 0's initial adapters everywhere
         try:
-            ckpt.remove_leftovers(cfg.out_dir)
-            resumed = self._resume() if cfg.resume else self._fresh(overwrite)
-            ckpt.atomic_write_json(os.path.join(cfg.out_dir, "config.json"), self.config)
-            self.log = MetricsLogger(os.path.join(cfg.out_dir, "metrics.jsonl"), resumed,
-                                     os.path.join(cfg.out_dir, "tb"))
+            # under torchrun rank 0 alone locks and writes the out_dir; an error there reaches every process
+            D.on_main(lambda: self._prepare(overwrite), "preparing the out_dir")
+            resumed = self._resume() if cfg.resume else None  # every process restores the checkpoint
+            self.log = D.on_main(lambda: self._open_log(resumed), "opening the metrics log") or SilentLogger()
         except BaseException:
             self.close()
             raise
-        self.bar = progress_bar(self.total, self.step, name, cfg.progress)
+        self.bar = progress_bar(self.total, self.step, name, cfg.progress and D.is_main())
         self.row: dict = {}
+        self.loss: torch.Tensor | None = None  # the last update's loss, summed over the processes under torchrun
         self.t0, self.tokens = time.perf_counter(), 0
         self.finished = False
         self._last_save = time.monotonic()
         self._attempted = self._applied = self._streak = 0
+
+    def _prepare(self, overwrite: bool) -> None:
+        os.makedirs(self.cfg.out_dir, exist_ok=True)
+        self._lock = ckpt.lock_out_dir(self.cfg.out_dir)
+        ckpt.remove_leftovers(self.cfg.out_dir)
+        if not self.cfg.resume:
+            self._fresh(overwrite)
+
+    def _open_log(self, resumed: int | None) -> MetricsLogger:
+        ckpt.atomic_write_json(os.path.join(self.cfg.out_dir, "config.json"), self.config)
+        return MetricsLogger(os.path.join(self.cfg.out_dir, "metrics.jsonl"), resumed,
+                             os.path.join(self.cfg.out_dir, "tb"))
 
     def _fresh(self, overwrite: bool) -> None:
         found = ckpt.earlier_run(self.cfg.out_dir)
@@ -484,7 +526,7 @@ class Run:
         if found:
             ckpt.remove_run(self.cfg.out_dir)
             warnings.warn(f"overwrite: deleted the earlier run in {self.cfg.out_dir} ({', '.join(found)})",
-                          stacklevel=3)
+                          stacklevel=6)  # _fresh <- _prepare <- lambda <- on_main <- Run <- trainer
 
     def _resume(self) -> int | None:
         found = ckpt.list_checkpoints(self.root)
@@ -508,6 +550,12 @@ class Run:
             raise ConfigError(f"resume: checkpoint {path} holds no {missing[0]} state (it was written by a run "
                               "with other options)")
         state = ckpt.restore_checkpoint(data, path, params=self.params, optimizer=self.opt, scheduler=self.sched)
+        if D.world() > 1:  # each process's own RNG (its sampling stream), when saved by as many processes
+            rngs = data.get("rng_ranks") or []
+            if len(rngs) == D.world():
+                ckpt.set_rng_state(rngs[D.rank()])
+            else:
+                D.seed_rank_streams(self.cfg.seed + state["step"])
         for key, obj in self.stateful.items():
             obj.load_state_dict(state[key])
         self.step, self.skipped = state["step"], state.get("skipped_steps", 0)
@@ -577,8 +625,9 @@ class Run:
     def _checkpoint_due(self) -> bool:
         every = self.cfg.checkpoint_every
         minutes = float(getattr(self.cfg, "checkpoint_minutes", 10.0) or 0.0)  # TrainConfig.checkpoint_minutes
-        return bool(every and self.step % every == 0) or \
+        due = bool(every and self.step % every == 0) or \
             (minutes > 0 and time.monotonic() - self._last_save >= 60.0 * minutes)
+        return bool(D.all_reduce(float(due), "max")) if D.world() > 1 else due  # clocks differ: any process's
 
     def finish(self) -> None:
         """Write the final checkpoint now; the `with` block's end then writes none. Call it after the loop and
@@ -606,8 +655,11 @@ class Run:
     def apply(self, loss: torch.Tensor) -> float:
         """One optimiser update from the gradients already accumulated; a non-finite one is undone and
         counted. Returns the gradient norm."""
-        ok, gnorm = apply_gradients(loss, [p for _, p in self.params], self.opt, self.sched,
-                                    self.cfg.optim.max_grad_norm)
+        params = [p for _, p in self.params]
+        # under torchrun: the gradients (and losses) summed over the processes, so each makes the same update
+        loss = D.reduce_gradients(params, loss)
+        self.loss = loss.detach()
+        ok, gnorm = apply_gradients(loss, params, self.opt, self.sched, self.cfg.optim.max_grad_norm)
         self._attempted += 1
         self._applied += ok
         self.skipped += not ok
@@ -625,13 +677,17 @@ class Run:
         """Log one row (plus the callback's metrics) at the current step and show `shown` on the bar."""
         if self.callback is not None:
             metrics.update(self.callback(self.step, self.model) or {})
+        metrics = D.reduce_metrics(metrics, summed=("tokens/s", "val/num_eos_tokens"))  # torchrun: over processes
         self.row = self.log.log(self.step, metrics)
         show(self.bar, self.row, shown)
         return self.row
 
     def save(self) -> None:
         state = {"skipped_steps": self.skipped, **{k: o.state_dict() for k, o in self.stateful.items()}}
-        ckpt.save_checkpoint(self.root, self.step, params=self.params, optimizer=self.opt, scheduler=self.sched,
-                             keep=self.cfg.keep_checkpoints, state=state, run_id=self.run_id, trainer=self.name,
-                             config=self.config)
+        rngs = D.gather_objects(ckpt.rng_state()) if D.world() > 1 else None  # each process's sampling stream
+        # rank 0 writes (every process holds the same parameters and state); the others wait for it
+        D.on_main(lambda: ckpt.save_checkpoint(
+            self.root, self.step, params=self.params, optimizer=self.opt, scheduler=self.sched,
+            keep=self.cfg.keep_checkpoints, state=state, run_id=self.run_id, trainer=self.name, config=self.config,
+            rank_rngs=rngs), f"writing checkpoint step {self.step}")
         self._last_save = time.monotonic()

@@ -32,6 +32,7 @@ from rlhf_fast.rl import advantages, kl_control, rollout
 from rlhf_fast.rl.ensemble import REDUCTIONS, check_options, ensemble_reward
 from rlhf_fast.rl.judge import DEFAULT_RATING_WORDS, bind_judges, judge_functions
 from rlhf_fast.rl.rewards import load_reward_functions, text_reward_fn
+from rlhf_fast.trainers import distributed as D
 from rlhf_fast.trainers import loop as L
 from rlhf_fast.trainers.config import ConfigError, TrainConfig, option, quiet_unless_progress
 from rlhf_fast.trainers.sft import sft_loss
@@ -165,19 +166,29 @@ def make_experience(model, cfg: PPOConfig, prompts: dict, eos_id: int | None, ct
     if reward_fn is None and ensemble is not None:
         raw = ensemble(ro.sequences, ro.attention_mask)  # (B,) reduced over the K members
     raw = advantages.shape_scores(raw, ro.has_eos, missing_eos_penalty=cfg.missing_eos_penalty)
+    distributed = D.world() > 1  # torchrun: score moments and whitening over the global batch
     scores = advantages.shape_scores(raw, ro.has_eos, moments=moments if cfg.normalize_scores else None,
-                                     clip=cfg.score_clip)
+                                     clip=cfg.score_clip, gather=D.all_gather_cat if distributed else None)
     lp, ref, values = exp["logprobs"].float(), exp["ref_logprobs"].float(), exp["values"].float()
     a = advantages.ppo_advantages(lp, ref, values, scores, mask, kl_coef=ctl.value, gamma=cfg.gamma, lam=cfg.lam,
-                                  estimator=cfg.kl_estimator, whiten=cfg.whiten_advantages)
+                                  estimator=cfg.kl_estimator, whiten=cfg.whiten_advantages,
+                                  reduce=D.all_reduce if distributed else None)
     return {"seq": ro.sequences, "attn": ro.attention_mask, "mask": mask, "logprobs": lp, "values": values,
+            "width": D.global_width(prompts["prompt_ids"].shape[1], ro.sequences.shape[1]),
             "adv": a["advantages"], "returns": a["returns"], "scores": scores, "raw_scores": raw, "kl": a["kl"],
             "has_eos": ro.has_eos, "entropy": (-lp * mask).sum(1)}
 
 
 def ppo_minibatch_loss(model, cfg: PPOConfig, b: dict, idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """Policy + vf_coef * value loss on rows `idx` of the rollout batch (Schulman et al. 2017, eq. 9)."""
+    """Policy + vf_coef * value loss on rows `idx` of the rollout batch (Schulman et al. 2017, eq. 9).
+
+    Under torchrun this process's share of the minibatch's loss (the shares sum to one process's loss): both
+    terms are scaled by D.agg_share, its part of the global denominator of cfg.loss_agg. No rows: 0 (it still
+    takes part in the collectives)."""
     seq, attn, mask = b["seq"][idx], b["attn"][idx], b["mask"][idx]
+    part = D.agg_share(mask, cfg.loss_agg, b.get("width"))  # exactly 1 on one process
+    if idx.numel() == 0:  # every row of this minibatch is on other processes
+        return torch.zeros((), device=seq.device), {}
     f = model.policy_forward(seq, attn)  # hidden (b, T, H) aligned with seq: hidden[:, t] scores token t
     pg, pst = fused_linear_ppo_loss(f.hidden, f.weight, f.targets, b["logprobs"][idx], b["adv"][idx],
                                     mask * f.mask, f.bias, entropy_coef=cfg.entropy_coef,
@@ -188,7 +199,7 @@ def ppo_minibatch_loss(model, cfg: PPOConfig, b: dict, idx: torch.Tensor) -> tup
     stats = {"policy/approxkl_avg": pst["approx_kl"], "policy/clipfrac_avg": pst["clipfrac"],
              "policy/entropy_avg": pst["entropy"], "loss/policy_avg": pg.detach(), "loss/value_avg": vl.detach(),
              "val/clipfrac_avg": vst["clipfrac"], "val/ratio": pst["ratio"]}
-    return pg + cfg.vf_coef * vl, stats
+    return (pg + cfg.vf_coef * vl) * part, stats
 
 
 @quiet_unless_progress
@@ -233,9 +244,10 @@ def train_ppo(cfg: PPOConfig, *, model=None, tokenizer=None, prompts: list[dict]
         funcs = load_reward_functions(cfg.reward_funcs, functions=judge, reward_weights=weights,
                                       reward_timeout=cfg.reward_timeout)
         funcs.check_columns({k for e in prompts for k in e["columns"]})
-    device = L.resolve_device(cfg.device)
+    device = D.init_from_env(cfg, ("batch_size", "ptx_batch_size") if cfg.ptx_coef > 0 else ("batch_size",))
     L.seed_everything(cfg.seed)
     model = L.load_role_model(cfg, device, model, tokenizer)
+    D.seed_rank_streams(cfg.seed)  # torchrun: each process samples its own responses
     bind_judges(funcs, model, cfg.model, tokenizer)  # `judge`: the policy's base when --judge is --model
     if cfg.reward_model:
         load_reward(model, cfg.reward_model)
@@ -244,7 +256,8 @@ def train_ppo(cfg: PPOConfig, *, model=None, tokenizer=None, prompts: list[dict]
     model.eval()  # no dropout in PPO: the rollout's and the update's log-probs must agree
 
     ctl, moments = kl_controller(cfg), kl_control.RunningMoments()
-    ptx_sampler = L.BatchSampler(len(ptx_examples), cfg.ptx_batch_size, cfg.seed + 1) if cfg.ptx_coef > 0 else None
+    ptx_sampler = L.BatchSampler(len(ptx_examples), cfg.ptx_batch_size, cfg.seed + 1, shard=(D.rank(), D.world())) \
+        if cfg.ptx_coef > 0 else None
     updates = cfg.ppo_epochs * min(cfg.num_minibatches, cfg.batch_size, len(prompts))
     params = L.trainable_named_parameters(model, ["policy", "critic"])
     with L.Run(cfg, "ppo", params, len(prompts), updates_per_step=updates, callback=callback, model=model,
@@ -259,18 +272,21 @@ def train_ppo(cfg: PPOConfig, *, model=None, tokenizer=None, prompts: list[dict]
             B = b["seq"].shape[0]
             stats: dict[str, list] = {}
             for _ in range(cfg.ppo_epochs):
-                for idx in torch.randperm(B, device=device).chunk(min(cfg.num_minibatches, B)):
+                # one permutation of the global batch (rank 0's under torchrun); this process's rows of each part
+                for idx in D.minibatches(B, cfg.num_minibatches, device):
+                    idx = idx.to(device)
                     loss, st = ppo_minibatch_loss(model, cfg, b, idx)
                     if ptx_sampler is not None:
                         tb = collate_texts([ptx_examples[i] for i in ptx_sampler.next()], pad_id)
                         ptx, _ = sft_loss(model, {k: v.to(device) for k, v in tb.items()})
                         loss = loss + cfg.ptx_coef * ptx
-                        st["loss/ptx_avg"] = ptx.detach()
+                        st["loss/ptx_avg"] = D.all_reduce(ptx.detach())  # the global mean (ptx is a share)
                     loss.backward()
                     st["grad_norm"] = run.apply(loss)
                     for k, v in st.items():
                         stats.setdefault(k, []).append(float(v))
-            ctl.update(float(b["kl"].mean()), B)
+            kl_all = D.all_gather_cat(b["kl"])  # torchrun: the KL of the global batch
+            ctl.update(float(kl_all.mean()), kl_all.numel())
             run.tokens += int(b["attn"].sum())
             if run.logging_now():
                 non_score = -beta * b["kl"]
@@ -289,5 +305,5 @@ def train_ppo(cfg: PPOConfig, *, model=None, tokenizer=None, prompts: list[dict]
         run.finish()  # the final checkpoint; out_dir stays locked until the model is saved
         model.trained_roles |= {"policy", "critic"}
         out = os.path.join(cfg.out_dir, "model")
-        model.save(out, save_base=False)
+        D.on_main(lambda: model.save(out, save_base=False), "saving the model")
     return {"model": model, "metrics": run.row, "out": out}

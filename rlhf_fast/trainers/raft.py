@@ -28,6 +28,7 @@ from rlhf_fast.models.io import load_reward
 from rlhf_fast.rl import rewards as R
 from rlhf_fast.rl.best_of_n import best_of_n
 from rlhf_fast.rl.rollout import SamplingConfig
+from rlhf_fast.trainers import distributed as D
 from rlhf_fast.trainers import loop as L
 from rlhf_fast.trainers.config import ConfigError, TrainConfig, option, quiet_unless_progress
 from rlhf_fast.trainers.sft import SFTConfig, train_sft
@@ -96,6 +97,7 @@ def train_raft(cfg: RAFTConfig, *, model=None, tokenizer=None, examples: list[di
     if reward_funcs is not None and not cfg.reward_funcs:
         cfg.reward_funcs = "(given)"
     cfg.validate()
+    D.refuse("raft (its Best-of-N rounds are not split over processes yet)")
     tokenizer = L.resolve_tokenizer(cfg, tokenizer, model, need=True)
     if examples is None:
         examples = load_prompt_examples(cfg.data, tokenizer, cfg.max_length, cfg.max_completion_length)

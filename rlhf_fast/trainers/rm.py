@@ -35,6 +35,7 @@ from rlhf_fast.data.collate import collate_rankings
 from rlhf_fast.data.jsonl import check_examples, drop_tied_pairs, encode_rankings, fit_context, load_rankings
 from rlhf_fast.models.io import set_reward_offset
 from rlhf_fast.trainers import checkpoint as ckpt
+from rlhf_fast.trainers import distributed as D
 from rlhf_fast.trainers import loop as L
 from rlhf_fast.trainers.config import ConfigError, TrainConfig, option, quiet_unless_progress
 
@@ -163,7 +164,7 @@ def train_rm(cfg: RMConfig, *, model=None, tokenizer=None, examples: list[dict] 
     elif val_examples:
         val_examples, val_dropped = _drop_ties(fit_context(val_examples, cfg.max_length, "RM validation examples"),
                                                "RM validation examples")
-    device = L.resolve_device(cfg.device)
+    device = D.init_from_env(cfg)
     L.seed_everything(cfg.seed)
     model = L.load_role_model(cfg, device, model, tokenizer)
     pad_id = L.pad_id(tokenizer, model)
@@ -186,14 +187,15 @@ def train_rm(cfg: RMConfig, *, model=None, tokenizer=None, examples: list[dict] 
                 batch = collate_rankings([examples[views[k][i]] for i in rows], pad_id)
                 batch = {n: v.to(device) if torch.is_tensor(v) else v for n, v in batch.items()}
                 loss_k, metrics = rm_loss(model, batch, k)
-                loss_k.backward()  # member by member: one graph alive at a time
+                # torchrun: this process's share of the mean over the global batch's prompts
+                (loss_k * D.share(batch["n_groups"])).backward()  # member by member: one graph alive at a time
                 per_member.append((loss_k.detach(), metrics))
                 run.tokens += int(batch["attention_mask"].sum())
-            loss = torch.stack([m[0] for m in per_member]).mean()
+            loss = torch.stack([m[0] for m in per_member]).mean() * D.share(len(rows))
             gnorm = run.apply(loss)
             if run.logging_now():
                 metrics = per_member[0][1] if K == 1 else _member_metrics(per_member)
-                metrics.update({"loss": loss, "grad_norm": gnorm, **run.common_metrics(device)})
+                metrics.update({"loss": run.loss, "grad_norm": gnorm, **run.common_metrics(device)})
                 if cfg.eval_every and step % cfg.eval_every == 0 and val_examples:
                     metrics.update(validation_metrics(model, val_examples, pad_id, device, K)[0])
                 run.log_row(metrics, ("loss", "accuracy", "margin_mean"))
@@ -213,8 +215,8 @@ def train_rm(cfg: RMConfig, *, model=None, tokenizer=None, examples: list[dict] 
         run.log.log(run.step, row | {"reward_offset": offset, "data/dropped_pairs": dropped,
                                      "data/val_dropped_pairs": val_dropped})
         out = os.path.join(cfg.out_dir, "model")
-        model.save(out, save_base=False)
-        ckpt.atomic_write_json(os.path.join(out, "reward_normalization.json"), normalization)
+        D.on_main(lambda: (model.save(out, save_base=False), ckpt.atomic_write_json(
+            os.path.join(out, "reward_normalization.json"), normalization)), "saving the model")
     return {"model": model, "metrics": run.row, "val": val, "offset": offset if K == 1 else offsets, "out": out}
 
 

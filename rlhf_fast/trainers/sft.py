@@ -17,6 +17,7 @@ import torch
 from rlhf_fast.data.collate import collate_sft
 from rlhf_fast.data.jsonl import check_examples, encode_sft, fit_context, load_sft
 from rlhf_fast.ops import fused_linear_logprobs
+from rlhf_fast.trainers import distributed as D
 from rlhf_fast.trainers import loop as L
 from rlhf_fast.trainers.config import TrainConfig, option, quiet_unless_progress
 
@@ -33,11 +34,12 @@ def sft_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch
     """Mean negative log-likelihood of the completion tokens, and their count.
 
     policy_forward aligns hidden[:, t] (the state at t - 1) with token t; prompt and padding positions are
-    set to ignore_index and get no loss and no gradient."""
+    set to ignore_index and get no loss and no gradient. Under torchrun the count is that of every process's
+    tokens (all-reduced) and the loss this process's share of the global mean: the shares sum to it."""
     f = model.policy_forward(batch["input_ids"], batch["attention_mask"])  # hidden (B, T, H), aligned
     targets = f.targets.masked_fill(batch["loss_mask"] == 0, -100)  # (B, T)
     logprobs = fused_linear_logprobs(f.hidden, f.weight, targets, f.bias)  # (B, T)
-    n = (targets != -100).sum()
+    n = D.all_reduce((targets != -100).sum())  # the global token count (this process's alone at world 1)
     return -logprobs.sum() / n.clamp(min=1), n
 
 
@@ -57,7 +59,7 @@ def train_sft(cfg: SFTConfig, *, model=None, tokenizer=None, examples: list[dict
         examples = encode_sft(load_sft(cfg.data), tokenizer, cfg.max_length, cfg.data)
     check_examples(examples, ("prompt_ids", "completion_ids"), "SFT examples")
     examples = fit_context(examples, cfg.max_length, "SFT examples")
-    device = L.resolve_device(cfg.device)
+    device = D.init_from_env(cfg)
     L.seed_everything(cfg.seed)
     model = L.load_role_model(cfg, device, model, tokenizer)
     pad_id = L.pad_id(tokenizer, model)
@@ -73,7 +75,7 @@ def train_sft(cfg: SFTConfig, *, model=None, tokenizer=None, examples: list[dict
             gnorm = run.apply(loss)
             run.tokens += int(batch["attention_mask"].sum())
             if run.logging_now():
-                run.log_row({"loss": loss.detach(), "grad_norm": gnorm, "completion_tokens": int(n),
+                run.log_row({"loss": run.loss, "grad_norm": gnorm, "completion_tokens": int(n),
                              **run.common_metrics(device)}, ("loss", "grad_norm", "tokens/s"))
         run.finish()  # the final checkpoint (before the merge resets the adapter); out_dir stays locked
         model.trained_roles.add("policy")
@@ -81,5 +83,5 @@ def train_sft(cfg: SFTConfig, *, model=None, tokenizer=None, examples: list[dict
         out = os.path.join(cfg.out_dir, "model")
         if cfg.merge:
             model.merge_policy_into_base()  # the base becomes the SFT model; a fresh policy adapter starts from it
-        model.save(out, save_base=cfg.merge)
+        D.on_main(lambda: model.save(out, save_base=cfg.merge), "saving the model")
     return {"model": model, "metrics": run.row, "out": out}

@@ -42,7 +42,7 @@ def plots(out: str, curves: dict[str, list[dict]], points: dict[str, dict] | Non
     names.append("kl_vs_step.png")
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(5, 3.6))
+    fig, ax = plt.subplots(figsize=(8.5, 3.8))
     for label, c in curves.items():
         ax.plot([r["kl"] for r in c], [r["gold_score"] for r in c], marker="o", label=f"{label}: gold")
         ax.plot([r["kl"] for r in c], [r["proxy_reward"] for r in c], ls="--", marker="x", alpha=0.6,
@@ -53,7 +53,7 @@ def plots(out: str, curves: dict[str, list[dict]], points: dict[str, dict] | Non
     for label, p in (points or {}).items():
         ax.scatter([p["kl"]], [p["gold_score"]], marker="*", s=120, zorder=3, label=f"{label}: gold")
     ax.set(title="over-optimisation frontier", xlabel="KL to SFT (nats per response)", ylabel="score")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # outside: the low-KL corner stays visible
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "gold_vs_kl.png"), dpi=110)

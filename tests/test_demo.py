@@ -240,29 +240,6 @@ def test_demo_artefacts_load_back(demo_dir):
 
 
 # ----------------------------------------------------------------------------------------- Best-of-N maths
-def _brute_force_best_of_n(scores: list[float], n: int) -> list[float]:
-    """P(Best-of-n picks item i): enumerate every ordered n-tuple of draws; ties broken uniformly."""
-    import itertools
-
-    m = len(scores)
-    p = [0.0] * m
-    for draw in itertools.product(range(m), repeat=n):
-        top = max(scores[i] for i in draw)
-        winners = [i for i in draw if scores[i] == top]
-        for i in winners:
-            p[i] += 1.0 / len(winners) / m ** n
-    return p
-
-
-@pytest.mark.parametrize("scores, n", [([0.3, 1.2, -0.5, 0.9], 3), ([1.0, 1.0, 0.0, 2.0, 1.0], 3),
-                                       ([5.0, 5.0, 5.0], 2), ([0.1], 4), ([2.0, -1.0, 2.0, 0.5], 1)])
-def test_best_of_n_weights_match_enumeration(scores, n):
-    from rlhf_fast.demo.best_of_n import best_of_n_weights
-
-    got = best_of_n_weights(torch.tensor(scores, dtype=torch.float64), n)
-    assert got.tolist() == pytest.approx(_brute_force_best_of_n(scores, n), abs=1e-12)
-
-
 def test_best_of_n_curve_kl_approaches_closed_form_without_ties():
     import math
 

@@ -16,18 +16,7 @@ import math
 import torch
 
 from rlhf_fast.demo import task
-
-
-def best_of_n_weights(scores: torch.Tensor, n: int) -> torch.Tensor:
-    """(M,) float64 probabilities that Best-of-n picks each of M distinct items with these scores (a class of equal
-    scores shares its mass evenly); `scores` (M,) are the items' scores, each item drawn with probability 1/M."""
-    s = scores.double()
-    m = s.numel()
-    values, inverse, counts = torch.unique(s, sorted=True, return_inverse=True, return_counts=True)
-    cdf = counts.cumsum(0).double() / m                   # F(v) over the distinct values, ascending
-    below = torch.cat([cdf.new_zeros(1), cdf[:-1]])      # F(v-)
-    p_class = cdf.pow(n) - below.pow(n)
-    return (p_class / counts)[inverse]
+from rlhf_fast.rl.best_of_n import best_of_n_weights
 
 
 def curve(prompts: list[str], responses: list[list[str]], rm_scores: list[list[float]], ns: list[int]) -> list[dict]:
@@ -49,7 +38,8 @@ def curve(prompts: list[str], responses: list[list[str]], rm_scores: list[list[f
         # Expand to M equally likely draws so that best_of_n_weights sees each outcome's multiplicity.
         draws = torch.repeat_interleave(torch.arange(len(texts)), count.long())
         for n in ns:
-            w = torch.zeros(len(texts), dtype=torch.float64).index_add_(0, draws, best_of_n_weights(score[draws], n))
+            w_draw = best_of_n_weights(score[draws][None], n)[0]  # (M,)
+            w = torch.zeros(len(texts), dtype=torch.float64).index_add_(0, draws, w_draw)  # per distinct response
             nz = w > 0
             rows[n]["gold_score"] += float((w * gold).sum())
             rows[n]["proxy_reward"] += float((w * score).sum())

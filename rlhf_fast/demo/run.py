@@ -271,23 +271,29 @@ def _ppo_config(cfg: DemoConfig, work: str, name: str, kl_coef: float, steps: in
 
 
 def run_ppo(cfg: DemoConfig, work: str, name: str, model, tokenizer, kl_coef: float, steps: int,
-            monitor: list[str]) -> tuple[object, list[dict]]:
-    """PPO from `model` (RM trained, fresh policy/critic); every eval_every steps the policy is evaluated
-    on the monitor prompts (gold, proxy, KL) for the curves."""
+            monitor: list[str], evaluate_fn=None, **ppo_options) -> tuple[object, list[dict]]:
+    """PPO from `model` (RM trained, fresh policy/critic); every eval_every steps the policy is evaluated on the monitor
+    prompts for the curves: gold, proxy, KL and whatever else evaluate_fn(model, prompts, seed) returns as a number
+    (default: evaluate). ppo_options: further PPOConfig fields (e.g. the ensemble's reduction)."""
     from rlhf_fast.trainers import train_ppo
 
+    evaluate_fn = evaluate_fn or (lambda m, prompts, seed: evaluate(m, tokenizer, prompts, seed=seed))
     curve: list[dict] = []
+
+    def point(step, m) -> dict:
+        e = evaluate_fn(m, monitor, cfg.seed + 7)
+        curve.append({"step": step} | {k: v for k, v in e.items() if isinstance(v, float)})
+        return e
 
     def callback(step, m):
         if step % cfg.eval_every and step != steps:
             return {}
-        e = evaluate(m, tokenizer, monitor, seed=cfg.seed + 7)
-        curve.append({"step": step, "gold_score": e["gold_score"], "proxy_reward": e["proxy_reward"], "kl": e["kl"]})
-        return {"eval/gold_score": e["gold_score"], "eval/proxy_reward": e["proxy_reward"], "eval/kl": e["kl"]}
+        e = point(step, m)
+        return {f"eval/{k}": e[k] for k in ("gold_score", "proxy_reward", "kl")}
 
-    e0 = evaluate(model, tokenizer, monitor, seed=cfg.seed + 7)
-    curve.append({"step": 0, "gold_score": e0["gold_score"], "proxy_reward": e0["proxy_reward"], "kl": e0["kl"]})
-    res = train_ppo(_ppo_config(cfg, work, name, kl_coef, steps), model=model, tokenizer=tokenizer, callback=callback)
+    point(0, model)
+    pcfg = dataclasses.replace(_ppo_config(cfg, work, name, kl_coef, steps), **ppo_options)
+    res = train_ppo(pcfg, model=model, tokenizer=tokenizer, callback=callback)
     return res["model"], curve
 
 
@@ -414,7 +420,7 @@ def run_ensemble(cfg: DemoConfig, work: str, sft_base: str, tokenizer, pref_path
     of the human pairs) and PPO without the KL penalty on its conservative reward (cfg.ensemble_reduce), the same
     run as the single-RM no-KL one otherwise. Proxy = the members' mean score."""
     from rlhf_fast.models import LoraSettings, RoleModel
-    from rlhf_fast.trainers import OptimConfig, RMConfig, train_ppo, train_rm
+    from rlhf_fast.trainers import OptimConfig, RMConfig, train_rm
 
     lora = LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha)
     model = RoleModel.from_pretrained(sft_base, lora=lora, tokenizer=tokenizer)
@@ -430,23 +436,9 @@ def run_ensemble(cfg: DemoConfig, work: str, sft_base: str, tokenizer, pref_path
         s = ensemble_sample_scores(m, tokenizer, prompts, e["responses"])  # (K, n)
         return e | {"proxy_reward": float(s.mean()), "ensemble_std": float(s.std(0, unbiased=False).mean())}
 
-    curve: list[dict] = []
-
-    def callback(step, m):
-        if step % cfg.eval_every and step != cfg.no_kl_steps:
-            return {}
-        e = ens_eval(m, monitor, cfg.seed + 7)
-        curve.append({"step": step, "gold_score": e["gold_score"], "proxy_reward": e["proxy_reward"], "kl": e["kl"],
-                      "ensemble_std": e["ensemble_std"]})
-        return {"eval/gold_score": e["gold_score"], "eval/proxy_reward": e["proxy_reward"], "eval/kl": e["kl"]}
-
-    e0 = ens_eval(model, monitor, cfg.seed + 7)
-    curve.append({"step": 0, "gold_score": e0["gold_score"], "proxy_reward": e0["proxy_reward"], "kl": e0["kl"],
-                  "ensemble_std": e0["ensemble_std"]})
-    pcfg = _ppo_config(cfg, work, "ppo_no_kl_ensemble", 0.0, cfg.no_kl_steps)
-    pcfg.ensemble_reduce, pcfg.ensemble_penalty = cfg.ensemble_reduce, cfg.ensemble_penalty
-    res = train_ppo(pcfg, model=model, tokenizer=tokenizer, callback=callback)
-    e = ens_eval(res["model"], heldout, cfg.seed + 1000)
+    model, curve = run_ppo(cfg, work, "ppo_no_kl_ensemble", model, tokenizer, 0.0, cfg.no_kl_steps, monitor, ens_eval,
+                           ensemble_reduce=cfg.ensemble_reduce, ensemble_penalty=cfg.ensemble_penalty)
+    e = ens_eval(model, heldout, cfg.seed + 1000)
     return {"members": cfg.ensemble_members, "reduce": cfg.ensemble_reduce, "penalty": cfg.ensemble_penalty,
             "rm_heldout_accuracy": float(rm["val"].get("ensemble_accuracy", float("nan"))),
             "rm_member_heldout_accuracy": [float(v.get("accuracy", float("nan"))) for v in rm["val"].get("members", [])],

@@ -197,15 +197,27 @@ def best_of_n_kl(scores: torch.Tensor, n: int) -> torch.Tensor:
         raise ValueError(f"n must be an integer >= 1, got {n!r}")
     if not bool(torch.isfinite(scores).all()):
         raise ValueError("scores must be finite (leave unscorable samples out)")
-    s = scores.double().sort(dim=1).values  # (P, M)
-    M = s.shape[1]
-    f_hi = torch.searchsorted(s, s, right=True).double() / M  # (P, M) F(v) of each sample's class
-    f_lo = torch.searchsorted(s, s, right=False).double() / M  # (P, M) F(v^-)
-    p = f_hi - f_lo  # base probability of the class; > 0
-    p_bon = f_hi.pow(n) - f_lo.pow(n)  # > 0 since f_hi > f_lo
+    p_bon, p = _class_probabilities(scores, n)  # (P, M) each, > 0
     # each class appears p * M times among the samples: weight its term by 1 / (p * M)
-    kl = (p_bon * (p_bon.log() - p.log()) / (p * M)).sum(1)  # (P,)
+    kl = (p_bon * (p_bon.log() - p.log()) / (p * scores.shape[1])).sum(1)  # (P,)
     return kl if not scores.is_floating_point() else kl.to(scores.dtype)
+
+
+def best_of_n_weights(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """(P, M) float64: the probability that Best-of-n over the M equally likely samples of each prompt picks each one,
+    P_bon(v) of its score class shared evenly by the class's samples (ties broken uniformly). scores: (P, M).
+    Expected values under Best-of-n follow as sums of these weights times per-sample values."""
+    p_bon, p = _class_probabilities(scores, n)
+    return p_bon / (p * scores.shape[1])
+
+
+def _class_probabilities(scores: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # per sample, its score class's P_bon(v) = F(v)^n - F(v^-)^n and base probability p(v) = F(v) - F(v^-)
+    s = scores.double()
+    srt = s.sort(dim=1).values  # (P, M)
+    f_hi = torch.searchsorted(srt, s, right=True).double() / s.shape[1]  # (P, M) F(v) of each sample's class
+    f_lo = torch.searchsorted(srt, s, right=False).double() / s.shape[1]  # (P, M) F(v^-)
+    return f_hi.pow(n) - f_lo.pow(n), f_hi - f_lo
 
 
 def best_of_n_kl_bound(n: int) -> float:
@@ -230,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="rlhf-fast best-of-n", description="Best-of-N sampling: N samples per prompt from --model, "
                 "scored by a reward model or reward functions, the picks written to --out as JSONL.")
     a = p.add_argument
-    a("--model", default="", help="local transformers model folder (weights and tokenizer)")
+    a("--model", default="", help="the sampling model: a local transformers folder, a .gguf file, or a saved RoleModel "
+                                  "folder (its policy adapter samples)")
     a("--data", default="", help='prompts, JSONL {"prompt" | "messages", ...columns for the reward functions}')
     a("--n", type=int, default=8, help="samples per prompt N >= 1 (default: 8)")
     a("--reward_model", default="", help="folder written by `rlhf-fast rm` (its out_dir/model)")

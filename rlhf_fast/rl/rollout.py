@@ -46,6 +46,8 @@ class Rollout:
     response_mask: torch.Tensor   # (B*n, T) 1 on generated tokens up to and including the first EOS
     has_eos: torch.Tensor         # (B*n,) bool: the response ended with EOS (all True when no EOS is defined)
     n: int
+    logprobs: torch.Tensor | None = None  # (B*n, T) fp32: the rollout engine's log-prob of each sampled token
+    #                                       (vLLM's), 0 elsewhere; None for the native loop
 
     @property
     def mask(self) -> torch.Tensor:
@@ -55,19 +57,65 @@ class Rollout:
 
 @torch.no_grad()
 def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling: SamplingConfig, *,
-           eos_token_id: int | None, generator: torch.Generator | None = None) -> Rollout:
+           eos_token_id: int | None, generator: torch.Generator | None = None, engine=None) -> Rollout:
     """Sample `sampling.n` responses to each of the B left-padded prompts (prompt_ids, prompt_mask: (B, P))
     from the policy adapter of `model` (a RoleModel), in one batched generate call (each prompt prefilled once,
-    its KV cache shared by its n samples)."""
-    g = model.generate(prompt_ids, prompt_mask, max_new_tokens=sampling.max_new_tokens,
-                       temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                       eos_token_id=eos_token_id, generator=generator, num_samples=sampling.n)
+    its KV cache shared by its n samples).
+
+    engine: an rl.vllm_engine.VLLMEngine serving `model` (--rollout vllm): it samples instead of the native
+    loop, after pushing the policy adapter if it changed, and the rollout carries vLLM's log-probs."""
+    if engine is not None:
+        if engine.model is not model:
+            raise ValueError("the vLLM engine serves another model than the one given")
+        g = engine.sample(prompt_ids, prompt_mask, sampling, eos_token_id=eos_token_id, generator=generator)
+    else:
+        g = model.generate(prompt_ids, prompt_mask, max_new_tokens=sampling.max_new_tokens,
+                           temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                           eos_token_id=eos_token_id, generator=generator, num_samples=sampling.n)
     seq, resp = g["sequences"], g["response_mask"]
     if eos_token_id is None:
         has_eos = torch.ones(seq.shape[0], dtype=torch.bool, device=seq.device)
     else:
         has_eos = ((seq == eos_token_id) & (resp != 0)).any(1)
-    return Rollout(seq, g["attention_mask"], resp, has_eos, sampling.n)
+    return Rollout(seq, g["attention_mask"], resp, has_eos, sampling.n, g.get("logprobs"))
+
+
+def importance_correction(logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor, *,
+                          mode: str = "tis", cap: float = 2.0) -> tuple[torch.Tensor | None, dict[str, float]]:
+    """Correct for a rollout engine whose numerics differ from the trainer's (vLLM vs the fused log-probs).
+
+    Args:
+        logprobs: (B, T) the trainer's log-probs of the sampled tokens (the PPO ratio's old log-probs).
+        rollout_logprobs: (B, T) the engine's log-probs of the same tokens.
+        mask: (B, T) 1 on response tokens.
+        mode: "tis" (truncated importance sampling, Yao et al. 2025: weight each token's policy-gradient term by
+            w = min(exp(logprobs - rollout_logprobs), cap)) or "none" (only the statistics).
+        cap: the truncation C of the weights (> 0).
+    Returns:
+        (weights (B, T) fp32 detached, 0 off the mask, or None for "none"; statistics: rollout/logprob_diff_mean
+        and rollout/logprob_diff_max of |logprobs - rollout_logprobs| over the response tokens, and for "tis"
+        rollout/is_weight_mean and rollout/is_clipped_frac). Multiplying the advantages by w is the same as
+        weighting the clipped surrogate, since w >= 0.
+    """
+    if mode not in ("tis", "none"):
+        raise ValueError(f"rollout importance-sampling correction must be 'tis' or 'none', got {mode!r}")
+    if not cap > 0:
+        raise ValueError(f"the importance-sampling cap must be > 0, got {cap}")
+    if logprobs.shape != rollout_logprobs.shape or logprobs.shape != mask.shape:
+        raise ValueError(f"logprobs {tuple(logprobs.shape)}, rollout_logprobs {tuple(rollout_logprobs.shape)} and "
+                         f"mask {tuple(mask.shape)} must have one shape")
+    m = mask.float()
+    diff = (logprobs.float() - rollout_logprobs.float()).detach() * m
+    count = m.sum().clamp(min=1)
+    stats = {"rollout/logprob_diff_mean": float(diff.abs().sum() / count),
+             "rollout/logprob_diff_max": float(diff.abs().max()) if diff.numel() else 0.0}
+    if mode == "none":
+        return None, stats
+    raw = diff.exp()
+    w = raw.clamp(max=cap) * m
+    stats["rollout/is_weight_mean"] = float(w.sum() / count)
+    stats["rollout/is_clipped_frac"] = float(((raw > cap) & (m > 0)).sum() / count)
+    return w, stats
 
 
 def score(model, rollout: Rollout, reward_fn: RewardFn | None = None) -> torch.Tensor:

@@ -158,6 +158,52 @@ class TrainConfig:
         check_out_dir(self.out_dir)
 
 
+@dataclass
+class RolloutOptions:
+    """Where a sampling trainer's rollouts come from (PPO, GRPO, online DPO, RAFT): a mix-in of their configs."""
+
+    rollout: str = option("native", "rollout backend: native (the KV-cached loop on the trainer's own model) or vllm "
+                                    "(a colocated vLLM engine that loads the base once and gets the policy LoRA in "
+                                    "place after each update; `make install-vllm`)", choices=("native", "vllm"))
+    vllm_gpu_memory_utilization: float = option(0.3, "--rollout vllm on a GPU: the share of GPU memory vLLM takes for "
+                                                     "its copy of the base and its KV cache")
+    vllm_sleep: bool = option(False, "--rollout vllm on a GPU: offload vLLM's weights and free its KV cache between "
+                                     "rollouts (vLLM sleep mode), so the update has the GPU memory")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.rollout not in ("native", "vllm"):
+            raise ConfigError(f"rollout must be native or vllm, got {self.rollout!r}")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ConfigError(f"vllm_gpu_memory_utilization must lie in (0, 1], got {self.vllm_gpu_memory_utilization}")
+
+
+@dataclass
+class RolloutCorrection:
+    """Off-policy correction for a rollout engine with other numerics (--rollout vllm): PPO and GRPO, whose
+    configs also mix in RolloutOptions (listed after this one)."""
+
+    rollout_is_correction: str = option("tis", "--rollout vllm: tis weighs each token's policy-gradient term by "
+                                               "min(exp(logp_trainer - logp_vllm), rollout_is_cap) (truncated "
+                                               "importance sampling, as TRL and verl); none only logs the log-prob "
+                                               "differences", choices=("tis", "none"))
+    rollout_is_cap: float = option(2.0, "--rollout vllm: the cap of the importance weights (> 0)")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.rollout_is_correction not in ("tis", "none"):
+            raise ConfigError(f"rollout_is_correction must be tis or none, got {self.rollout_is_correction!r}")
+        if not self.rollout_is_cap > 0:
+            raise ConfigError(f"rollout_is_cap must be > 0, got {self.rollout_is_cap}")
+        if self.rollout == "vllm":
+            from rlhf_fast.rl.vllm_engine import logprobs_mode
+
+            try:  # the sampling options under which vLLM cannot return the trainer's log-probs
+                logprobs_mode(self.temperature, self.top_p, self.top_k)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+
+
 # ----------------------------------------------------------------------------------------- quiet
 @contextlib.contextmanager
 def quiet_libraries(quiet: bool = True):

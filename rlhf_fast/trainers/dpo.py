@@ -60,7 +60,7 @@ from rlhf_fast.ops import dpo_loss, fused_linear_logprobs, orpo_loss, simpo_loss
 from rlhf_fast.trainers import distributed as D
 from rlhf_fast.trainers import dpo_online as O
 from rlhf_fast.trainers import loop as L
-from rlhf_fast.trainers.config import ConfigError, TrainConfig, option, quiet_unless_progress
+from rlhf_fast.trainers.config import ConfigError, RolloutOptions, TrainConfig, option, quiet_unless_progress
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo")
 REFERENCE_FREE = ("simpo", "orpo")
@@ -69,7 +69,7 @@ SMOOTHED = {"sigmoid": 0.5, "simpo": 0.5, "robust": 0.5}  # loss types that take
 
 
 @dataclass
-class DPOConfig(TrainConfig):
+class DPOConfig(RolloutOptions, TrainConfig):
     """DPO and its relatives on preference JSONL ({"prompt", "chosen", "rejected"} or rankings), or online."""
 
     batch_size: int = option(8, "preference pairs per step (a K-way ranking gives C(K, 2) pairs); --online: "
@@ -127,6 +127,10 @@ class DPOConfig(TrainConfig):
             (self.temperature > 0 and 0 < self.top_p <= 1 and self.top_k >= 0,
              "temperature must be > 0, top_p in (0, 1], top_k >= 0"),
             (self.reward_timeout > 0, "reward_timeout must be > 0"),
+            (self.rollout == "native" or self.online, "--rollout vllm samples the pairs of --online: it needs --online"),
+            (self.rollout == "native" or not self.ref_update_every,
+             "--rollout vllm does not combine with --ref_update_every yet: each reference update changes the base that "
+             "vLLM loaded once"),
             (self.ref_update_every >= 0, f"ref_update_every must be >= 0, got {self.ref_update_every}"),
             (not self.ref_update_every or lt not in REFERENCE_FREE, f"--ref_update_every: {lt} has no reference"),
             (not (self.ref_update_every and self.precompute_ref_logprobs),
@@ -285,7 +289,8 @@ def train_dpo(cfg: DPOConfig, *, model=None, tokenizer=None, examples: list[dict
     params = L.trainable_named_parameters(model, ["policy"])
     updates = O.ReferenceUpdates(model, params, cfg.out_dir) if cfg.ref_update_every else None
     with L.Run(cfg, "dpo", params, len(examples), callback=callback, model=model,
-               stateful={"reference_updates": updates}) as run:
+               stateful={"reference_updates": updates}) as run, \
+            L.rollout_engine(cfg, model) as engine:  # --rollout vllm (validate: only with --online)
         cache = None
         if cfg.precompute_ref_logprobs:
             cache = cached_reference(model, examples, os.path.join(cfg.out_dir, "ref_logprobs.pt"), pad_id,
@@ -295,7 +300,7 @@ def train_dpo(cfg: DPOConfig, *, model=None, tokenizer=None, examples: list[dict
             extra = {}
             if cfg.online:
                 batch, extra = O.sample_pairs(model, cfg, tokenizer, [examples[i] for i in idx], reward_funcs,
-                                              eos_id, pad_id, device)
+                                              eos_id, pad_id, device, engine)
             else:
                 batch = {k: v.to(device) for k, v in collate_pairs([examples[i] for i in idx], pad_id).items()}
             stats = {}
@@ -309,7 +314,7 @@ def train_dpo(cfg: DPOConfig, *, model=None, tokenizer=None, examples: list[dict
             if updates is not None and step % cfg.ref_update_every == 0:
                 updates.merge(step, run.opt)
             if run.logging_now():
-                metrics = {k: float(v) for k, v in stats.items()} | extra
+                metrics = {k: float(v) for k, v in stats.items()} | extra | L.rollout_metrics(engine)
                 if not cfg.online:
                     metrics["data/dropped_pairs"] = dropped
                 run.log_row(metrics | run.common_metrics(device), ("loss", "rewards/accuracies", "rewards/margins"))

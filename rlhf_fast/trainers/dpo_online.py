@@ -38,14 +38,15 @@ def build_rewards(cfg, model, given=None) -> R.RewardFunctions:
 
 
 @torch.no_grad()
-def sample_pairs(model, cfg, tokenizer, batch: list[dict], reward_funcs, eos_id, pad_id, device):
+def sample_pairs(model, cfg, tokenizer, batch: list[dict], reward_funcs, eos_id, pad_id, device, engine=None):
     """Two samples of each prompt in `batch` ({"prompt_ids", "text", "columns"}), scored; returns (a DPO batch of
     the untied pairs as dpo.collate_pairs lays it out, or None when all tie; metrics). The rows already hold prompt +
     completion, so the loss mask is the rollout's response mask."""
     p = collate_prompts(batch, pad_id)
     sampling = rollout.SamplingConfig(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
                                       top_p=cfg.top_p, top_k=cfg.top_k, n=2)
-    ro = rollout.sample(model, p["prompt_ids"].to(device), p["prompt_mask"].to(device), sampling, eos_token_id=eos_id)
+    ro = rollout.sample(model, p["prompt_ids"].to(device), p["prompt_mask"].to(device), sampling, eos_token_id=eos_id,
+                        engine=engine)  # --rollout vllm: vLLM samples (engine from loop.rollout_engine)
     completions = R.completion_texts(tokenizer, ro.sequences, ro.response_mask)
     prompts = [e["text"] for e in batch for _ in range(2)]
     keys = sorted({k for e in batch for k in e["columns"]})

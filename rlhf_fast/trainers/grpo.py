@@ -39,7 +39,14 @@ from rlhf_fast.rl.ensemble import REDUCTIONS, check_options, ensemble_reward
 from rlhf_fast.rl.judge import DEFAULT_RATING_WORDS, bind_judges, judge_functions
 from rlhf_fast.trainers import distributed as D
 from rlhf_fast.trainers import loop as L
-from rlhf_fast.trainers.config import ConfigError, TrainConfig, option, quiet_unless_progress
+from rlhf_fast.trainers.config import (
+    ConfigError,
+    RolloutCorrection,
+    RolloutOptions,
+    TrainConfig,
+    option,
+    quiet_unless_progress,
+)
 
 PRESETS = {
     "grpo": dict(loss_agg="seq-mean-token-mean", scale_rewards="group", advantage_estimator="grpo"),
@@ -55,7 +62,7 @@ _DEFAULTS = dict(clip_low=0.2, clip_high=None, ratio_level="token", dynamic_samp
 
 
 @dataclass
-class GRPOConfig(TrainConfig):
+class GRPOConfig(RolloutCorrection, RolloutOptions, TrainConfig):
     """GRPO-family RL of the policy adapter on {"prompt", ...columns} JSONL (batch_size: prompts per step)."""
 
     loss_type: str = option("grpo", "preset of the defaults below", choices=tuple(PRESETS))
@@ -211,14 +218,20 @@ def fill_unscored(rewards: torch.Tensor, G: int) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------- one step
 @torch.no_grad()
-def make_groups(model, cfg: GRPOConfig, tokenizer, batch: list[dict], rewards_fn, eos_id, pad_id, device) -> dict:
+def sampling_config(cfg: GRPOConfig) -> rollout.SamplingConfig:
+    return rollout.SamplingConfig(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
+                                  top_p=cfg.top_p, top_k=cfg.top_k, n=cfg.num_generations)
+
+
+def make_groups(model, cfg: GRPOConfig, tokenizer, batch: list[dict], rewards_fn, eos_id, pad_id, device,
+                engine=None) -> dict:
     """Sample G completions per prompt of `batch` (example dicts: prompt_ids, text, columns), score them and
-    compute the group advantages. Returns the rollout tensors, advantages (B*G,) and metrics."""
+    compute the group advantages. Returns the rollout tensors, advantages (B*G,) and metrics; "rollout_logprobs"
+    is vLLM's (B*G, T) log-probs with an engine (--rollout vllm), else None."""
     opts, G = cfg.resolved(), cfg.num_generations
     p = collate_prompts(batch, pad_id)
-    sampling = rollout.SamplingConfig(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
-                                      top_p=cfg.top_p, top_k=cfg.top_k, n=G)
-    ro = rollout.sample(model, p["prompt_ids"].to(device), p["prompt_mask"].to(device), sampling, eos_token_id=eos_id)
+    ro = rollout.sample(model, p["prompt_ids"].to(device), p["prompt_mask"].to(device), sampling_config(cfg),
+                        eos_token_id=eos_id, engine=engine)
     completions = R.completion_texts(tokenizer, ro.sequences, ro.response_mask)
     prompts = [e["text"] for e in batch for _ in range(G)]
     keys = sorted({k for e in batch for k in e["columns"]})
@@ -237,13 +250,15 @@ def make_groups(model, cfg: GRPOConfig, tokenizer, batch: list[dict], rewards_fn
         mask = mask * ro.has_eos[:, None].float()
     return {"seq": ro.sequences, "attn": ro.attention_mask, "mask": mask, "adv": adv, "rewards": rewards,
             "per_function": {k: v.to(device) for k, v in per_function.items()}, "zero_std": zero_std,
-            "lengths": lengths, "has_eos": ro.has_eos,
+            "lengths": lengths, "has_eos": ro.has_eos, "rollout_logprobs": ro.logprobs,
             "width": D.global_width(p["prompt_ids"].shape[1], ro.sequences.shape[1])}
 
 
 def cat_groups(parts: list[dict]) -> dict:
     out = {}
-    for k in ("seq", "attn", "mask"):
+    keys = ("seq", "attn", "mask") + (("rollout_logprobs",) if parts[0]["rollout_logprobs"] is not None else ())
+    out["rollout_logprobs"] = None
+    for k in keys:
         width = max(x[k].shape[1] for x in parts)
         out[k] = torch.cat([torch.nn.functional.pad(x[k], (0, width - x[k].shape[1])) for x in parts])
     for k in ("adv", "rewards", "zero_std", "lengths", "has_eos"):
@@ -358,11 +373,12 @@ def train_grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, examples: list[di
     updates = cfg.num_iterations * cfg.num_minibatches
     extra = L.BatchSampler(len(examples), cfg.batch_size, cfg.seed + 7) if opts["dynamic_sampling"] else None
     with L.Run(cfg, "grpo", params, len(examples), updates_per_step=updates, callback=callback, model=model,
-               stateful={"resample_sampler": extra}) as run:
+               stateful={"resample_sampler": extra}) as run, \
+            L.rollout_engine(cfg, model, sampling_config(cfg)) as engine:
         for _ in run:
             model.eval()
             parts = [make_groups(model, cfg, tokenizer, [examples[i] for i in run.sampler.next()], reward_funcs,
-                                 eos_id, pad_id, device)]
+                                 eos_id, pad_id, device, engine)]
             frac_zero_std = parts[0]["zero_std"].float().mean()
             kept = None
             if opts["dynamic_sampling"]:  # DAPO: keep only groups that carry a learning signal
@@ -371,7 +387,7 @@ def train_grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, examples: list[di
                     if int(sum(k.sum() for k in keep)) >= cfg.batch_size:
                         break
                     parts.append(make_groups(model, cfg, tokenizer, [examples[i] for i in extra.next()],
-                                             reward_funcs, eos_id, pad_id, device))
+                                             reward_funcs, eos_id, pad_id, device, engine))
                     keep.append(~parts[-1]["zero_std"])
             b = cat_groups(parts)
             if opts["dynamic_sampling"]:
@@ -381,13 +397,23 @@ def train_grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, examples: list[di
                     groups = torch.arange(cfg.batch_size, device=device)  # all flat: the loss is 0 anyway
                 rows = (groups[:, None] * G + torch.arange(G, device=device)).reshape(-1)  # their samples
                 b = {k: (v[groups] if k == "zero_std" else v[rows] if torch.is_tensor(v)
-                         else {n: t[rows] for n, t in v.items()}) for k, v in b.items()}
+                         else None if v is None else {n: t[rows] for n, t in v.items()}) for k, v in b.items()}
             b["width"] = parts[0]["width"]  # the padded width one process would have (Dr. GRPO's T under torchrun)
             with torch.no_grad():
                 # one update on the whole batch (num_iterations = num_minibatches = 1) is strictly on-policy: the
                 # loss takes the old log-probs from its own forward instead of a separate pass (as TRL)
                 on_policy = cfg.num_iterations == 1 and cfg.num_minibatches == 1
-                b["old"] = None if on_policy else model.logprobs(b["seq"], b["attn"], temperature=cfg.temperature)
+                # --rollout vllm: always the trainer's own old log-probs, to compare with vLLM's and weigh by
+                vllm = b["rollout_logprobs"] is not None
+                b["old"] = None if on_policy and not vllm else model.logprobs(b["seq"], b["attn"],
+                                                                              temperature=cfg.temperature)
+                rollout_stats = {}
+                if vllm:
+                    w, rollout_stats = rollout.importance_correction(
+                        b["old"], b["rollout_logprobs"], b["mask"], mode=cfg.rollout_is_correction,
+                        cap=cfg.rollout_is_cap)
+                    if w is not None:  # per-token advantages: the fused loss takes (B, T) as well as (B,)
+                        b["adv"] = (b["adv"][:, None] if b["adv"].dim() == 1 else b["adv"]) * w
                 if cfg.beta > 0 and cfg.kl_estimator != "full":
                     b["ref"] = model.logprobs(b["seq"], b["attn"], role="reference", temperature=cfg.temperature)
             N = b["seq"].shape[0]
@@ -425,7 +451,7 @@ def train_grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, examples: list[di
                 metrics.update({"frac_reward_zero_std": frac_zero_std,
                                 "completions/mean_length": b["lengths"].float().mean(),
                                 "completions/clipped_ratio": (~b["has_eos"]).float().mean(),
-                                **run.common_metrics(device)})
+                                **rollout_stats, **L.rollout_metrics(engine), **run.common_metrics(device)})
                 run.log_row(metrics, ("reward", "reward_std", "loss"))
         run.finish()  # the final checkpoint; the out_dir stays locked until the model is saved
         model.trained_roles.add("policy")

@@ -22,6 +22,7 @@ Also the small helpers around it: device, seeds, the tokenizer and RoleModel a c
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -88,6 +89,35 @@ def load_role_model(cfg: TrainConfig, device: torch.device, model=None, tokenize
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load model {src!r}: {e}") from e
     return rm.to(device)
+
+
+@contextlib.contextmanager
+def rollout_engine(cfg, model, sampling=None):
+    """The run's rollout engine for rl.rollout.sample(engine=...): None for --rollout native; for vllm an
+    rl.vllm_engine.VLLMEngine serving `model` (its base as it is now), closed when the block ends. `sampling`: the
+    run's rl.rollout.SamplingConfig when the rollouts must carry vLLM's log-probs (it fixes which ones)."""
+    if cfg.rollout == "native":
+        yield None
+        return
+    D.refuse("--rollout vllm (one colocated engine per process)")
+    from rlhf_fast.rl.vllm_engine import VLLMEngine, vllm_unavailable_reason
+
+    reason = vllm_unavailable_reason()
+    if reason is not None:
+        raise ConfigError(f"--rollout vllm: {reason}")
+    engine = VLLMEngine(model, max_model_len=cfg.max_length, sampling=sampling, seed=cfg.seed,
+                        gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, sleep=cfg.vllm_sleep)
+    try:
+        yield engine
+    finally:
+        engine.close()
+
+
+def rollout_metrics(engine) -> dict:
+    """What the metrics log records of a vLLM engine: adapter pushes so far and the last push's seconds."""
+    if engine is None:
+        return {}
+    return {"rollout/adapter_syncs": engine.syncs, "rollout/adapter_sync_s": engine.sync_seconds}
 
 
 def trainable_named_parameters(model, roles: Iterable[str]) -> list[tuple[str, torch.nn.Parameter]]:
@@ -368,6 +398,9 @@ RESUME_RULES: dict[str, str] = {
     "eval_every": CHANGE, "normalize": CHANGE, "merge": CHANGE,
     # the global batch is the same on any number of processes: a run may resume on another number of them
     "distributed": CHANGE, "dist_timeout_minutes": CHANGE,
+    # where the samples come from: a run may resume on another rollout backend (the engine is rebuilt)
+    "rollout": CHANGE, "vllm_gpu_memory_utilization": CHANGE, "vllm_sleep": CHANGE, "rollout_is_correction": CHANGE,
+    "rollout_is_cap": CHANGE,
     "optim.optimizer": MATCH,  # the optimiser's state in the checkpoint is that of the one it was trained with
 }
 

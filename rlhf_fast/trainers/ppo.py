@@ -34,12 +34,19 @@ from rlhf_fast.rl.judge import DEFAULT_RATING_WORDS, bind_judges, judge_function
 from rlhf_fast.rl.rewards import load_reward_functions, text_reward_fn
 from rlhf_fast.trainers import distributed as D
 from rlhf_fast.trainers import loop as L
-from rlhf_fast.trainers.config import ConfigError, TrainConfig, option, quiet_unless_progress
+from rlhf_fast.trainers.config import (
+    ConfigError,
+    RolloutCorrection,
+    RolloutOptions,
+    TrainConfig,
+    option,
+    quiet_unless_progress,
+)
 from rlhf_fast.trainers.sft import sft_loss
 
 
 @dataclass
-class PPOConfig(TrainConfig):
+class PPOConfig(RolloutCorrection, RolloutOptions, TrainConfig):
     """PPO of the policy and critic adapters against the reward adapter, on {"prompt"} JSONL."""
 
     reward_model: str = option("", "folder saved by `rlhf-fast rm` (out_dir/model): reward adapter, head, offset; "
@@ -154,12 +161,14 @@ def sampling_config(cfg: PPOConfig) -> rollout.SamplingConfig:
 
 @torch.no_grad()
 def make_experience(model, cfg: PPOConfig, prompts: dict, eos_id: int | None, ctl, moments,
-                    reward_fn=None, ensemble=None) -> dict:
+                    reward_fn=None, ensemble=None, engine=None) -> dict:
     """Generate, score and compute advantages for one batch of prompts (left-padded prompt_ids/prompt_mask).
     ensemble: an rl.ensemble.EnsembleReward whose reduced score replaces the reward head's (an extra forward per
-    member: experience() already scored member 0, kept as it is for the single-model path)."""
+    member: experience() already scored member 0, kept as it is for the single-model path).
+    engine: the vLLM engine (--rollout vllm): it samples; the old log-probs are still the trainer's own, and with
+    rollout_is_correction tis the advantages are weighted per token (rollout.importance_correction)."""
     ro = rollout.sample(model, prompts["prompt_ids"], prompts["prompt_mask"], sampling_config(cfg),
-                        eos_token_id=eos_id)
+                        eos_token_id=eos_id, engine=engine)
     exp = model.experience(ro.sequences, ro.attention_mask, temperature=cfg.temperature)  # (B, T) each, scores (B,)
     mask = ro.mask  # (B, T): generated tokens up to and including the first EOS
     raw = exp["scores"].float() if reward_fn is None else rollout.score(model, ro, reward_fn)  # (B,)
@@ -173,9 +182,14 @@ def make_experience(model, cfg: PPOConfig, prompts: dict, eos_id: int | None, ct
     a = advantages.ppo_advantages(lp, ref, values, scores, mask, kl_coef=ctl.value, gamma=cfg.gamma, lam=cfg.lam,
                                   estimator=cfg.kl_estimator, whiten=cfg.whiten_advantages,
                                   reduce=D.all_reduce if distributed else None)
+    adv, rollout_stats = a["advantages"], {}
+    if ro.logprobs is not None:  # vLLM sampled: its log-probs against the trainer's (the ratio's old ones)
+        w, rollout_stats = rollout.importance_correction(lp, ro.logprobs, mask, mode=cfg.rollout_is_correction,
+                                                         cap=cfg.rollout_is_cap)
+        adv = adv if w is None else adv * w
     return {"seq": ro.sequences, "attn": ro.attention_mask, "mask": mask, "logprobs": lp, "values": values,
             "width": D.global_width(prompts["prompt_ids"].shape[1], ro.sequences.shape[1]),
-            "adv": a["advantages"], "returns": a["returns"], "scores": scores, "raw_scores": raw, "kl": a["kl"],
+            "rollout_stats": rollout_stats, "adv": adv, "returns": a["returns"], "scores": scores, "raw_scores": raw, "kl": a["kl"],
             "has_eos": ro.has_eos, "entropy": (-lp * mask).sum(1)}
 
 
@@ -261,13 +275,14 @@ def train_ppo(cfg: PPOConfig, *, model=None, tokenizer=None, prompts: list[dict]
     updates = cfg.ppo_epochs * min(cfg.num_minibatches, cfg.batch_size, len(prompts))
     params = L.trainable_named_parameters(model, ["policy", "critic"])
     with L.Run(cfg, "ppo", params, len(prompts), updates_per_step=updates, callback=callback, model=model,
-               stateful={"kl_controller": ctl, "score_moments": moments, "ptx_sampler": ptx_sampler}) as run:
+               stateful={"kl_controller": ctl, "score_moments": moments, "ptx_sampler": ptx_sampler}) as run, \
+            L.rollout_engine(cfg, model, sampling_config(cfg)) as engine:
         for _ in run:
             model.eval()  # again each step: a callback may have switched modes
             examples = [prompts[i] for i in run.sampler.next()]
             batch = {k: v.to(device) for k, v in collate_prompts(examples, pad_id).items()}
             rfn = reward_fn if funcs is None else text_reward_fn(funcs, tokenizer, examples)
-            b = make_experience(model, cfg, batch, eos_id, ctl, moments, rfn, ensemble)
+            b = make_experience(model, cfg, batch, eos_id, ctl, moments, rfn, ensemble, engine)
             beta = ctl.value
             B = b["seq"].shape[0]
             stats: dict[str, list] = {}
@@ -296,7 +311,7 @@ def train_ppo(cfg: PPOConfig, *, model=None, tokenizer=None, prompts: list[dict]
                     "objective/non_score_reward": non_score.mean(), "objective/scores": b["raw_scores"].mean(),
                     "objective/rlhf_reward": (b["scores"] + non_score).mean(), "objective/kl_coef": beta,
                     "val/num_eos_tokens": b["has_eos"].sum(), "val/response_length": b["mask"].sum(1).mean(),
-                    **run.common_metrics(device)})
+                    **b["rollout_stats"], **L.rollout_metrics(engine), **run.common_metrics(device)})
                 if funcs is not None:
                     metrics.update({f"rewards/{k}/mean": float(v.nanmean()) for k, v in rfn.last.items()})
                 if ensemble is not None:

@@ -30,12 +30,12 @@ from rlhf_fast.rl.best_of_n import best_of_n
 from rlhf_fast.rl.rollout import SamplingConfig
 from rlhf_fast.trainers import distributed as D
 from rlhf_fast.trainers import loop as L
-from rlhf_fast.trainers.config import ConfigError, TrainConfig, option, quiet_unless_progress
+from rlhf_fast.trainers.config import ConfigError, RolloutOptions, TrainConfig, option, quiet_unless_progress
 from rlhf_fast.trainers.sft import SFTConfig, train_sft
 
 
 @dataclass
-class RAFTConfig(TrainConfig):
+class RAFTConfig(RolloutOptions, TrainConfig):
     """RAFT / rejection-sampling fine-tuning of the policy adapter on {"prompt", ...columns} JSONL: rounds of
     Best-of-N then SFT on the picks (batch_size, max_steps, epochs: of each round's SFT)."""
 
@@ -122,33 +122,40 @@ def train_raft(cfg: RAFTConfig, *, model=None, tokenizer=None, examples: list[di
     log = L.MetricsLogger(os.path.join(cfg.out_dir, "metrics.jsonl"))
     order = random.Random(cfg.seed)
     rounds = []
-    for k in range(cfg.rounds):
-        # 1. Best-of-N on the current policy
-        batch = examples
-        if 0 < cfg.prompts_per_round < len(examples):
-            batch = [examples[i] for i in sorted(order.sample(range(len(examples)), cfg.prompts_per_round))]
-        samples = best_of_n(model, [e["text"] for e in batch], cfg.n, reward_funcs=reward_funcs, tokenizer=tokenizer,
-                            sampling=sampling, keep="all", batch_size=cfg.generation_batch_size,
-                            seed=cfg.seed * 1000 + k, progress=cfg.progress, return_ids=True,
-                            columns={c: [e["columns"].get(c) for e in batch] for c in keys})
-        kept = 1 if cfg.keep == "best" else cfg.top_k
-        picks = [r for r in samples if r["rank"] < kept]  # every sample comes back ranked, best first
-        write_jsonl_atomic(os.path.join(cfg.out_dir, f"round_{k}", "picks.jsonl"),
-                           [{c: v for c, v in r.items() if c not in ("prompt_ids", "completion_ids")} for r in picks])
-        # 2. SFT of the policy adapter on the picks: the sampled tokens (up to and including EOS) are the targets
-        data = [{"prompt_ids": r["prompt_ids"], "completion_ids": r["completion_ids"]} for r in picks
-                if r["score"] is not None and r["completion_ids"]]
-        if not data:
-            raise ConfigError(f"round {k}: no sample could be scored; nothing to fine-tune on")
-        sft = train_sft(sft_config(cfg, k), model=model, tokenizer=tokenizer, examples=data)
-        rounds.append(log.log(k + 1, {"round": k, **round_metrics(samples, picks),
-                                      "sft/loss": sft["metrics"].get("loss", float("nan")), "sft/examples": len(data)}))
+    with L.rollout_engine(cfg, model) as engine:  # --rollout vllm: one engine for every round
+        for k in range(cfg.rounds):
+            rounds.append(_round(cfg, k, model, tokenizer, examples, keys, reward_funcs, sampling, order, log, engine))
     log.close()
     model.trained_roles.add("policy")
     model.eval()
     out = os.path.join(cfg.out_dir, "model")
     model.save(out, save_base=False)
     return {"model": model, "metrics": rounds[-1], "out": out, "rounds": rounds}
+
+
+def _round(cfg: RAFTConfig, k: int, model, tokenizer, examples, keys, reward_funcs, sampling, order, log,
+           engine) -> dict:
+    """One RAFT round: Best-of-N on the current policy, then SFT on the picks; returns its logged row."""
+    # 1. Best-of-N on the current policy
+    batch = examples
+    if 0 < cfg.prompts_per_round < len(examples):
+        batch = [examples[i] for i in sorted(order.sample(range(len(examples)), cfg.prompts_per_round))]
+    samples = best_of_n(model, [e["text"] for e in batch], cfg.n, reward_funcs=reward_funcs, tokenizer=tokenizer,
+                        sampling=sampling, keep="all", batch_size=cfg.generation_batch_size,
+                        seed=cfg.seed * 1000 + k, progress=cfg.progress, return_ids=True,
+                        columns={c: [e["columns"].get(c) for e in batch] for c in keys}, engine=engine)
+    kept = 1 if cfg.keep == "best" else cfg.top_k
+    picks = [r for r in samples if r["rank"] < kept]  # every sample comes back ranked, best first
+    write_jsonl_atomic(os.path.join(cfg.out_dir, f"round_{k}", "picks.jsonl"),
+                       [{c: v for c, v in r.items() if c not in ("prompt_ids", "completion_ids")} for r in picks])
+    # 2. SFT of the policy adapter on the picks: the sampled tokens (up to and including EOS) are the targets
+    data = [{"prompt_ids": r["prompt_ids"], "completion_ids": r["completion_ids"]} for r in picks
+            if r["score"] is not None and r["completion_ids"]]
+    if not data:
+        raise ConfigError(f"round {k}: no sample could be scored; nothing to fine-tune on")
+    sft = train_sft(sft_config(cfg, k), model=model, tokenizer=tokenizer, examples=data)
+    return log.log(k + 1, {"round": k, **round_metrics(samples, picks), **L.rollout_metrics(engine),
+                           "sft/loss": sft["metrics"].get("loss", float("nan")), "sft/examples": len(data)})
 
 
 def round_metrics(samples: list[dict], picks: list[dict]) -> dict:

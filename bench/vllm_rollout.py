@@ -126,16 +126,17 @@ def main() -> None:
     start_s = time.perf_counter() - t0
     memory["trainer + vLLM engine"] = used_gib(device)
     tokens = args.prompts * args.new_tokens
-    times = {"native": [], "vllm": []}
+    times, cpu = {"native": [], "vllm": []}, {"native": [], "vllm": []}
     parity = None
     for rep in range(args.reps + 1):  # repetition 0 warms both up and is not counted
         for name in ("native", "vllm") if rep % 2 == 0 else ("vllm", "native"):
             sync(device)
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             ro = rollout.sample(model, ids, mask, sampling, eos_token_id=[], engine=engine if name == "vllm" else None)
             sync(device)
             if rep > 0:
                 times[name].append(time.perf_counter() - t)
+                cpu[name].append(time.process_time() - c)
             assert int(ro.response_mask.sum()) == tokens, "every row must have new_tokens tokens"
             if name == "vllm" and parity is None:
                 with torch.no_grad():
@@ -186,7 +187,8 @@ def main() -> None:
         "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None, "dtype": str(dtype),
         "prompts": args.prompts, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "reps": args.reps,
         "tokens_per_s": {"native": tokens / native["median"], "vllm": tokens / vllm["median"]},
-        "rollout_s": {"native": native, "vllm": vllm}, "speedup_vllm": native["median"] / vllm["median"],
+        "rollout_s": {"native": native, "vllm": vllm},
+        "rollout_cpu_s": {"native": stats(cpu["native"]), "vllm": stats(cpu["vllm"])}, "speedup_vllm": native["median"] / vllm["median"],
         "engine_start_s": start_s, "adapter_mb": adapter_mb, "hot_swap_s": stats(swaps),
         "export_s": stats(exports), "merged_push_s": stats(merged) if merged else None,
         "merged_push_error": merged_error, "parity": parity, "memory_gib": memory,
@@ -201,15 +203,20 @@ def main() -> None:
         json.dump(res, f, indent=2)
     ms = lambda s: f"{s['median'] * 1e3:.1f} ms (min {s['min'] * 1e3:.1f}, max {s['max'] * 1e3:.1f})"  # noqa: E731
     lines = [
-        f"# --rollout vllm vs native, {args.shape} ({res['gpu'] or 'CPU, one thread'}, {dtype})", "",
+        f"# --rollout vllm vs native, {args.shape} ({res['gpu'] or 'CPU'}, {dtype})", "",
         f"{res['date']}, commit {res['commit']}, torch {res['torch']}, vLLM {res['vllm']}. "
         f"{args.prompts} prompts x {args.prompt_len} tokens, {args.new_tokens} new tokens each (no stop token), "
         f"{args.reps} alternating repetitions after a warm-up. {args.note}", "",
-        "| rollout | seconds (median, min, max) | new tokens/s |", "|---|---|---|",
+        "| rollout | wall seconds (median, min, max) | CPU seconds (median) | new tokens/s (wall) |",
+        "|---|---|---|---|",
         f"| native (KV-cached loop, policy merged) | {native['median']:.3f} ({native['min']:.3f}, {native['max']:.3f}) "
-        f"| {res['tokens_per_s']['native']:.0f} |",
+        f"| {res['rollout_cpu_s']['native']['median']:.3f} | {res['tokens_per_s']['native']:.0f} |",
         f"| vLLM (engine, LoRA live) | {vllm['median']:.3f} ({vllm['min']:.3f}, {vllm['max']:.3f}) "
-        f"| {res['tokens_per_s']['vllm']:.0f} |", "",
+        f"| {res['rollout_cpu_s']['vllm']['median']:.3f} | {res['tokens_per_s']['vllm']:.0f} |", "",
+        "CPU / wall seconds (about the cores in use): native "
+        f"{res['rollout_cpu_s']['native']['median'] / native['median']:.2f} (the trainer: one torch thread on a "
+        f"CPU), vLLM {res['rollout_cpu_s']['vllm']['median'] / vllm['median']:.2f} (its worker binds its own "
+        "OpenMP threads).", "",
         f"vLLM / native: **{res['speedup_vllm']:.2f}x** new tokens/s. Engine start (base export + load): "
         f"{start_s:.1f} s, once per run.", "",
         f"Adapter push ({adapter_mb:.2f} MB of policy LoRA), {args.swaps} times: **{ms(res['hot_swap_s'])}** "

@@ -49,7 +49,10 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_
         to and including the first EOS, attention_mask = prompt_mask followed by the response mask.
 
     Rows that have finished leave the decode batch (their KV cache rows are dropped), so a batch of short answers
-    does not pay for its longest. Tokens are drawn by the exponential race argmax(p / E), E ~ Exp(1) i.i.d.,
+    does not pay for its longest. With a base sharded over processes (model.lockstep set, FSDP2) every process
+    decodes until no process has a row left (a process whose rows are all done keeps feeding one finished row,
+    whose tokens are discarded), because each forward gathers the sharded weights from all of them; and the policy
+    LoRA runs live (merge is off: the sharded weights cannot take the merge). Tokens are drawn by the exponential race argmax(p / E), E ~ Exp(1) i.i.d.,
     which picks token v with probability p_v, as torch.multinomial does (cheaper than it in a CPU profile).
     """
     check_inputs(prompt_ids, prompt_mask)
@@ -75,6 +78,9 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_
     alive = torch.zeros(b, max_new_tokens, dtype=torch.long, device=device)
     rows = torch.arange(b, device=device)  # the output rows still decoding
     length = 0
+    lockstep = getattr(model, "lockstep", None)
+    merge = merge and lockstep is None
+    ghost = False  # lockstep: this process's rows are all done; it decodes a finished row for the others' sake
     with model._eval(), model.role("policy"), merged(model, "policy", merge) as lm:
         out = lm(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids(prompt_mask),
                  use_cache=True, logits_to_keep=1)
@@ -89,14 +95,22 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_
         next_pos = mask.sum(1, keepdim=True)  # (B*n, 1) position of the first response token
         for step in range(max_new_tokens):
             tok = sample(logits.float(), temperature, top_p, top_k, generator)  # (rows,)
-            tokens[rows, step] = tok
-            alive[rows, step] = 1
-            length = step + 1
+            if not ghost:
+                tokens[rows, step] = tok
+                alive[rows, step] = 1
+                length = step + 1
             going = ~torch.isin(tok, eos_t) if eos_ids else torch.ones_like(tok, dtype=torch.bool)
+            if ghost:
+                going = torch.zeros_like(going)
             n_going = int(going.sum())  # the loop's one host synchronisation per token
-            if step == max_new_tokens - 1 or n_going == 0:
+            n_any = n_going if lockstep is None else lockstep(n_going)  # FSDP2: the most on any process
+            if step == max_new_tokens - 1 or n_any == 0:
                 break
-            if n_going < going.numel():  # finished rows leave the batch
+            n_keep = n_going
+            if n_going == 0:  # lockstep: keep one finished row decoding, its tokens never written
+                ghost, going, n_keep = True, torch.zeros_like(going), 1
+                going[0] = True
+            if n_keep < going.numel():  # finished rows leave the batch
                 keep = going.nonzero().squeeze(-1)
                 kv.select(keep) if kv is not None else cache.batch_select_indices(keep)
                 rows, tok, mask, next_pos = rows[keep], tok[keep], mask[keep], next_pos[keep]

@@ -45,17 +45,25 @@ def base_state_dict(model) -> dict[str, torch.Tensor]:
     return {name.replace(".base_layer.", "."): t for name, t in model.lm.state_dict().items() if "lora_" not in name}
 
 
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    # a base weight sharded by FSDP2 (a DTensor), gathered: a collective every process must make in the same order
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 @torch.no_grad()
 def base_fingerprint(model) -> str:
     """sha256 of the base's config (model type and sizes) and of every base tensor's name, shape and a strided
-    sample of its values: equal for the same weights, different for another base or a merged one."""
+    sample of its values: equal for the same weights, different for another base or a merged one. With a base
+    sharded by FSDP2 every process must call it (each sharded tensor is gathered in turn)."""
     h = hashlib.sha256()
     c = model.config
     h.update(json.dumps({k: getattr(c, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers",
                                                             "vocab_size", "intermediate_size")}).encode())
     for name, t in sorted(base_state_dict(model).items()):
         # rounded to bf16: the same base loaded in another dtype keeps its fingerprint
-        flat = t.detach().reshape(-1)[::_FINGERPRINT_STRIDE].to(torch.bfloat16).float().cpu().contiguous()
+        flat = _whole(t).detach().reshape(-1)[::_FINGERPRINT_STRIDE].to(torch.bfloat16).float().cpu().contiguous()
         h.update(f"{name}{tuple(t.shape)}".encode())
         h.update(flat.numpy().tobytes())
     return h.hexdigest()[:32]
@@ -99,10 +107,12 @@ def adapter_settings(settings: dict, name: str) -> LoraSettings:
 
 # ----------------------------------------------------------------------------------------------- save
 
-def save(model, path: str | os.PathLike, *, save_base: bool = False) -> Path:
+def save(model, path: str | os.PathLike, *, save_base: bool = False, gathered: dict | None = None) -> Path:
     """Write the adapters (PEFT format, loadable by peft.PeftModel.from_pretrained), the heads and the
     settings to `path`, atomically (a temp folder renamed into place); see the module docstring for the layout.
-    An earlier folder at `path` is replaced whole. Refuses to write non-finite adapter or head weights."""
+    An earlier folder at `path` is replaced whole. Refuses to write non-finite adapter or head weights.
+    gathered: for a base sharded by FSDP2, what every process gathered beforehand (trainers.distributed.save_model):
+    {"fingerprint", "base_state" (the whole base, with save_base)}, so that one process alone can write."""
     bad = [n for n, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
     if bad:
         raise ValueError(f"refusing to save non-finite weights ({len(bad)} tensors, e.g. {bad[0]})")
@@ -122,13 +132,15 @@ def save(model, path: str | os.PathLike, *, save_base: bool = False) -> Path:
                       for k, v in model.reward_head(j).state_dict().items()}
         save_file(heads, str(tmp / HEADS_FILE))
         if save_base:
-            model.lm.save_pretrained(str(tmp / "base"), state_dict=base_state_dict(model))
+            state = gathered["base_state"] if gathered else base_state_dict(model)
+            model.lm.save_pretrained(str(tmp / "base"), state_dict=state)
             if model.tokenizer is not None:
                 model.tokenizer.save_pretrained(str(tmp / "base"))
         settings = {"lora": dataclasses.asdict(model.lora),
                     "adapter_lora": {n: dataclasses.asdict(s) for n, s in model.adapter_lora.items()},
                     "base_model": model.base_name_or_path, "has_base": save_base,
-                    "base_fingerprint": base_fingerprint(model), "trained_roles": sorted(model.trained_roles),
+                    "base_fingerprint": gathered["fingerprint"] if gathered else base_fingerprint(model),
+                    "trained_roles": sorted(model.trained_roles),
                     "merged_into_base": model.merged_into_base, "model_type": model.config.model_type,
                     "dtype": str(model.lm_head.weight.dtype),
                     "versions": {"torch": torch.__version__, "transformers": transformers.__version__,

@@ -203,6 +203,9 @@ class RoleModel(nn.Module):
         self.tokenizer = tokenizer
         self.base_name_or_path = base_name_or_path
         self.merged_into_base = 0
+        # set when the base is sharded over processes (trainers.distributed.shard_base, FSDP2): n_local -> the most
+        # rows still decoding on any process, so that generate() runs the same number of forwards everywhere
+        self.lockstep = None
         h = self.lm_head.weight.shape[1]
         self.value_head = nn.Linear(h, 1, dtype=torch.float32, device=self.lm_head.weight.device)
         self.score_head = nn.Linear(h, 1, dtype=torch.float32, device=self.lm_head.weight.device)
@@ -651,10 +654,11 @@ class RoleModel(nn.Module):
         """The base model's own state dict (LoRA layers stripped, names as in the plain transformers model)."""
         return io.base_state_dict(self)
 
-    def save(self, path: str | os.PathLike, *, save_base: bool = False) -> Path:
+    def save(self, path: str | os.PathLike, *, save_base: bool = False, gathered: dict | None = None) -> Path:
         """Write adapters (PEFT format), heads and settings to `path` atomically; save_base=True adds path/base
-        (transformers format + tokenizer). See rlhf_fast.models.io for the layout."""
-        return io.save(self, path, save_base=save_base)
+        (transformers format + tokenizer). See rlhf_fast.models.io for the layout (and `gathered`, for a base
+        sharded by FSDP2)."""
+        return io.save(self, path, save_base=save_base, gathered=gathered)
 
     def load_adapters(self, path: str | os.PathLike) -> None:
         """Load the adapters and heads written by save() into this model."""
@@ -677,10 +681,15 @@ class RoleModel(nn.Module):
         the anchor PPO's KL penalty needs (Ouyang et al. 2022). The critic and reward adapters are kept as they
         are (train the reward model after this call). Irreversible in place; save(save_base=True) to keep it.
         """
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
         for module in self.peft.modules():
             if isinstance(module, LoraLayer) and "policy" in module.lora_A:
                 base = module.get_base_layer()
-                delta = module.get_delta_weight("policy")
-                base.weight.add_(delta.to(base.weight.dtype))
+                delta = module.get_delta_weight("policy").to(base.weight.dtype)
+                if isinstance(base.weight, DTensor):  # sharded by FSDP2: each process adds its own rows
+                    delta = distribute_tensor(delta, base.weight.device_mesh, base.weight.placements,
+                                              src_data_rank=None)  # the same delta everywhere: sliced locally
+                base.weight.add_(delta)
                 module.reset_lora_parameters("policy", True)
         self.merged_into_base += 1

@@ -122,8 +122,9 @@ class TrainConfig:
                                   "deprecation warnings from transformers and peft)")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward to save memory")
     distributed: str = option("ddp", "under torchrun (WORLD_SIZE > 1): ddp replicates the base and all-reduces the "
-                                     "adapters' gradients; fsdp2 (sharded base) is not implemented yet. Ignored on "
-                                     "one process (docs/distributed.md)", choices=("ddp", "fsdp2"))
+                                     "adapters' gradients; fsdp2 also shards the decoder blocks' frozen base weights "
+                                     "over the processes (fully_shard; adapters whole). Needs torchrun "
+                                     "(docs/distributed.md)", choices=("ddp", "fsdp2"))
     dist_timeout_minutes: float = option(10.0, "under torchrun: a collective that waits longer than this (a process "
                                                "died or hangs) ends the run with an error")
     optim: OptimConfig = option(factory=OptimConfig, help="optimiser")

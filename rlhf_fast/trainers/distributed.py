@@ -80,12 +80,9 @@ def init_from_env(cfg, divisible: Iterable[str] = ("batch_size",)) -> torch.devi
     n, tier = env_world(), getattr(cfg, "distributed", "ddp")
     if tier not in TIERS:
         raise ConfigError(f"distributed must be one of {', '.join(TIERS)}, got {tier!r}")
-    if tier == "fsdp2":
-        if n <= 1:
-            raise ConfigError("--distributed fsdp2 needs several processes: launch with torchrun "
-                              "--nproc_per_node N (WORLD_SIZE is not set)")
-        raise ConfigError("--distributed fsdp2 is not implemented yet (docs/distributed.md says what it takes); "
-                          "--distributed ddp replicates the base on every process and trains the same run")
+    if tier == "fsdp2" and n <= 1:
+        raise ConfigError("--distributed fsdp2 needs several processes: launch with torchrun "
+                          "--nproc_per_node N (WORLD_SIZE is not set)")
     if n <= 1:
         return resolve_device(cfg.device)
     for name in divisible:
@@ -106,6 +103,78 @@ def init_from_env(cfg, divisible: Iterable[str] = ("batch_size",)) -> torch.devi
         atexit.register(_destroy)
     check_same_config(cfg)
     return device
+
+
+# ----------------------------------------------------------------------------------------- the FSDP2 tier
+def shard_base(model, device: torch.device) -> None:
+    """The FSDP2 tier: fully_shard each decoder block of `model` (a RoleModel) over the processes, so every process
+    holds 1/world of the blocks' frozen base weights, all-gathered block by block in each forward and backward.
+
+    The adapters inside the blocks are FSDP's ignored_params: they stay whole on every process, and their gradients
+    (with the heads', which live outside the blocks) are summed by reduce_gradients exactly as in the DDP tier; so the
+    optimiser, clipping, checkpoints and resume are those of one process. The embeddings, final norm and lm_head
+    (outside the blocks) stay replicated, which is what lets the fused log-prob ops read lm_head.weight whole.
+    After this call every process must run the same sequence of forwards (see lockstep()); generation keeps the
+    processes in step (RoleModel.lockstep) and runs the policy LoRA live (no merge into sharded weights)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from rlhf_fast.models.role_model import _decoder_blocks
+
+    mesh = init_device_mesh(device.type, (world(),))
+    for block in _decoder_blocks(model.backbone):
+        adapters = {p for n, p in block.named_parameters() if "lora_" in n}
+        trainable = [n for n, p in block.named_parameters() if p.requires_grad and "lora_" not in n]
+        if trainable:
+            raise ConfigError(f"--distributed fsdp2 shards the frozen base only, but {trainable[0]} is trainable")
+        fully_shard(block, mesh=mesh, ignored_params=adapters, reshard_after_forward=True)
+    model.refresh_trainable()
+    model.lockstep = lambda n_local: int(all_reduce(float(n_local), "max"))
+    _STATE.sharded = True
+
+
+def lockstep() -> bool:
+    """True when every process must run the same forwards (the FSDP2 tier: each block's forward all-gathers)."""
+    return active() and getattr(_STATE, "sharded", False)
+
+
+class _State:
+    sharded = False  # this process's model was sharded by shard_base
+
+
+_STATE = _State()
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A sharded (DTensor) parameter gathered whole (every process must call it, in the same order); other tensors
+    as they are."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def save_model(model, out: str, *, save_base: bool = False, also: Callable | None = None) -> None:
+    """model.save(out) on rank 0 (and `also()` after it). Under FSDP2 every process first gathers what rank 0 writes
+    from the sharded base (the fingerprint, and with save_base the whole base, kept on rank 0 only)."""
+    from rlhf_fast.models import io
+
+    gathered = None
+    if lockstep():
+        gathered = {"fingerprint": io.base_fingerprint(model)}
+        if save_base:
+            state = {}
+            for name, t in io.base_state_dict(model).items():
+                full = full_tensor(t).detach()
+                if is_main():
+                    state[name] = full.cpu()
+            gathered["base_state"] = state if is_main() else None
+
+    def write():
+        model.save(out, save_base=save_base, gathered=gathered)
+        if also is not None:
+            also()
+
+    on_main(write, "saving the model")
 
 
 def _destroy() -> None:

@@ -322,5 +322,5 @@ def train_dpo(cfg: DPOConfig, *, model=None, tokenizer=None, examples: list[dict
         model.trained_roles.add("policy")
         out = os.path.join(cfg.out_dir, "model")
         # after a reference update the base itself was trained: save it, the adapters alone would lose it
-        D.on_main(lambda: model.save(out, save_base=bool(updates and updates.steps)), "saving the model")
+        D.save_model(model, out, save_base=bool(updates and updates.steps))
     return {"model": model, "metrics": run.row, "out": out}

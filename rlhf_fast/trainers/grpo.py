@@ -429,7 +429,10 @@ def train_grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, examples: list[di
                     loss, st = torch.zeros((), device=device), {}
                     for sub, share in micro_batches(b["mask"], idx, cfg.micro_batch_size, opts["loss_agg"]):
                         if sub.numel() == 0:  # the minibatch's rows are all on other processes
-                            continue
+                            if not D.lockstep():
+                                continue
+                            # FSDP2: the others' forwards gather this process's shards: one row, weighted 0
+                            sub, share = torch.zeros(1, dtype=torch.long, device=device), 0.0
                         part, st_part = grpo_minibatch_loss(model, cfg, b, sub)
                         (part * (share * scale)).backward()
                         loss = loss + part.detach() * (share * scale)
@@ -456,12 +459,14 @@ def train_grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, examples: list[di
         run.finish()  # the final checkpoint; the out_dir stays locked until the model is saved
         model.trained_roles.add("policy")
         out = os.path.join(cfg.out_dir, "model")
-        D.on_main(lambda: model.save(out, save_base=False), "saving the model")
+        D.save_model(model, out)
         evaluation = None
-        if held_out and D.is_main():  # --dataset: greedy accuracy on the held-out questions
+        # --dataset: greedy accuracy on the held-out questions (FSDP2: every process decodes, rank 0 reports)
+        if held_out and (D.is_main() or D.lockstep()):
             evaluation = rg.evaluate(model, held_out, R.Accuracy(score_answer=rg.score_answer),
                                      max_new_tokens=cfg.max_completion_length, pad_id=pad_id, eos_id=eos_id,
                                      decode=lambda s, m: R.completion_texts(tokenizer, s, m))
-            with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
-                json.dump({"dataset": cfg.dataset, "step": run.step, **evaluation}, f, indent=2)
+            if D.is_main():
+                with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
+                    json.dump({"dataset": cfg.dataset, "step": run.step, **evaluation}, f, indent=2)
     return {"model": model, "metrics": run.row, "out": out, "eval": evaluation}

@@ -80,7 +80,10 @@ def load_role_model(cfg: TrainConfig, device: torch.device, model=None, tokenize
     """A RoleModel on `device`: `model` itself when it is one, else RoleModel.from_pretrained of `model`
     (a transformers model object) or of the folder cfg.model."""
     if isinstance(model, RoleModel):
-        return model.to(device)
+        model = model.to(device)
+        if getattr(cfg, "distributed", "ddp") == "fsdp2" and D.world() > 1 and model.lockstep is None:
+            D.shard_base(model, device)
+        return model
     src = model if model is not None else cfg.model
     dtype = None if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
     try:
@@ -88,7 +91,10 @@ def load_role_model(cfg: TrainConfig, device: torch.device, model=None, tokenize
                                        gradient_checkpointing=cfg.gradient_checkpointing)
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load model {src!r}: {e}") from e
-    return rm.to(device)
+    rm = rm.to(device)
+    if getattr(cfg, "distributed", "ddp") == "fsdp2" and D.world() > 1:
+        D.shard_base(rm, device)  # the FSDP2 tier: each process holds its share of the blocks' base weights
+    return rm
 
 
 @contextlib.contextmanager

@@ -189,8 +189,8 @@ def make_experience(model, cfg: PPOConfig, prompts: dict, eos_id: int | None, ct
         adv = adv if w is None else adv * w
     return {"seq": ro.sequences, "attn": ro.attention_mask, "mask": mask, "logprobs": lp, "values": values,
             "width": D.global_width(prompts["prompt_ids"].shape[1], ro.sequences.shape[1]),
-            "rollout_stats": rollout_stats, "adv": adv, "returns": a["returns"], "scores": scores, "raw_scores": raw, "kl": a["kl"],
-            "has_eos": ro.has_eos, "entropy": (-lp * mask).sum(1)}
+            "rollout_stats": rollout_stats, "adv": adv, "returns": a["returns"], "scores": scores, "raw_scores": raw,
+            "kl": a["kl"], "has_eos": ro.has_eos, "entropy": (-lp * mask).sum(1)}
 
 
 def ppo_minibatch_loss(model, cfg: PPOConfig, b: dict, idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -198,11 +198,15 @@ def ppo_minibatch_loss(model, cfg: PPOConfig, b: dict, idx: torch.Tensor) -> tup
 
     Under torchrun this process's share of the minibatch's loss (the shares sum to one process's loss): both
     terms are scaled by D.agg_share, its part of the global denominator of cfg.loss_agg. No rows: 0 (it still
-    takes part in the collectives)."""
+    takes part in the collectives; under FSDP2 also in the forwards, on one row weighted 0)."""
     seq, attn, mask = b["seq"][idx], b["attn"][idx], b["mask"][idx]
     part = D.agg_share(mask, cfg.loss_agg, b.get("width"))  # exactly 1 on one process
-    if idx.numel() == 0:  # every row of this minibatch is on other processes
+    empty = idx.numel() == 0  # every row of this minibatch is on other processes
+    if empty and not D.lockstep():
         return torch.zeros((), device=seq.device), {}
+    if empty:  # FSDP2: the others' forwards gather this process's shards, so it runs them too
+        idx = torch.zeros(1, dtype=torch.long, device=idx.device)
+        seq, attn, mask, part = b["seq"][idx], b["attn"][idx], b["mask"][idx], 0.0
     f = model.policy_forward(seq, attn)  # hidden (b, T, H) aligned with seq: hidden[:, t] scores token t
     pg, pst = fused_linear_ppo_loss(f.hidden, f.weight, f.targets, b["logprobs"][idx], b["adv"][idx],
                                     mask * f.mask, f.bias, entropy_coef=cfg.entropy_coef,
@@ -213,7 +217,7 @@ def ppo_minibatch_loss(model, cfg: PPOConfig, b: dict, idx: torch.Tensor) -> tup
     stats = {"policy/approxkl_avg": pst["approx_kl"], "policy/clipfrac_avg": pst["clipfrac"],
              "policy/entropy_avg": pst["entropy"], "loss/policy_avg": pg.detach(), "loss/value_avg": vl.detach(),
              "val/clipfrac_avg": vst["clipfrac"], "val/ratio": pst["ratio"]}
-    return (pg + cfg.vf_coef * vl) * part, stats
+    return (pg + cfg.vf_coef * vl) * part, {} if empty else stats
 
 
 @quiet_unless_progress
@@ -320,5 +324,5 @@ def train_ppo(cfg: PPOConfig, *, model=None, tokenizer=None, prompts: list[dict]
         run.finish()  # the final checkpoint; out_dir stays locked until the model is saved
         model.trained_roles |= {"policy", "critic"}
         out = os.path.join(cfg.out_dir, "model")
-        D.on_main(lambda: model.save(out, save_base=False), "saving the model")
+        D.save_model(model, out)
     return {"model": model, "metrics": run.row, "out": out}

@@ -215,8 +215,8 @@ def train_rm(cfg: RMConfig, *, model=None, tokenizer=None, examples: list[dict] 
         run.log.log(run.step, row | {"reward_offset": offset, "data/dropped_pairs": dropped,
                                      "data/val_dropped_pairs": val_dropped})
         out = os.path.join(cfg.out_dir, "model")
-        D.on_main(lambda: (model.save(out, save_base=False), ckpt.atomic_write_json(
-            os.path.join(out, "reward_normalization.json"), normalization)), "saving the model")
+        D.save_model(model, out, also=lambda: ckpt.atomic_write_json(
+            os.path.join(out, "reward_normalization.json"), normalization))
     return {"model": model, "metrics": run.row, "val": val, "offset": offset if K == 1 else offsets, "out": out}
 
 

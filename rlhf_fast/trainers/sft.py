@@ -83,5 +83,5 @@ def train_sft(cfg: SFTConfig, *, model=None, tokenizer=None, examples: list[dict
         out = os.path.join(cfg.out_dir, "model")
         if cfg.merge:
             model.merge_policy_into_base()  # the base becomes the SFT model; a fresh policy adapter starts from it
-        D.on_main(lambda: model.save(out, save_base=cfg.merge), "saving the model")
+        D.save_model(model, out, save_base=cfg.merge)
     return {"model": model, "metrics": run.row, "out": out}

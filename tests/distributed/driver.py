@@ -7,6 +7,7 @@ Each process writes its trainable parameters to out_dir/params-rank<r>.pt at the
 get FIXED rollouts: rollout.sample is replaced by a deterministic function of each prompt (responses of unequal
 lengths, some without EOS), so that one process and several sample the same responses and the comparison is of
 everything after sampling (scores, KL, whitening, moments, group advantages, loss normalisation, updates).
+Each params file also records how many base elements the process holds sharded and whole ("held").
 Options: "fixed_rollouts": false samples for real (each process its own stream); "lr_by_rank" makes rank r use lr * (1 + r) (to test the mismatched-options check); "stall_after" sleeps
 after that step's log (to be killed after a checkpoint).
 """
@@ -42,7 +43,7 @@ TRAINERS = {"sft": (SFTConfig, train_sft), "rm": (RMConfig, train_rm), "dpo": (D
             "ppo": (PPOConfig, train_ppo), "grpo": (GRPOConfig, train_grpo)}
 
 
-def fixed_sample(model, prompt_ids, prompt_mask, sampling, *, eos_token_id, generator=None):
+def fixed_sample(model, prompt_ids, prompt_mask, sampling, *, eos_token_id, generator=None, engine=None):
     """n responses per prompt, a deterministic function of the prompt's tokens: lengths 1..max_new_tokens, two
     in three ending with EOS; right-padded to the longest, as RoleModel.generate returns them."""
     rows = []
@@ -99,7 +100,16 @@ def main() -> None:
         extra |= {"reward_fn": ppo_reward} if name == "ppo" else {"reward_funcs": [grpo_reward]}
     result = train(cls(**kw, optim=optim), **extra)
     params = {n: p.detach().cpu().clone() for n, p in result["model"].named_parameters() if p.requires_grad}
-    torch.save({"params": params, "metrics": result["metrics"]},
+    from torch.distributed.tensor import DTensor
+
+    held = {"sharded": 0, "sharded_local": 0, "whole": 0}  # base elements: sharded (all / this process's), whole
+    for p in result["model"].parameters():
+        if isinstance(p, DTensor):
+            held["sharded"] += p.numel()
+            held["sharded_local"] += p.to_local().numel()
+        elif not p.requires_grad:
+            held["whole"] += p.numel()
+    torch.save({"params": params, "metrics": result["metrics"], "held": held},
                os.path.join(kw["out_dir"], f"params-rank{D.rank()}.pt"))
 
 

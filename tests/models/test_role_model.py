@@ -316,6 +316,30 @@ def test_greedy_generation_matches_the_policy_argmax(arch, model_of):
     assert torch.equal(logits[:, 4:-1].argmax(-1), seq[:, 5:])
 
 
+def test_lockstep_generation_keeps_decoding_for_the_other_processes(model_of):
+    """model.lockstep (set under FSDP2) reports rows still decoding on another process: this one keeps running
+    forwards (on a finished row, its tokens discarded) until none is left anywhere, and returns what it would alone."""
+    model = model_of("llama")
+    ids, mask = _batch(t=5)
+    free = model.generate(ids, mask, max_new_tokens=8, temperature=0, eos_token_id=[])
+    eos = sorted(set(free["sequences"][:, 5].tolist()))  # every row stops at its first token
+    alone = model.generate(ids, mask, max_new_tokens=8, temperature=0, eos_token_id=eos, pad_token_id=0)
+    calls, forwards = [], []
+    hook = model.lm.register_forward_pre_hook(lambda m, a, k: forwards.append(k["input_ids"].shape[0]),
+                                              with_kwargs=True)
+    model.lockstep = lambda n: calls.append(n) or (n if len(calls) >= 5 else 1)  # another process: 5 steps
+    try:
+        stepped = model.generate(ids, mask, max_new_tokens=8, temperature=0, eos_token_id=eos, pad_token_id=0)
+    finally:
+        model.lockstep = None
+        hook.remove()
+    assert alone["sequences"].shape[1] == 6  # alone: one token each, then done
+    for k in alone:
+        assert torch.equal(alone[k], stepped[k]), k
+    assert calls == [0] * 5  # nothing left here after the first token
+    assert forwards == [3, 1, 1, 1, 1]  # the prefill, then 4 decode steps on one finished row for the others
+
+
 def test_generation_stops_at_eos_and_masks_after(model_of):
     model = model_of("llama")
     ids, mask = _batch(t=5)

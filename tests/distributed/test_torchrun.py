@@ -1,4 +1,5 @@
-"""The DDP tier with real processes: torchrun, gloo on the CPU, 2 processes against 1 with the same global batch.
+"""The DDP and FSDP2 tiers with real processes: torchrun, gloo on the CPU, 2 processes against 1 with the same global
+batch.
 
 Each trainer makes 3 plain-SGD steps on a tiny Llama with examples of unequal lengths (so the two processes hold
 unequal token counts). After them the adapters agree bit for bit across the processes, and match one process
@@ -66,18 +67,29 @@ def max_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
+def held(out: Path, rank: int) -> dict:
+    return torch.load(out / f"params-rank{rank}.pt")["held"]
+
+
+@pytest.mark.parametrize("tier", ["ddp", "fsdp2"])
 @pytest.mark.parametrize("trainer", ["sft", "rm", "dpo", "ppo", "grpo"])
-def test_two_processes_equal_one(trainer, files, tmp_path):
+def test_two_processes_equal_one(trainer, tier, files, tmp_path):
     kw = options(trainer, files)
     run(trainer, kw | {"out_dir": str(tmp_path / "one")}, 1)
-    run(trainer, kw | {"out_dir": str(tmp_path / "two")}, 2)
+    run(trainer, kw | {"out_dir": str(tmp_path / "two"), "distributed": tier}, 2)
     one, two0, two1 = params(tmp_path / "one"), params(tmp_path / "two", 0), params(tmp_path / "two", 1)
+    h0, h1 = held(tmp_path / "two", 0), held(tmp_path / "two", 1)
+    if tier == "fsdp2":  # each process holds half of the blocks' base weights; embeddings, norm, lm_head whole
+        assert h0["sharded"] > h0["whole"] > 0 and h0["sharded_local"] + h1["sharded_local"] == h0["sharded"]
+        assert h0["sharded_local"] == h1["sharded_local"]
+    else:
+        assert h0["sharded"] == 0
     for k in two0:  # the processes hold the very same adapters
         assert torch.equal(two0[k], two1[k]), k
     trained = [k for k in one if "lora_B" in k and one[k].abs().max() > 0]  # B starts at 0: these were trained
     assert trained, "no adapter moved: the comparison would prove nothing"
     diff = max_diff(one, two0)
-    print(f"{trainer}: max |1 process - 2 processes| = {diff:.3g}")
+    print(f"{trainer} {tier}: max |1 process - 2 processes| = {diff:.3g}")
     assert diff < 1e-6
     rows = [[json.loads(ln) for ln in open(tmp_path / d / "metrics.jsonl")] for d in ("one", "two")]
     assert [r["step"] for r in rows[1]] == [r["step"] for r in rows[0]]  # rank 0 alone wrote the log, once
@@ -90,10 +102,11 @@ def test_two_processes_equal_one(trainer, files, tmp_path):
     assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["step-00000003"]
 
 
-def test_kill_one_rank_then_resume_all(files, tmp_path):
+@pytest.mark.parametrize("tier", ["ddp", "fsdp2"])
+def test_kill_one_rank_then_resume_all(tier, files, tmp_path):
     """SIGKILL one process after the step-2 checkpoint: torchrun ends the other; the resumed pair ends where an
     uninterrupted pair ends, bit for bit."""
-    kw = options("ppo", files) | {"max_steps": 4, "checkpoint_every": 2}
+    kw = options("ppo", files) | {"max_steps": 4, "checkpoint_every": 2, "distributed": tier}
     run("ppo", kw | {"out_dir": str(tmp_path / "full")}, 2)
 
     out = tmp_path / "killed"
@@ -118,10 +131,13 @@ def test_kill_one_rank_then_resume_all(files, tmp_path):
     assert state[0] == state[1]  # sampler, KL controller, score moments
 
 
-def test_generate_smoke_under_ddp(files, tmp_path):
+@pytest.mark.parametrize("tier", ["ddp", "fsdp2"])
+def test_generate_smoke(tier, files, tmp_path):
     """Real sampling (each process its own stream) through PPO on 2 processes: the adapters stay identical on both
-    and the model is saved once."""
-    kw = options("ppo", files) | {"fixed_rollouts": False, "max_steps": 2, "out_dir": str(tmp_path / "gen")}
+    and the model is saved once. Under FSDP2 the processes decode in lockstep (each forward gathers the shards)
+    though their responses end at different steps."""
+    kw = options("ppo", files) | {"fixed_rollouts": False, "max_steps": 2, "out_dir": str(tmp_path / "gen"),
+                                  "distributed": tier}
     run("ppo", kw, 2)
     a, b = params(tmp_path / "gen", 0), params(tmp_path / "gen", 1)
     for k in a:
@@ -151,15 +167,30 @@ def test_mismatched_options_across_ranks(files, tmp_path):
     assert not out.exists()
 
 
-def test_fsdp2_without_torchrun_and_not_yet(files, tmp_path):
+def test_fsdp2_without_torchrun(files, tmp_path):
     args = ["sft", "--model", files["model"], "--data", files["sft"], "--out_dir", str(tmp_path / "o"),
             "--distributed", "fsdp2"]
     p = cli(*args)
     assert p.returncode == 2
     assert "fsdp2 needs several processes" in p.stderr and "torchrun" in p.stderr
-    p = cli(*args, nproc=2)
-    assert p.returncode != 0 and "not implemented yet" in p.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_fsdp2_sft_merges_and_saves_the_whole_base(files, tmp_path):
+    """SFT's merge into a sharded base, gathered by rank 0 for the saved base: the same base as one process writes
+    (the pipeline's next stage loads it), the same fingerprint."""
+    from safetensors.torch import load_file
+
+    kw = options("sft", files) | {"merge": True}
+    run("sft", kw | {"out_dir": str(tmp_path / "one")}, 1)
+    run("sft", kw | {"out_dir": str(tmp_path / "two"), "distributed": "fsdp2"}, 2)
+    one, two = (load_file(tmp_path / d / "model" / "base" / "model.safetensors") for d in ("one", "two"))
+    base = load_file(Path(files["model"]) / "model.safetensors")
+    assert one.keys() == two.keys()
+    assert max(float((one[k] - base[k]).abs().max()) for k in one) > 1e-3  # the merge changed the base
+    assert max(float((one[k] - two[k]).abs().max()) for k in one) < 1e-6
+    fp = [json.load(open(tmp_path / d / "model" / "role_model.json"))["base_fingerprint"] for d in ("one", "two")]
+    assert fp[0] == fp[1]
 
 
 def test_kto_and_raft_refuse_several_processes(files, tmp_path, monkeypatch):

@@ -204,3 +204,13 @@ def test_kto_and_raft_refuse_several_processes(files, tmp_path, monkeypatch):
         train_raft(RAFTConfig(model=files["model"], data=files["prompts"], out_dir=str(tmp_path / "r"),
                               reward_funcs="format"))
     assert not (tmp_path / "k").exists() and not (tmp_path / "r").exists()
+
+
+def test_fsdp2_checkpoint_resumes_on_one_process(files, tmp_path):
+    """An FSDP2 checkpoint holds the adapters whole: 2 steps on 2 processes, then --resume on one process to step 3,
+    ends where 3 steps on one process end."""
+    kw = options("sft", files)
+    run("sft", kw | {"out_dir": str(tmp_path / "one")}, 1)
+    run("sft", kw | {"out_dir": str(tmp_path / "mixed"), "max_steps": 2, "distributed": "fsdp2"}, 2)
+    run("sft", kw | {"out_dir": str(tmp_path / "mixed"), "resume": True}, 1)
+    assert max_diff(params(tmp_path / "one"), params(tmp_path / "mixed")) < 1e-6

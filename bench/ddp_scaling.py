@@ -1,9 +1,10 @@
-"""Step time of SFT and PPO on 1 process and on 2 (torchrun, gloo, the DDP tier), same global batch, on the CPU.
+"""Step time of SFT and PPO on 1 process and on 2 (torchrun, gloo; the DDP tier, and with --tiers ddp,fsdp2 also
+the FSDP2 tier), same global batch, on the CPU.
 
 Run from the repo root:
 
-    .venv/bin/python bench/ddp_scaling.py [--reps 3] [--out bench/results]
-        -> bench/results/cpu-ddp-scaling-<date>.{md,json}
+    .venv/bin/python bench/ddp_scaling.py [--reps 3] [--tiers ddp[,fsdp2]] [--out bench/results]
+        -> bench/results/cpu-<tiers>-scaling-<date>.{md,json}   (cpu-ddp-scaling-<date> by default)
 
 A random Llama (hidden 256, 4 layers, V = 2000), LoRA r = 8 on every linear of the blocks. SFT: global batch 8,
 sequences of 24-64 tokens, 10 steps. PPO: global batch 8 prompts, 16 new tokens sampled for real, 1 epoch of 1
@@ -61,7 +62,7 @@ def build(folder: str) -> dict:
     return files
 
 
-def worker(trainer: str, folder: str, out: str) -> None:
+def worker(trainer: str, folder: str, out: str, tier: str = "ddp") -> None:
     """One process of a run (under torchrun or alone): train, record the per-step clocks, rank r writes out.r."""
     torch.set_num_threads(1)
     from rlhf_fast.trainers import OptimConfig, PPOConfig, SFTConfig, train_ppo, train_sft
@@ -75,7 +76,7 @@ def worker(trainer: str, folder: str, out: str) -> None:
 
     common = dict(model=os.path.join(folder, "model"), out_dir=f"{out}-run", overwrite=True,
                   batch_size=8, max_steps=STEPS[trainer], progress=False, checkpoint_minutes=0.0,
-                  optim=OptimConfig(lr=1e-4))
+                  optim=OptimConfig(lr=1e-4), distributed=tier)
     if trainer == "sft":
         train_sft(SFTConfig(**common, data=os.path.join(folder, "sft.jsonl"), merge=False), callback=callback)
     else:
@@ -89,9 +90,9 @@ def worker(trainer: str, folder: str, out: str) -> None:
         json.dump(steps, f)
 
 
-def measure(trainer: str, nproc: int, folder: str) -> dict:
-    out = os.path.join(folder, f"times-{trainer}-{nproc}")
-    me = [os.path.abspath(__file__), "--worker", trainer, folder, out]
+def measure(trainer: str, nproc: int, folder: str, tier: str = "ddp") -> dict:
+    out = os.path.join(folder, f"times-{trainer}-{nproc}-{tier}")
+    me = [os.path.abspath(__file__), "--worker", trainer, folder, out, tier]
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
            if nproc > 1 else [sys.executable]) + me
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -113,8 +114,10 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default="bench/results")
-    ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--tiers", default="ddp", help="comma-separated: ddp, fsdp2 (the 2-process runs of each)")
+    ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    tiers = [t.strip() for t in args.tiers.split(",") if t.strip()]
     if args.worker:
         worker(*args.worker)
         return
@@ -123,11 +126,12 @@ def main(argv=None) -> None:
         build(folder)
         for rep in range(args.reps):
             for trainer in STEPS:
-                for nproc in ((1, 2) if rep % 2 == 0 else (2, 1)):  # alternate the order between repetitions
-                    r = measure(trainer, nproc, folder)
-                    results.setdefault(f"{trainer}/{nproc}", []).append(r)
-                    print(trainer, nproc, rep, f"wall {summary(r['wall'])} ms, cpu {summary(r['cpu'])} ms",
-                          flush=True)
+                runs = [(1, "ddp")] + [(2, t) for t in tiers]  # one process: no tier
+                for nproc, tier in (runs if rep % 2 == 0 else runs[::-1]):  # alternate the order between repetitions
+                    r = measure(trainer, nproc, folder, tier)
+                    key = f"{trainer}/1" if nproc == 1 else f"{trainer}/2/{tier}"
+                    results.setdefault(key, []).append(r)
+                    print(key, rep, f"wall {summary(r['wall'])} ms, cpu {summary(r['cpu'])} ms", flush=True)
     rows, data = [], {}
     for key, reps in results.items():
         wall = [x for r in reps for x in r["wall"]]
@@ -136,30 +140,33 @@ def main(argv=None) -> None:
         data[key] = {"wall_ms_median": statistics.median(wall) * 1000, "cpu_ms_median": statistics.median(cpu) * 1000,
                      "wall_ms_rep_medians": [m * 1000 for m in meds], "steps_timed": len(wall)}
     for trainer in STEPS:
-        one, two = data[f"{trainer}/1"], data[f"{trainer}/2"]
-        speedup = one["wall_ms_median"] / two["wall_ms_median"]
-        data[f"{trainer}/speedup"] = speedup
-        for n, d in ((1, one), (2, two)):
-            rows.append(f"| {trainer} | {n} | {d['wall_ms_median']:.0f} ({min(d['wall_ms_rep_medians']):.0f}-"
-                        f"{max(d['wall_ms_rep_medians']):.0f}) | {d['cpu_ms_median']:.0f} | "
-                        f"{'' if n == 1 else f'{speedup:.2f}x'} |")
+        one = data[f"{trainer}/1"]
+        rows.append(f"| {trainer} | 1 | - | {one['wall_ms_median']:.0f} ({min(one['wall_ms_rep_medians']):.0f}-"
+                    f"{max(one['wall_ms_rep_medians']):.0f}) | {one['cpu_ms_median']:.0f} | |")
+        for tier in tiers:
+            two = data[f"{trainer}/2/{tier}"]
+            speedup = one["wall_ms_median"] / two["wall_ms_median"]
+            data[f"{trainer}/speedup/{tier}"] = speedup
+            rows.append(f"| {trainer} | 2 | {tier} | {two['wall_ms_median']:.0f} ({min(two['wall_ms_rep_medians']):.0f}-"
+                        f"{max(two['wall_ms_rep_medians']):.0f}) | {two['cpu_ms_median']:.0f} | {speedup:.2f}x |")
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     load = os.getloadavg()
     meta = {"device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
             "torch": torch.__version__, "commit": commit, "date": datetime.date.today().isoformat(),
-            "reps": args.reps, "loadavg_at_end": load, "config": CONFIG, "steps": STEPS, "warmup": WARMUP}
+            "reps": args.reps, "tiers": tiers, "loadavg_at_end": load, "config": CONFIG, "steps": STEPS, "warmup": WARMUP}
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"cpu-ddp-scaling-{meta['date']}")
+    stem = os.path.join(args.out, f"cpu-{'-'.join(tiers)}-scaling-{meta['date']}")
     with open(stem + ".json", "w") as f:
         json.dump({"meta": meta, "results": data, "raw": results}, f, indent=1)
-    md = [f"# DDP scaling on the CPU, {meta['date']}", "",
+    md = [f"# {' and '.join(t.upper() for t in tiers)} scaling on the CPU, {meta['date']}", "",
           f"{meta['device']}; torch {meta['torch']}; commit {commit}. Command: `.venv/bin/python bench/ddp_scaling.py "
-          f"--reps {args.reps}`.", "",
+          f"--reps {args.reps} --tiers {','.join(tiers)}`.", "",
           "Random Llama (hidden 256, 4 layers, V = 2000), LoRA r = 8. SFT: global batch 8 (24-64 tokens each); PPO: "
           "8 prompts, 16 sampled tokens, 1 epoch x 1 minibatch. One thread per process; gloo. Per step: wall (the "
           "slowest process) and CPU (summed over the processes), median over every timed step of "
           f"{args.reps} fresh runs (min-max of the runs' medians).", "",
-          "| trainer | processes | wall ms / step | CPU ms / step | speed-up |", "|---|---|---|---|---|", *rows, "",
+          "| trainer | processes | tier | wall ms / step | CPU ms / step | speed-up |", "|---|---|---|---|---|---|",
+          *rows, "",
           f"Load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1, 5, 15 min)."]
     with open(stem + ".md", "w") as f:
         f.write("\n".join(md) + "\n")

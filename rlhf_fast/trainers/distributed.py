@@ -145,14 +145,6 @@ class _State:
 _STATE = _State()
 
 
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """A sharded (DTensor) parameter gathered whole (every process must call it, in the same order); other tensors
-    as they are."""
-    from torch.distributed.tensor import DTensor
-
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
 def save_model(model, out: str, *, save_base: bool = False, also: Callable | None = None) -> None:
     """model.save(out) on rank 0 (and `also()` after it). Under FSDP2 every process first gathers what rank 0 writes
     from the sharded base (the fingerprint, and with save_base the whole base, kept on rank 0 only)."""
@@ -164,7 +156,7 @@ def save_model(model, out: str, *, save_base: bool = False, also: Callable | Non
         if save_base:
             state = {}
             for name, t in io.base_state_dict(model).items():
-                full = full_tensor(t).detach()
+                full = io.whole_tensor(t).detach()
                 if is_main():
                     state[name] = full.cpu()
             gathered["base_state"] = state if is_main() else None

@@ -57,7 +57,7 @@ def test_keep_top_k_in_process(tiny_model, data_files, tmp_path, monkeypatch, ca
 
 
 @pytest.mark.parametrize("case", ["n0", "no_data", "missing_data", "neither", "both", "keep", "no_rm_folder",
-                                  "bad_flag", "no_out"])
+                                  "bad_flag", "no_out", "rollout"])
 def test_bad_input_exits_2_and_writes_nothing(case, tiny_model, data_files, tmp_path, capsys):
     out = tmp_path / "picks.jsonl"
     args = {"--model": tiny_model, "--data": data_files["prompts"], "--n": "2", "--reward_funcs": "format",
@@ -70,6 +70,7 @@ def test_bad_input_exits_2_and_writes_nothing(case, tiny_model, data_files, tmp_
         "keep": ({"--keep": "worst"}, "--keep"), "no_rm_folder": ({"--reward_funcs": None, "--reward_model":
                                                                     str(tmp_path / "rm")}, "no such folder"),
         "bad_flag": ({"--bogus": "1"}, "--bogus"), "no_out": ({"--out": None}, "--out"),
+        "rollout": ({"--rollout": "sglang"}, "--rollout must be native or vllm"),
     }[case]
     for k, v in change.items():
         if v is None:

@@ -76,10 +76,12 @@ and a split from timers wrapped around functions from outside, in the child only
                    exp_gc_collect TRL's gc.collect() there
     update       the first update forward's start -> the last optimizer step's end: ppo_epochs x minibatches of
                  loss forward, backward and optimizer step. Of it:
-                   loss_forward   rlhf_fast: trainers.ppo.ppo_minibatch_loss (policy forward + fused PPO loss,
-                                  critic forward + value loss); TRL: ppo_trainer.forward on the policy+value
+                   loss_forward   rlhf_fast: trainers.ppo.ppo_policy_loss (policy forward + fused PPO loss) and
+                                  ppo_value_loss (critic forward + value loss), each followed by its own
+                                  backward; TRL: ppo_trainer.forward on the policy+value
                                   wrapper -> accelerator.backward (full logits, log-softmax, the losses)
-                   backward       rlhf_fast: end of the loss -> Run.apply; TRL: accelerator.backward
+                   backward       rlhf_fast: the end of each loss term -> the next one or Run.apply; TRL:
+                                  accelerator.backward
                    optimizer      rlhf_fast: Run.apply (norm, AdamW, finiteness check); TRL: optimizer.step +
                                   zero_grad
     other        the step's remainder (data, metrics, logging, TRL's per-minibatch statistics after the last
@@ -494,17 +496,19 @@ def _run_rlhf_fast(folder, out_dir, total, tl: Timeline, peft: bool = False):
     RoleModel.experience, RoleModel.role = timed_experience, timed_role
     for name in ("_logprobs_from_hidden", "_values_from_hidden", "_scores_from_hidden"):
         setattr(RoleModel, name, head(getattr(RoleModel, name)))
-    loss_fn = PPO.ppo_minibatch_loss
+    def timed_loss(loss_fn):  # train_ppo runs the policy term's backward before the value term's forward
+        def inner(*a, **k):
+            t0 = clock.now()
+            tl.update_forward(t0)
+            if clock.mark is not None:  # the previous term's backward
+                clock.add("backward", clock.mark, t0)
+            out = loss_fn(*a, **k)
+            clock.mark = clock.now()
+            clock.add("loss_forward", t0, clock.mark)
+            return out
+        return inner
 
-    def timed_loss(*a, **k):
-        t0 = clock.now()
-        tl.update_forward(t0)
-        out = loss_fn(*a, **k)
-        clock.mark = clock.now()
-        clock.add("loss_forward", t0, clock.mark)
-        return out
-
-    PPO.ppo_minibatch_loss = timed_loss
+    PPO.ppo_policy_loss, PPO.ppo_value_loss = timed_loss(PPO.ppo_policy_loss), timed_loss(PPO.ppo_value_loss)
     apply = L.Run.apply
 
     def timed_apply(self, loss):
@@ -958,7 +962,8 @@ DIFFERENCES = [
     "as TRL's reward model is; the scores differ in value, not in cost.",
     "Critic: TRL trains the whole value model (also in trl_peft); rlhf_fast trains the critic adapter + value "
     "head. TRL's update runs policy and value in one wrapper forward (the critic backbone returns all hidden "
-    "states); rlhf_fast runs a policy forward and a critic forward.",
+    "states); rlhf_fast runs a policy forward and a critic forward, each term's backward before the next forward "
+    "(one graph alive at a time).",
     "Gradient clipping: none on either side (TRL 1.12's PPO loop never clips, whatever max_grad_norm says; "
     "rlhf_fast max_grad_norm 0). rlhf_fast still computes the gradient norm and checks the update for "
     "finiteness (undoing it if not) in its optimizer phase; TRL logs no gradient norm.",

@@ -193,31 +193,66 @@ def make_experience(model, cfg: PPOConfig, prompts: dict, eos_id: int | None, ct
             "kl": a["kl"], "has_eos": ro.has_eos, "entropy": (-lp * mask).sum(1)}
 
 
-def ppo_minibatch_loss(model, cfg: PPOConfig, b: dict, idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """Policy + vf_coef * value loss on rows `idx` of the rollout batch (Schulman et al. 2017, eq. 9).
+def _minibatch_rows(cfg: PPOConfig, b: dict, idx: torch.Tensor):
+    """(seq, attn, mask, part, idx, empty) of rows `idx`; None when this process has no rows and runs no forward.
 
-    Under torchrun this process's share of the minibatch's loss (the shares sum to one process's loss): both
-    terms are scaled by D.agg_share, its part of the global denominator of cfg.loss_agg. No rows: 0 (it still
-    takes part in the collectives; under FSDP2 also in the forwards, on one row weighted 0)."""
+    part: this process's share of the minibatch's loss under torchrun (D.agg_share: its part of the global
+    denominator of cfg.loss_agg; exactly 1 on one process). FSDP2 with no rows here: one row weighted 0, since the
+    others' forwards gather this process's shards."""
     seq, attn, mask = b["seq"][idx], b["attn"][idx], b["mask"][idx]
-    part = D.agg_share(mask, cfg.loss_agg, b.get("width"))  # exactly 1 on one process
-    empty = idx.numel() == 0  # every row of this minibatch is on other processes
-    if empty and not D.lockstep():
-        return torch.zeros((), device=seq.device), {}
-    if empty:  # FSDP2: the others' forwards gather this process's shards, so it runs them too
+    part = D.agg_share(mask, cfg.loss_agg, b.get("width"))
+    if idx.numel() == 0 and not D.lockstep():
+        return None
+    if idx.numel() == 0:
         idx = torch.zeros(1, dtype=torch.long, device=idx.device)
-        seq, attn, mask, part = b["seq"][idx], b["attn"][idx], b["mask"][idx], 0.0
+        return b["seq"][idx], b["attn"][idx], b["mask"][idx], 0.0, idx, True
+    return seq, attn, mask, part, idx, False
+
+
+def ppo_policy_loss(model, cfg: PPOConfig, b: dict, idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The clipped surrogate (minus entropy_coef x entropy) on rows `idx` of the rollout batch: this process's
+    share of it (see _minibatch_rows), and its statistics. No rows here: 0 and no statistics."""
+    rows = _minibatch_rows(cfg, b, idx)
+    if rows is None:
+        return torch.zeros((), device=b["seq"].device), {}
+    seq, attn, mask, part, idx, empty = rows
     f = model.policy_forward(seq, attn)  # hidden (b, T, H) aligned with seq: hidden[:, t] scores token t
     pg, pst = fused_linear_ppo_loss(f.hidden, f.weight, f.targets, b["logprobs"][idx], b["adv"][idx],
                                     mask * f.mask, f.bias, entropy_coef=cfg.entropy_coef,
                                     clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
                                     temperature=cfg.temperature, agg=cfg.loss_agg)
+    stats = {"policy/approxkl_avg": pst["approx_kl"], "policy/clipfrac_avg": pst["clipfrac"],
+             "policy/entropy_avg": pst["entropy"], "loss/policy_avg": pg.detach(), "val/ratio": pst["ratio"]}
+    return pg * part, {} if empty else stats
+
+
+def ppo_value_loss(model, cfg: PPOConfig, b: dict, idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """vf_coef x the clipped value loss on rows `idx` (this process's share), and its statistics."""
+    rows = _minibatch_rows(cfg, b, idx)
+    if rows is None:
+        return torch.zeros((), device=b["seq"].device), {}
+    seq, attn, mask, part, idx, empty = rows
     values = model.values(seq, attn)  # (b, T)
     vl, vst = value_loss(values, b["values"][idx], b["returns"][idx], mask, clip=cfg.value_clip, agg=cfg.loss_agg)
-    stats = {"policy/approxkl_avg": pst["approx_kl"], "policy/clipfrac_avg": pst["clipfrac"],
-             "policy/entropy_avg": pst["entropy"], "loss/policy_avg": pg.detach(), "loss/value_avg": vl.detach(),
-             "val/clipfrac_avg": vst["clipfrac"], "val/ratio": pst["ratio"]}
-    return (pg + cfg.vf_coef * vl) * part, {} if empty else stats
+    stats = {"loss/value_avg": vl.detach(), "val/clipfrac_avg": vst["clipfrac"]}
+    return cfg.vf_coef * vl * part, {} if empty else stats
+
+
+def ppo_minibatch_loss(model, cfg: PPOConfig, b: dict, idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Policy + vf_coef * value loss on rows `idx` of the rollout batch (Schulman et al. 2017, eq. 9), as one
+    graph: ppo_policy_loss + ppo_value_loss, their statistics merged.
+
+    train_ppo runs the two terms' backwards one after the other instead (the policy's graph is freed before the
+    critic's forward: the update holds one backbone's activations at a time, not two); the gradients are the same,
+    since the two terms train disjoint parameters."""
+    pg, pst = ppo_policy_loss(model, cfg, b, idx)
+    vl, vst = ppo_value_loss(model, cfg, b, idx)
+    return pg + vl, pst | vst
+
+
+def _backward(loss: torch.Tensor) -> None:
+    if loss.requires_grad:
+        loss.backward()
 
 
 @quiet_unless_progress
@@ -294,13 +329,18 @@ def train_ppo(cfg: PPOConfig, *, model=None, tokenizer=None, prompts: list[dict]
                 # one permutation of the global batch (rank 0's under torchrun); this process's rows of each part
                 for idx in D.minibatches(B, cfg.num_minibatches, device):
                     idx = idx.to(device)
-                    loss, st = ppo_minibatch_loss(model, cfg, b, idx)
+                    # each term's backward before the next forward: one graph alive at a time (ppo_minibatch_loss)
+                    pg, st = ppo_policy_loss(model, cfg, b, idx)
+                    _backward(pg)
+                    vl, vst = ppo_value_loss(model, cfg, b, idx)
+                    _backward(vl)
+                    loss, st = pg.detach() + vl.detach(), st | vst
                     if ptx_sampler is not None:
                         tb = collate_texts([ptx_examples[i] for i in ptx_sampler.next()], pad_id)
                         ptx, _ = sft_loss(model, {k: v.to(device) for k, v in tb.items()})
-                        loss = loss + cfg.ptx_coef * ptx
+                        _backward(cfg.ptx_coef * ptx)
+                        loss = loss + cfg.ptx_coef * ptx.detach()
                         st["loss/ptx_avg"] = D.all_reduce(ptx.detach())  # the global mean (ptx is a share)
-                    loss.backward()
                     st["grad_norm"] = run.apply(loss)
                     for k, v in st.items():
                         stats.setdefault(k, []).append(float(v))

@@ -23,7 +23,7 @@ from tiny_fixtures import (
 
 from rlhf_fast.models import RoleModel
 from rlhf_fast.trainers import ConfigError, OptimConfig, PPOConfig, train_ppo
-from rlhf_fast.trainers.ppo import ppo_minibatch_loss
+from rlhf_fast.trainers.ppo import ppo_minibatch_loss, ppo_policy_loss, ppo_value_loss
 from tests.tolerances import assert_close
 
 GOOD = torch.arange(3, 27)  # a quarter of the vocabulary: the toy reward is their share of the response
@@ -168,6 +168,17 @@ def test_minibatch_loss_and_gradients_equal_float64_materialised_logits(tiny_mod
     for g, r in zip(grads, ref_grads, strict=True):
         assert_close(g, r, torch.float32)
     assert_close(stats["val/ratio"], ratio[b["mask"].bool()].mean(), torch.float32)
+    # train_ppo's order: the policy term's backward, then the critic's forward and backward (one graph at a time)
+    for p in params:
+        p.grad = None
+    pg, _ = ppo_policy_loss(model, c, b, torch.arange(SEQ.shape[0]))
+    pg.backward()
+    assert all(p.grad is None for p in model.role_parameters("critic"))  # the policy term never reaches the critic
+    vl, _ = ppo_value_loss(model, c, b, torch.arange(SEQ.shape[0]))
+    vl.backward()
+    assert_close(pg.detach() + vl.detach(), ref, torch.float32)
+    for p, r in zip(params, ref_grads, strict=True):
+        assert_close(p.grad, r, torch.float32)
     # 3 of the 6 branches clip (A > 0 above 1.28, A < 0 below 0.8, A < 0 above dual_clip): 8 of the 16 tokens
     assert float(stats["policy/clipfrac_avg"]) == 0.5
     assert 0 < float(stats["val/clipfrac_avg"]) < 1  # both branches of the value loss are taken

@@ -93,13 +93,13 @@ def test_tis_weights_scale_the_policy_gradient(llama, data_files, tmp_path, monk
     from rlhf_fast.trainers import ppo
 
     seen = []
-    real = ppo.ppo_minibatch_loss
+    real = ppo.ppo_policy_loss
 
     def record(model, cfg, b, idx):
         seen.append(b["adv"][idx].clone())
         return real(model, cfg, b, idx)
 
-    monkeypatch.setattr(ppo, "ppo_minibatch_loss", record)
+    monkeypatch.setattr(ppo, "ppo_policy_loss", record)
     common = dict(model=llama, data=data_files["prompts"], batch_size=4, response_length=5, ppo_epochs=1,
                   num_minibatches=1, progress=False, max_length=64, rollout="vllm", max_steps=1,
                   optim=OptimConfig(lr=1e-2))

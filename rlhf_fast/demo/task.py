@@ -6,9 +6,9 @@ The language. A user asks about two to four topics; the assistant answers with a
 
 A clause is `[very] ADJ NOUN`; clauses are separated by ",". There are 16 nouns and 16 adjectives;
 every noun has two adjectives that fit it (a hidden piece of world knowledge that the pre-training text
-teaches: "the moon is bright ."). Chats in the pre-training text are of every quality and often carry
-the user's one-word rating after the answer (`... <eos> good <eos>`): users count missing, off-topic and
-repeated topics, not adjectives, and one in five rates at random.
+teaches: "the moon is bright ."). Chats in the pre-training text are of every quality and carry the
+user's one-word rating after the answer (`... <eos> good <eos>`): users count missing, off-topic and
+repeated topics, not adjectives, and one in ten rates at random.
 
 The gold preference (hidden; only `Labeler` and `gold_scores` read it). Per response, cut at <eos>:
     +1    for every prompt topic mentioned            (helpfulness)
@@ -194,14 +194,24 @@ def _answer_text(nouns: list[str], rng: random.Random, fit: float = 0.5) -> str:
 
 def _rating(topics: tuple[str, ...], nouns: list[str], rng: random.Random) -> str:
     # The user's one-word rating after an answer, as chats and reviews in the wild carry them. Users count
-    # what is missing, off-topic or repeated (not which adjective fits, not "very"), and one in five rates
+    # what is missing, off-topic or repeated (not which adjective fits, not "very"), and one in ten rates
     # at random. It is what gives the base model's state at <eos> (where a reward model reads its score)
     # a sense of answer quality; the reward model still has to learn from the labeled pairs what it means.
-    if rng.random() < 0.2:
+    if rng.random() < RANDOM_RATING:
         return rng.choice(RATINGS)
     missing = sum(t not in nouns for t in topics)
     faults = missing + (len(nouns) - len(set(nouns))) + len(set(nouns) - set(topics))
     return RATINGS[min(faults, len(RATINGS) - 1)]
+
+
+# The pre-training mix. The reward model reads its score at <eos>, where the base predicts the user's rating, so
+# how well the base learned to rate decides where the reward model starts. With 40% descriptions, 70% of chats
+# rated and one rating in five at random, 6000 steps, the bases' ratings ordered held-out SFT pairs 0.59 / 0.63 /
+# 0.73 of the time on seeds 0-2 and the reward models reached 0.62 / 0.78 / 0.79 (at 2500 steps 0.76 / 0.56 /
+# 0.81: a seed whose base rated badly left its reward model near chance); with the mix below, 0.86 / 0.89 / 0.88.
+DESCRIPTION_SHARE = 0.3   # documents that are descriptions (the rest are chats)
+RATED_SHARE = 1.0         # chats followed by the user's rating
+RANDOM_RATING = 0.1       # ratings given at random
 
 
 def _description(rng: random.Random) -> str:
@@ -215,15 +225,15 @@ def _description(rng: random.Random) -> str:
 
 
 def pretraining_text(n: int, *, seed: int) -> list[str]:
-    """`n` documents of the language: descriptions, and chats (train-split prompts only) that are often followed
-    by the user's rating (`... <eos> good <eos>`). The counting task is not in it: its words are first met in SFT.
+    """`n` documents of the language: descriptions, and chats (train-split prompts only) followed by the user's
+    rating (`... <eos> good <eos>`). The counting task is not in it: its words are first met in SFT.
 
     (A version with one counting chat in ten here gave reward models of held-out accuracy 0.66, 0.66, 0.58 on seeds
     0-2 against 0.76, 0.56, 0.81 without: docs/demo.md.)"""
     rng = random.Random(seed)
     docs = []
     while len(docs) < n:
-        if rng.random() < 0.4:
+        if rng.random() < DESCRIPTION_SHARE:
             sents = " ".join(_description(rng) for _ in range(rng.randint(2, 4)))
             docs.append(f"{BOS} {sents} {EOS}")
         else:
@@ -232,7 +242,7 @@ def pretraining_text(n: int, *, seed: int) -> list[str]:
                 continue
             nouns = _random_answer(t, rng)
             doc = f"{render_prompt(format_prompt(t))} {_answer_text(nouns, rng)} {EOS}"
-            if rng.random() < 0.7:
+            if rng.random() < RATED_SHARE:
                 doc += f" {_rating(t, nouns, rng)} {EOS}"
             docs.append(doc)
     return docs

@@ -90,8 +90,8 @@ class DemoConfig:
     dpo_lora_r: int = 1
     # the counting task (RL with a verifiable reward): its own SFT on sloppy demonstrations from the SFT model (a
     # rank-16 LoRA merged into a copy), then GRPO with the checker task.count_accuracy as the only reward. Held-out
-    # sampled accuracy on seeds 0-2: 0.46 / 0.43 / 0.39 after the SFT, 0.76 / 0.75 / 0.64 after 100 GRPO steps (40
-    # steps reached 0.59 on seed 0, so 100: docs/demo.md)
+    # sampled accuracy on seeds 0-2 (current bases): 0.35 / 0.39 / 0.32 after the SFT, 0.58 / 0.66 / 0.50 after 100
+    # GRPO steps (the previous bases: 0.46 / 0.43 / 0.39 -> 0.76 / 0.75 / 0.64; docs/demo.md)
     count_sft_examples: int = 3000
     count_sft_epochs: int = 4
     count_sft_lora_r: int = 16

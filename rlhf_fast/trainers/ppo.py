@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -193,49 +194,54 @@ def make_experience(model, cfg: PPOConfig, prompts: dict, eos_id: int | None, ct
             "kl": a["kl"], "has_eos": ro.has_eos, "entropy": (-lp * mask).sum(1)}
 
 
-def _minibatch_rows(cfg: PPOConfig, b: dict, idx: torch.Tensor):
-    """(seq, attn, mask, part, idx, empty) of rows `idx`; None when this process has no rows and runs no forward.
+class MinibatchRows(NamedTuple):
+    """Rows `idx` of the rollout batch as one process trains on them (minibatch_rows)."""
 
-    part: this process's share of the minibatch's loss under torchrun (D.agg_share: its part of the global
-    denominator of cfg.loss_agg; exactly 1 on one process). FSDP2 with no rows here: one row weighted 0, since the
-    others' forwards gather this process's shards."""
-    seq, attn, mask = b["seq"][idx], b["attn"][idx], b["mask"][idx]
-    part = D.agg_share(mask, cfg.loss_agg, b.get("width"))
-    if idx.numel() == 0 and not D.lockstep():
+    seq: torch.Tensor    # (b, T)
+    attn: torch.Tensor   # (b, T)
+    mask: torch.Tensor   # (b, T) response tokens
+    idx: torch.Tensor    # (b,) the rows of the rollout batch
+    part: torch.Tensor | float  # this process's share of the minibatch's loss (D.agg_share; exactly 1 on one process)
+    empty: bool          # FSDP2 with no rows here: one row weighted 0 (the others' forwards gather its shards)
+
+
+def minibatch_rows(cfg: PPOConfig, b: dict, idx: torch.Tensor) -> MinibatchRows | None:
+    """Rows `idx` of the rollout batch b, with this process's share of the minibatch's loss (one collective under
+    torchrun: computed once per minibatch, for both loss terms). None when this process has no rows and runs no
+    forward; under FSDP2 (lockstep) it runs them on one row weighted 0."""
+    part = D.agg_share(b["mask"][idx], cfg.loss_agg, b.get("width"))
+    if idx.numel():
+        return MinibatchRows(b["seq"][idx], b["attn"][idx], b["mask"][idx], idx, part, False)
+    if not D.lockstep():
         return None
-    if idx.numel() == 0:
-        idx = torch.zeros(1, dtype=torch.long, device=idx.device)
-        return b["seq"][idx], b["attn"][idx], b["mask"][idx], 0.0, idx, True
-    return seq, attn, mask, part, idx, False
+    idx = torch.zeros(1, dtype=torch.long, device=idx.device)
+    return MinibatchRows(b["seq"][idx], b["attn"][idx], b["mask"][idx], idx, 0.0, True)
 
 
-def ppo_policy_loss(model, cfg: PPOConfig, b: dict, idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """The clipped surrogate (minus entropy_coef x entropy) on rows `idx` of the rollout batch: this process's
-    share of it (see _minibatch_rows), and its statistics. No rows here: 0 and no statistics."""
-    rows = _minibatch_rows(cfg, b, idx)
+def ppo_policy_loss(model, cfg: PPOConfig, b: dict, rows: MinibatchRows | None) -> tuple[torch.Tensor, dict]:
+    """The clipped surrogate (minus entropy_coef x entropy) on `rows` of the rollout batch (minibatch_rows): this
+    process's share of it, and its statistics. No rows here (None): 0 and no statistics."""
     if rows is None:
         return torch.zeros((), device=b["seq"].device), {}
-    seq, attn, mask, part, idx, empty = rows
-    f = model.policy_forward(seq, attn)  # hidden (b, T, H) aligned with seq: hidden[:, t] scores token t
-    pg, pst = fused_linear_ppo_loss(f.hidden, f.weight, f.targets, b["logprobs"][idx], b["adv"][idx],
-                                    mask * f.mask, f.bias, entropy_coef=cfg.entropy_coef,
+    f = model.policy_forward(rows.seq, rows.attn)  # hidden (b, T, H) aligned with seq: hidden[:, t] scores token t
+    pg, pst = fused_linear_ppo_loss(f.hidden, f.weight, f.targets, b["logprobs"][rows.idx], b["adv"][rows.idx],
+                                    rows.mask * f.mask, f.bias, entropy_coef=cfg.entropy_coef,
                                     clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
                                     temperature=cfg.temperature, agg=cfg.loss_agg)
     stats = {"policy/approxkl_avg": pst["approx_kl"], "policy/clipfrac_avg": pst["clipfrac"],
              "policy/entropy_avg": pst["entropy"], "loss/policy_avg": pg.detach(), "val/ratio": pst["ratio"]}
-    return pg * part, {} if empty else stats
+    return pg * rows.part, {} if rows.empty else stats
 
 
-def ppo_value_loss(model, cfg: PPOConfig, b: dict, idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """vf_coef x the clipped value loss on rows `idx` (this process's share), and its statistics."""
-    rows = _minibatch_rows(cfg, b, idx)
+def ppo_value_loss(model, cfg: PPOConfig, b: dict, rows: MinibatchRows | None) -> tuple[torch.Tensor, dict]:
+    """vf_coef x the clipped value loss on `rows` (this process's share), and its statistics."""
     if rows is None:
         return torch.zeros((), device=b["seq"].device), {}
-    seq, attn, mask, part, idx, empty = rows
-    values = model.values(seq, attn)  # (b, T)
-    vl, vst = value_loss(values, b["values"][idx], b["returns"][idx], mask, clip=cfg.value_clip, agg=cfg.loss_agg)
+    values = model.values(rows.seq, rows.attn)  # (b, T)
+    vl, vst = value_loss(values, b["values"][rows.idx], b["returns"][rows.idx], rows.mask, clip=cfg.value_clip,
+                         agg=cfg.loss_agg)
     stats = {"loss/value_avg": vl.detach(), "val/clipfrac_avg": vst["clipfrac"]}
-    return cfg.vf_coef * vl * part, {} if empty else stats
+    return cfg.vf_coef * vl * rows.part, {} if rows.empty else stats
 
 
 def ppo_minibatch_loss(model, cfg: PPOConfig, b: dict, idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -245,8 +251,9 @@ def ppo_minibatch_loss(model, cfg: PPOConfig, b: dict, idx: torch.Tensor) -> tup
     train_ppo runs the two terms' backwards one after the other instead (the policy's graph is freed before the
     critic's forward: the update holds one backbone's activations at a time, not two); the gradients are the same,
     since the two terms train disjoint parameters."""
-    pg, pst = ppo_policy_loss(model, cfg, b, idx)
-    vl, vst = ppo_value_loss(model, cfg, b, idx)
+    rows = minibatch_rows(cfg, b, idx)
+    pg, pst = ppo_policy_loss(model, cfg, b, rows)
+    vl, vst = ppo_value_loss(model, cfg, b, rows)
     return pg + vl, pst | vst
 
 
@@ -330,9 +337,10 @@ def train_ppo(cfg: PPOConfig, *, model=None, tokenizer=None, prompts: list[dict]
                 for idx in D.minibatches(B, cfg.num_minibatches, device):
                     idx = idx.to(device)
                     # each term's backward before the next forward: one graph alive at a time (ppo_minibatch_loss)
-                    pg, st = ppo_policy_loss(model, cfg, b, idx)
+                    rows = minibatch_rows(cfg, b, idx)
+                    pg, st = ppo_policy_loss(model, cfg, b, rows)
                     _backward(pg)
-                    vl, vst = ppo_value_loss(model, cfg, b, idx)
+                    vl, vst = ppo_value_loss(model, cfg, b, rows)
                     _backward(vl)
                     loss, st = pg.detach() + vl.detach(), st | vst
                     if ptx_sampler is not None:

@@ -23,7 +23,7 @@ from tiny_fixtures import (
 
 from rlhf_fast.models import RoleModel
 from rlhf_fast.trainers import ConfigError, OptimConfig, PPOConfig, train_ppo
-from rlhf_fast.trainers.ppo import ppo_minibatch_loss, ppo_policy_loss, ppo_value_loss
+from rlhf_fast.trainers.ppo import minibatch_rows, ppo_minibatch_loss, ppo_policy_loss, ppo_value_loss
 from tests.tolerances import assert_close
 
 GOOD = torch.arange(3, 27)  # a quarter of the vocabulary: the toy reward is their share of the response
@@ -171,10 +171,11 @@ def test_minibatch_loss_and_gradients_equal_float64_materialised_logits(tiny_mod
     # train_ppo's order: the policy term's backward, then the critic's forward and backward (one graph at a time)
     for p in params:
         p.grad = None
-    pg, _ = ppo_policy_loss(model, c, b, torch.arange(SEQ.shape[0]))
+    rows = minibatch_rows(c, b, torch.arange(SEQ.shape[0]))
+    pg, _ = ppo_policy_loss(model, c, b, rows)
     pg.backward()
     assert all(p.grad is None for p in model.role_parameters("critic"))  # the policy term never reaches the critic
-    vl, _ = ppo_value_loss(model, c, b, torch.arange(SEQ.shape[0]))
+    vl, _ = ppo_value_loss(model, c, b, rows)
     vl.backward()
     assert_close(pg.detach() + vl.detach(), ref, torch.float32)
     for p, r in zip(params, ref_grads, strict=True):

@@ -95,9 +95,9 @@ def test_tis_weights_scale_the_policy_gradient(llama, data_files, tmp_path, monk
     seen = []
     real = ppo.ppo_policy_loss
 
-    def record(model, cfg, b, idx):
-        seen.append(b["adv"][idx].clone())
-        return real(model, cfg, b, idx)
+    def record(model, cfg, b, rows):
+        seen.append(b["adv"][rows.idx].clone())
+        return real(model, cfg, b, rows)
 
     monkeypatch.setattr(ppo, "ppo_policy_loss", record)
     common = dict(model=llama, data=data_files["prompts"], batch_size=4, response_length=5, ppo_epochs=1,

@@ -65,7 +65,9 @@ and a split from timers wrapped around functions from outside, in the child only
                  (the KV-cached sampling loop)             output_scores: the step's policy logits are kept)
     experience   the end of generation -> the start of the first update forward: the policy log-probs, the
                  reference, value and reward forwards, reward shaping, GAE and whitening. Of it:
-                   exp_policy     rlhf_fast: the policy forward + fused log-probs (RoleModel.experience)
+                   exp_policy     rlhf_fast: the policy forward + fused log-probs (RoleModel.experience) with
+                                  old_logprobs recompute; none with generation (its default on a float32 base:
+                                  the sampling loop's log-probs, counted under generation)
                                   TRL: no forward: selective_log_softmax over generate()'s stored logits
                    exp_reference  the reference forward + log-probs (rlhf_fast: adapters off; TRL: ref model, or
                                   the policy with the adapter disabled)
@@ -955,7 +957,10 @@ def markdown(report: dict) -> str:
 
 DIFFERENCES = [
     "Old log-probs: TRL takes them from generate()'s stored (temperature-scaled) logits, with no forward; "
-    "rlhf_fast runs a policy forward in its experience pass (fused log-probs, no (B, T, V) logits).",
+    "rlhf_fast (old_logprobs generation, its default with a float32 base) from the logits its sampling loop drew "
+    "each token from (a log_softmax per decode step, inside generation), with no forward either. In the "
+    "reference forward and the loss rlhf_fast's lm head scores the response columns only (since 2026-12-06); "
+    "TRL's model forwards compute the logits of every position and slice the response's.",
     "Reward and value models: TRL holds them as full LlamaForSequenceClassification copies of the base (score "
     "heads init std 0.02); rlhf_fast uses LoRA adapters on its one base with Linear(H, 1) heads (init std "
     "1/sqrt(H + 1)). The reward adapter is untrained (B = 0), so its score is the base's through a random head, "

@@ -23,7 +23,7 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
              generator: torch.Generator | None = None, merge: bool = True,
-             num_samples: int = 1) -> dict[str, torch.Tensor]:
+             num_samples: int = 1, return_logprobs: bool = False) -> dict[str, torch.Tensor]:
     """Sample responses from the policy with a KV cache.
 
     Args:
@@ -43,10 +43,16 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_
             from exactly the policy that logprobs() scores.
         num_samples: n responses per prompt. Each prompt is prefilled once and its KV cache repeated for its n
             samples; row i of the output answers prompt i // n.
+        return_logprobs: also return "logprobs", each generated token's log-probability under the policy at
+            this temperature over the whole vocabulary, log softmax(logits / temperature)[token] (top_p and
+            top_k do not change it; temperature 0 scores at 1), from the logits the loop samples from: what
+            RoleModel.logprobs(sequences, attention_mask, temperature=temperature) gives on those tokens, up to
+            float rounding (the KV-cached decode and, with merge, the merged weights round differently).
     Returns:
         {"sequences": (B*n, P + R'), "attention_mask": (B*n, P + R'), "response_mask": (B*n, P + R')} with
         R' <= R (generation stops early when every row has finished); response_mask is 1 on generated tokens up
-        to and including the first EOS, attention_mask = prompt_mask followed by the response mask.
+        to and including the first EOS, attention_mask = prompt_mask followed by the response mask. With
+        return_logprobs, "logprobs": (B*n, P + R') fp32, 0 outside response_mask.
 
     Rows that have finished leave the decode batch (their KV cache rows are dropped), so a batch of short answers
     does not pay for its longest. With a base sharded over processes (model.lockstep set, FSDP2) every process
@@ -76,6 +82,7 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_
     prompt_mask = prompt_mask.long()
     tokens = torch.full((b, max_new_tokens), pad, dtype=torch.long, device=device)  # (B*n, R)
     alive = torch.zeros(b, max_new_tokens, dtype=torch.long, device=device)
+    logps = torch.zeros(b, max_new_tokens, dtype=torch.float32, device=device) if return_logprobs else None
     rows = torch.arange(b, device=device)  # the output rows still decoding
     length = 0
     lockstep = getattr(model, "lockstep", None)
@@ -99,6 +106,9 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_
                 tokens[rows, step] = tok
                 alive[rows, step] = 1
                 length = step + 1
+                if logps is not None:
+                    scaled = logits.float() / temperature if temperature > 0 else logits.float()
+                    logps[rows, step] = scaled.log_softmax(-1).gather(1, tok[:, None]).squeeze(1)
             going = ~torch.isin(tok, eos_t) if eos_ids else torch.ones_like(tok, dtype=torch.bool)
             if ghost:
                 going = torch.zeros_like(going)
@@ -123,9 +133,12 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_
         prompt_ids, prompt_mask = prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0)
     resp_mask = alive[:, :length]
     zeros = torch.zeros_like(prompt_mask)
-    return {"sequences": torch.cat([prompt_ids, tokens[:, :length]], 1),
-            "attention_mask": torch.cat([prompt_mask, resp_mask], 1),
-            "response_mask": torch.cat([zeros, resp_mask], 1)}
+    out = {"sequences": torch.cat([prompt_ids, tokens[:, :length]], 1),
+           "attention_mask": torch.cat([prompt_mask, resp_mask], 1),
+           "response_mask": torch.cat([zeros, resp_mask], 1)}
+    if logps is not None:
+        out["logprobs"] = torch.cat([zeros.float(), logps[:, :length] * resp_mask], 1)
+    return out
 
 
 class KVBuffers:

@@ -486,21 +486,24 @@ class RoleModel(nn.Module):
                             position_ids=position_ids(attention_mask), use_cache=False)
         return out[0]  # (B, T, H) final hidden states (after the final norm)
 
-    def _logprobs_from_hidden(self, hidden, input_ids, attention_mask, temperature=1.0, return_entropy=False):
+    def _logprobs_from_hidden(self, hidden, input_ids, attention_mask, temperature=1.0, return_entropy=False,
+                              start=1):
+        # Columns start.. of the (B, T) log-probs (those before are 0): the lm head runs on T - start positions.
         valid = token_mask(attention_mask)
         b, t = input_ids.shape
-        if t == 1:
+        start = max(1, int(start))
+        if t <= start:
             zeros = hidden.new_zeros((b, t), dtype=torch.float32)
             return (zeros, zeros.clone()) if return_entropy else zeros
-        targets = input_ids[:, 1:].long().masked_fill(~valid[:, 1:], IGNORE_INDEX)  # (B, T-1)
+        targets = input_ids[:, start:].long().masked_fill(~valid[:, start:], IGNORE_INDEX)  # (B, T - start)
         head = self.lm_head
-        out = ops.fused_linear_logprobs(hidden[:, :-1], head.weight, targets, getattr(head, "bias", None),
+        out = ops.fused_linear_logprobs(hidden[:, start - 1:-1], head.weight, targets, getattr(head, "bias", None),
                                         temperature=temperature, ignore_index=IGNORE_INDEX,
                                         return_entropy=return_entropy)
         if return_entropy:
             lp, ent = out
-            return F.pad(lp, (1, 0)), F.pad(ent * valid[:, 1:], (1, 0))
-        return F.pad(out, (1, 0))
+            return F.pad(lp, (start, 0)), F.pad(ent * valid[:, start:], (start, 0))
+        return F.pad(out, (start, 0))
 
     # -- per-role outputs ----------------------------------------------------------------------------------
 
@@ -598,11 +601,16 @@ class RoleModel(nn.Module):
 
     @torch.no_grad()
     def experience(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, temperature: float = 1.0,
-                   mode: str = "sequential") -> dict[str, torch.Tensor]:
+                   mode: str = "sequential", start: int = 0,
+                   policy_logprobs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The PPO experience step for all four roles, without gradients, in eval mode.
 
         Returns {"logprobs": (B, T), "ref_logprobs": (B, T), "values": (B, T), "scores": (B,)}, fp32, equal to
-        logprobs(role="policy"), logprobs(role="reference"), values() and scores().
+        logprobs(role="policy"), logprobs(role="reference"), values() and scores(); with start > 0 the two
+        log-probs only from column `start` on (0 before it: the lm head skips those positions; PPO passes the
+        first response column, as the prompt's tokens carry no loss and no KL).
+        policy_logprobs: (B, T) the policy's log-probs already at hand (the rollout's, generate(return_logprobs=
+        True)): returned as "logprobs" and the policy forward is skipped (sequential mode only).
         mode: "sequential" (four forwards over the shared base, one after the other) or "mixed" (one forward of
         4B rows with peft's per-row adapter_names, "__base__" for the reference). Sequential is the default:
         mixed ran at 0.83-0.99x its speed on the CPU (bench/results/cpu-role-model-2026-11-22.md; peft
@@ -611,14 +619,20 @@ class RoleModel(nn.Module):
         check_inputs(input_ids, attention_mask)
         if mode not in ("sequential", "mixed"):
             raise ValueError(f"mode must be 'sequential' or 'mixed', got {mode!r}")
+        if policy_logprobs is not None and (mode != "sequential" or policy_logprobs.shape != input_ids.shape):
+            raise ValueError(f"policy_logprobs needs mode 'sequential' and the shape of input_ids "
+                             f"{tuple(input_ids.shape)}, got {mode!r} and {tuple(policy_logprobs.shape)}")
         with self._eval():
             if mode == "sequential":
-                with self.role("policy"):
-                    h = self._hidden(input_ids, attention_mask)
-                lp = self._logprobs_from_hidden(h, input_ids, attention_mask, temperature)
+                if policy_logprobs is not None:
+                    lp = policy_logprobs.float()
+                else:
+                    with self.role("policy"):
+                        h = self._hidden(input_ids, attention_mask)
+                    lp = self._logprobs_from_hidden(h, input_ids, attention_mask, temperature, start=start)
                 with self.role("reference"):
                     h = self._hidden(input_ids, attention_mask)
-                ref = self._logprobs_from_hidden(h, input_ids, attention_mask, temperature)
+                ref = self._logprobs_from_hidden(h, input_ids, attention_mask, temperature, start=start)
                 with self.role("critic"):
                     h = self._hidden(input_ids, attention_mask)
                 values = self._values_from_hidden(h, attention_mask)
@@ -634,8 +648,8 @@ class RoleModel(nn.Module):
                 with self.peft.base_model._enable_peft_forward_hooks(adapter_names=names):
                     h = self._hidden(ids4, mask4)
                 hp, hr, hc, hs = h.split(b)
-                lp = self._logprobs_from_hidden(hp, input_ids, attention_mask, temperature)
-                ref = self._logprobs_from_hidden(hr, input_ids, attention_mask, temperature)
+                lp = self._logprobs_from_hidden(hp, input_ids, attention_mask, temperature, start=start)
+                ref = self._logprobs_from_hidden(hr, input_ids, attention_mask, temperature, start=start)
                 values = self._values_from_hidden(hc, attention_mask)
                 scores = self._scores_from_hidden(hs, attention_mask)
         return {"logprobs": lp, "ref_logprobs": ref, "values": values, "scores": scores}

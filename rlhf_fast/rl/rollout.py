@@ -48,6 +48,8 @@ class Rollout:
     n: int
     logprobs: torch.Tensor | None = None  # (B*n, T) fp32: the rollout engine's log-prob of each sampled token
     #                                       (vLLM's), 0 elsewhere; None for the native loop
+    policy_logprobs: torch.Tensor | None = None  # (B*n, T) fp32: the native loop's log-prob of each sampled token
+    #                                              under the policy at the temperature (sample(policy_logprobs=True))
 
     @property
     def mask(self) -> torch.Tensor:
@@ -57,13 +59,16 @@ class Rollout:
 
 @torch.no_grad()
 def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling: SamplingConfig, *,
-           eos_token_id: int | None, generator: torch.Generator | None = None, engine=None) -> Rollout:
+           eos_token_id: int | None, generator: torch.Generator | None = None, engine=None,
+           policy_logprobs: bool = False) -> Rollout:
     """Sample `sampling.n` responses to each of the B left-padded prompts (prompt_ids, prompt_mask: (B, P))
     from the policy adapter of `model` (a RoleModel), in one batched generate call (each prompt prefilled once,
     its KV cache shared by its n samples).
 
     engine: an rl.vllm_engine.VLLMEngine serving `model` (--rollout vllm): it samples instead of the native
-    loop, after pushing the policy adapter if it changed, and the rollout carries vLLM's log-probs."""
+    loop, after pushing the policy adapter if it changed, and the rollout carries vLLM's log-probs.
+    policy_logprobs: the native loop also returns each sampled token's log-prob from the logits it sampled from
+    (RoleModel.generate's return_logprobs) in Rollout.policy_logprobs; ignored with an engine."""
     if engine is not None:
         if engine.model is not model:
             raise ValueError("the vLLM engine serves another model than the one given")
@@ -71,13 +76,16 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling:
     else:
         g = model.generate(prompt_ids, prompt_mask, max_new_tokens=sampling.max_new_tokens,
                            temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                           eos_token_id=eos_token_id, generator=generator, num_samples=sampling.n)
+                           eos_token_id=eos_token_id, generator=generator, num_samples=sampling.n,
+                           return_logprobs=policy_logprobs)
     seq, resp = g["sequences"], g["response_mask"]
     if eos_token_id is None:
         has_eos = torch.ones(seq.shape[0], dtype=torch.bool, device=seq.device)
     else:
         has_eos = ((seq == eos_token_id) & (resp != 0)).any(1)
-    return Rollout(seq, g["attention_mask"], resp, has_eos, sampling.n, g.get("logprobs"))
+    lp = g.get("logprobs")
+    return Rollout(seq, g["attention_mask"], resp, has_eos, sampling.n, lp if engine is not None else None,
+                   None if engine is not None else lp)
 
 
 def importance_correction(logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor, *,

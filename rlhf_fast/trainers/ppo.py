@@ -98,6 +98,12 @@ class PPOConfig(RolloutCorrection, RolloutOptions, TrainConfig):
     value_clip: float | None = option(0.2, "value clip range around the old values (unset: no clipping)")
     vf_coef: float = option(0.1, "value loss coefficient")
     entropy_coef: float = option(0.0, "entropy bonus coefficient")
+    old_logprobs: str = option("generation", "where the ratio's old log-probs come from: generation takes them "
+                               "from the logits the native sampling loop drew each token from (no policy forward "
+                               "in the experience step; equal to a recomputation up to float rounding, and only "
+                               "with a float32 base: a 16-bit base is merged with rounding, so it and --rollout "
+                               "vllm recompute); recompute runs the policy forward over the sequences",
+                               choices=("generation", "recompute"))
     whiten_advantages: bool = option(True, "whiten advantages over the batch")
     normalize_scores: bool = option(False, "normalise scores by their running mean and std")
     score_clip: float | None = option(None, "clip scores to [-score_clip, score_clip] (after normalisation)")
@@ -168,10 +174,17 @@ def make_experience(model, cfg: PPOConfig, prompts: dict, eos_id: int | None, ct
     member: experience() already scored member 0, kept as it is for the single-model path).
     engine: the vLLM engine (--rollout vllm): it samples; the old log-probs are still the trainer's own, and with
     rollout_is_correction tis the advantages are weighted per token (rollout.importance_correction)."""
+    from_generation = (cfg.old_logprobs == "generation" and engine is None
+                       and model.lm_head.weight.dtype == torch.float32)
     ro = rollout.sample(model, prompts["prompt_ids"], prompts["prompt_mask"], sampling_config(cfg),
-                        eos_token_id=eos_id, engine=engine)
-    exp = model.experience(ro.sequences, ro.attention_mask, temperature=cfg.temperature)  # (B, T) each, scores (B,)
+                        eos_token_id=eos_id, engine=engine, policy_logprobs=from_generation)
     mask = ro.mask  # (B, T): generated tokens up to and including the first EOS
+    # the first column that holds a response token: the lm head scores only the columns from it on, here and in
+    # the loss (the prompt's tokens carry no loss and no KL)
+    cols = mask.any(0).nonzero()
+    first = int(cols[0]) if cols.numel() else 0
+    exp = model.experience(ro.sequences, ro.attention_mask, temperature=cfg.temperature, start=first,
+                           policy_logprobs=ro.policy_logprobs)  # (B, T) each (log-probs 0 before `first`), (B,)
     raw = exp["scores"].float() if reward_fn is None else rollout.score(model, ro, reward_fn)  # (B,)
     if reward_fn is None and ensemble is not None:
         raw = ensemble(ro.sequences, ro.attention_mask)  # (B,) reduced over the K members
@@ -183,12 +196,14 @@ def make_experience(model, cfg: PPOConfig, prompts: dict, eos_id: int | None, ct
     a = advantages.ppo_advantages(lp, ref, values, scores, mask, kl_coef=ctl.value, gamma=cfg.gamma, lam=cfg.lam,
                                   estimator=cfg.kl_estimator, whiten=cfg.whiten_advantages,
                                   reduce=D.all_reduce if distributed else None)
-    adv, rollout_stats = a["advantages"], {}
+    adv, rollout_stats = a["advantages"], {"rollout/old_logprobs_from_generation": float(from_generation)}
     if ro.logprobs is not None:  # vLLM sampled: its log-probs against the trainer's (the ratio's old ones)
-        w, rollout_stats = rollout.importance_correction(lp, ro.logprobs, mask, mode=cfg.rollout_is_correction,
-                                                         cap=cfg.rollout_is_cap)
+        w, is_stats = rollout.importance_correction(lp, ro.logprobs, mask, mode=cfg.rollout_is_correction,
+                                                    cap=cfg.rollout_is_cap)
+        rollout_stats.update(is_stats)
         adv = adv if w is None else adv * w
     return {"seq": ro.sequences, "attn": ro.attention_mask, "mask": mask, "logprobs": lp, "values": values,
+            "first_response": first,
             "width": D.global_width(prompts["prompt_ids"].shape[1], ro.sequences.shape[1]),
             "rollout_stats": rollout_stats, "adv": adv, "returns": a["returns"], "scores": scores, "raw_scores": raw,
             "kl": a["kl"], "has_eos": ro.has_eos, "entropy": (-lp * mask).sum(1)}
@@ -224,8 +239,12 @@ def ppo_policy_loss(model, cfg: PPOConfig, b: dict, rows: MinibatchRows | None) 
     if rows is None:
         return torch.zeros((), device=b["seq"].device), {}
     f = model.policy_forward(rows.seq, rows.attn)  # hidden (b, T, H) aligned with seq: hidden[:, t] scores token t
-    pg, pst = fused_linear_ppo_loss(f.hidden, f.weight, f.targets, b["logprobs"][rows.idx], b["adv"][rows.idx],
-                                    rows.mask * f.mask, f.bias, entropy_coef=cfg.entropy_coef,
+    # only the columns from the first response token go through the lm head; seq-mean-token-sum-norm keeps the
+    # whole width T, its normaliser
+    c = 0 if cfg.loss_agg == "seq-mean-token-sum-norm" else b.get("first_response", 0)
+    pg, pst = fused_linear_ppo_loss(f.hidden[:, c:], f.weight, f.targets[:, c:], b["logprobs"][rows.idx][:, c:],
+                                    b["adv"][rows.idx][:, c:], (rows.mask * f.mask)[:, c:], f.bias,
+                                    entropy_coef=cfg.entropy_coef,
                                     clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
                                     temperature=cfg.temperature, agg=cfg.loss_agg)
     stats = {"policy/approxkl_avg": pst["approx_kl"], "policy/clipfrac_avg": pst["clipfrac"],

@@ -136,6 +136,12 @@ def test_experience_equals_single_role_calls(arch, mode, model_of):
         assert_close(exp[key], want.double(), torch.float32, msg=key)
     # the four roles really differ, so the equality above is not vacuous
     assert (exp["logprobs"] - exp["ref_logprobs"]).abs().max() > 1e-2
+    # from a start column: the lm head skips the columns before it (0 there), the rest as before
+    part = model.experience(ids, mask, mode=mode, temperature=0.7, start=3)
+    for key in ("logprobs", "ref_logprobs"):
+        assert part[key].shape == single[key].shape and not part[key][:, :3].any(), key
+        assert_close(part[key][:, 3:], single[key][:, 3:].double(), torch.float32, msg=key)
+    assert torch.equal(part["values"], exp["values"]) and torch.equal(part["scores"], exp["scores"])
 
 
 def test_values_and_scores_against_hidden_states(model_of):
@@ -371,6 +377,36 @@ def test_sampling_is_reproducible_and_honours_top_k(model_of):
                        generator=torch.Generator().manual_seed(4))["sequences"]
     greedy = model.generate(ids, mask, temperature=0, max_new_tokens=5, eos_token_id=[])["sequences"]
     assert torch.equal(g, greedy)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("merge", [True, False])
+def test_generation_logprobs_equal_the_policy_forward(arch, merge, model_of):
+    """return_logprobs: each sampled token's log-prob from the decode loop's logits (KV cache, merged weights)
+    equals logprobs() recomputed over the returned sequences in one forward, up to float rounding; 0 elsewhere
+    (prompt, padding after EOS). top_k narrows the sampling but not the distribution the log-prob is taken under.
+    Left-padded prompts, as the trainers collate them (logprobs() leaves a token after padding undefined)."""
+    model = model_of(arch)
+    _randomize(model, "policy", std=0.1)
+    ids, mask = _batch(t=5)
+    mask[1] = 1
+    ids[1] = ids[1].clamp(min=3)
+    free = model.generate(ids, mask, max_new_tokens=6, temperature=0, eos_token_id=[])
+    eos = int(free["sequences"][0, 7])  # row 0 stops after its third token: rows of several lengths
+    out = model.generate(ids, mask, max_new_tokens=6, temperature=0.8, top_k=5, eos_token_id=eos, pad_token_id=0,
+                         num_samples=2, merge=merge, generator=torch.Generator().manual_seed(1),
+                         return_logprobs=True)
+    seq, am, rm, lp = out["sequences"], out["attention_mask"], out["response_mask"], out["logprobs"]
+    assert lp.shape == seq.shape and lp.dtype == torch.float32
+    assert (lp[rm == 0] == 0).all() and (lp[rm == 1] < 0).all()
+    assert 0 < int((rm[:, 5:] == 0).sum()) < rm[:, 5:].numel()  # some rows stopped early
+    with torch.no_grad():
+        want = model.logprobs(seq, am, "policy", temperature=0.8)
+    assert_close(lp, (want * rm).double(), torch.float32)
+    assert (lp - want * rm).abs().max() < 1e-4
+    plain = model.generate(ids, mask, max_new_tokens=6, temperature=0.8, top_k=5, eos_token_id=eos, pad_token_id=0,
+                           num_samples=2, merge=merge, generator=torch.Generator().manual_seed(1))
+    assert "logprobs" not in plain and torch.equal(plain["sequences"], seq)  # asking for them changes no sample
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -180,9 +180,57 @@ def test_minibatch_loss_and_gradients_equal_float64_materialised_logits(tiny_mod
     assert_close(pg.detach() + vl.detach(), ref, torch.float32)
     for p, r in zip(params, ref_grads, strict=True):
         assert_close(p.grad, r, torch.float32)
+    # make_experience marks the first response column: the loss then runs the lm head from it on only
+    for p in params:
+        p.grad = None
+    sliced = dict(b, first_response=4)
+    pg, pst = ppo_policy_loss(model, c, sliced, rows)
+    pg.backward()
+    ppo_value_loss(model, c, sliced, rows)[0].backward()
+    assert_close(pst["loss/policy_avg"], policy, torch.float32)
+    for p, r in zip(params, ref_grads, strict=True):
+        assert_close(p.grad, r, torch.float32)
     # 3 of the 6 branches clip (A > 0 above 1.28, A < 0 below 0.8, A < 0 above dual_clip): 8 of the 16 tokens
     assert float(stats["policy/clipfrac_avg"]) == 0.5
     assert 0 < float(stats["val/clipfrac_avg"]) < 1  # both branches of the value loss are taken
+
+
+def test_old_logprobs_from_generation_equal_the_recomputed_ones(tiny_model, data_files, tmp_path):
+    """make_experience with old_logprobs generation (the default) takes the ratio's old log-probs from the decode
+    loop and runs no policy forward; recompute runs it. Same samples, same log-probs up to float rounding, and
+    the lm head skips the prompt's columns (0 there) on both paths."""
+    from rlhf_fast.data.collate import collate_prompts
+    from rlhf_fast.rl import kl_control
+    from rlhf_fast.trainers.ppo import kl_controller, make_experience
+
+    model = RoleModel.from_pretrained(tiny_model).eval()
+    perturb(model.role_parameters("policy"))
+    prompts = collate_prompts([{"prompt_ids": p} for p in ([5, 6, 7], [8, 9], [10, 11, 12, 13])], 0)
+    out = {}
+    for how in ("generation", "recompute"):
+        c = cfg(tiny_model, data_files, tmp_path / how, old_logprobs=how, temperature=0.7)
+        torch.manual_seed(0)
+        forwards = []  # (active adapter, columns) of every backbone forward
+        hook = model.backbone.register_forward_pre_hook(
+            lambda mod, a, k, seen=forwards: seen.append((model._active, k["input_ids"].shape[1])), with_kwargs=True)
+        try:
+            out[how] = make_experience(model, c, prompts, None, kl_controller(c), kl_control.RunningMoments())
+        finally:
+            hook.remove()
+        out[how]["full_forwards"] = [r for r, t in forwards if t == out[how]["seq"].shape[1]]
+    gen, rec = out["generation"], out["recompute"]
+    assert torch.equal(gen["seq"], rec["seq"]) and torch.equal(gen["mask"], rec["mask"])
+    assert gen["rollout_stats"]["rollout/old_logprobs_from_generation"] == 1.0
+    assert rec["rollout_stats"]["rollout/old_logprobs_from_generation"] == 0.0
+    m = gen["mask"]
+    assert (gen["logprobs"][m == 0] == 0).all() and (rec["logprobs"][m == 0] == 0).all()
+    assert_close(gen["logprobs"], rec["logprobs"].double(), torch.float32)
+    assert rec["first_response"] == gen["first_response"] == 4
+    with torch.no_grad():
+        full = model.logprobs(rec["seq"], rec["attn"], "policy", temperature=0.7)
+    assert_close(rec["logprobs"][:, 4:], full[:, 4:].double(), torch.float32)
+    # over the whole sequences: reference, critic and reward; recompute adds the policy's
+    assert len(gen["full_forwards"]) == 3 and len(rec["full_forwards"]) == 4
 
 
 def test_triton_run_trains_like_a_torch_run(tiny_model, data_files, tmp_path, monkeypatch):

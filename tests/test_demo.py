@@ -9,7 +9,9 @@ import torch
 from rlhf_fast.demo import task
 
 REPORT_KEYS = {"sft": {"gold_score"}, "rm": {"heldout_accuracy", "labeler_agreement"},
-               "ppo": {"gold_score", "gold_win_rate_vs_sft", "kl", "proxy_reward"},
+               "ppo": {"gold_score", "gold_win_rate_vs_sft", "kl", "proxy_reward", "lr", "steps"},
+               "ppo_no_kl": {"gold_score", "gold_win_rate_vs_sft", "kl", "proxy_reward", "lr", "steps"},
+               "ppo_kl_control": {"gold_score", "gold_win_rate_vs_sft", "kl", "proxy_reward", "lr", "steps"},
                "grpo": {"accuracy_before", "accuracy_after", "heldout_prompts"},
                "dpo": {"gold_score", "gold_win_rate_vs_sft", "kl", "proxy_reward", "beta"},
                "params": {"base", "trainable", "total"}}
@@ -64,6 +66,13 @@ def test_splits_are_disjoint_and_pretraining_has_no_heldout_prompt():
     assert not any(task.render_prompt(p) in d for d in docs for p in list(held)[:50])
     with pytest.raises(ValueError, match="split"):
         task.make_prompts(1, split="test", seed=0)
+
+
+def test_pretraining_shows_the_number_words_but_not_counting():
+    words = [w for d in task.pretraining_text(2000, seed=3) for w in d.split()]
+    share = {n: words.count(n) / len(words) for n in task.NUMBERS}
+    assert all(v > 1e-3 for v in share.values()), share  # their embeddings get trained
+    assert "count" not in words
 
 
 def test_demonstrations_are_useful_but_imperfect():
@@ -195,9 +204,16 @@ def test_demo_report_keys_and_sanity(demo_dir):
     assert sum(r["stage_cpu_seconds"].values()) <= r["cpu_seconds"] + 1e-6
     assert 0.5 < r["rm"]["labeler_agreement"] <= 1.0
     assert 0.0 <= r["rm"]["heldout_accuracy"] <= 1.0
-    for run in ("ppo", "ppo_no_kl", "dpo"):
+    for run in ("ppo", "ppo_no_kl", "ppo_kl_control", "dpo"):
         assert 0.0 <= r[run]["gold_win_rate_vs_sft"] <= 1.0
         assert all(v == v for v in r[run].values())  # no NaN
+    c, n = r["config"], r["ppo_no_kl"]
+    # the control differs from the no-KL run in the penalty only
+    assert (n["kl_coef"], n["lr"], n["steps"]) == (0.0, c["no_kl_lr"], c["no_kl_steps"])
+    assert (r["ppo_kl_control"]["kl_coef"], r["ppo_kl_control"]["lr"], r["ppo_kl_control"]["steps"]) == (
+        c["kl_coef"], c["no_kl_lr"], c["no_kl_steps"])
+    assert (r["ppo"]["lr"], r["ppo"]["steps"]) == (c["ppo_lr"], c["ppo_steps"])
+    assert [p["step"] for p in r["curves"]["ppo_kl_control"]][-1] == c["no_kl_steps"]
     p = r["params"]
     assert p["trainable"] > 0 and p["total"] == p["base"] + p["trainable"]
     bon = r["best_of_n"]

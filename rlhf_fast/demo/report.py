@@ -62,6 +62,21 @@ def plots(out: str, curves: dict[str, list[dict]], points: dict[str, dict] | Non
     return names
 
 
+def _ppo_rows(r: dict) -> list[tuple[str, dict]]:
+    """(row name, block) of the PPO runs in a report: the KL run, the no-KL run and its control (KL on, the no-KL
+    run's learning rate and steps)."""
+    def name(b: dict, what: str) -> str:
+        extra = f", lr {b['lr']:g}, {b['steps']} steps" if "lr" in b else ""
+        return what + extra
+
+    rows = [(name(r["ppo"], f"kl_coef={r['ppo']['kl_coef']}"), r["ppo"]),
+            (name(r["ppo_no_kl"], "no KL penalty"), r["ppo_no_kl"])]
+    if r.get("ppo_kl_control"):
+        rows.append((name(r["ppo_kl_control"], f"kl_coef={r['ppo_kl_control']['kl_coef']} (control)"),
+                     r["ppo_kl_control"]))
+    return rows
+
+
 def write_markdown(out: str, report: dict, examples: list[tuple[str, str, str, str]]) -> None:
     r = report
     lines = [
@@ -74,10 +89,8 @@ def write_markdown(out: str, report: dict, examples: list[tuple[str, str, str, s
         "| policy | gold score | win rate vs SFT (gold) | proxy reward | KL to SFT |",
         "|---|---|---|---|---|",
         f"| SFT | {r['sft']['gold_score']:.3f} | 0.500 | {r['sft']['proxy_reward']:.3f} | 0 |",
-        f"| PPO, kl_coef={r['ppo']['kl_coef']} | {r['ppo']['gold_score']:.3f} | {r['ppo']['gold_win_rate_vs_sft']:.3f} "
-        f"| {r['ppo']['proxy_reward']:.3f} | {r['ppo']['kl']:.2f} |",
-        f"| PPO, no KL penalty | {r['ppo_no_kl']['gold_score']:.3f} | {r['ppo_no_kl']['gold_win_rate_vs_sft']:.3f} "
-        f"| {r['ppo_no_kl']['proxy_reward']:.3f} | {r['ppo_no_kl']['kl']:.2f} |",
+        *[f"| PPO, {name} | {b['gold_score']:.3f} | {b['gold_win_rate_vs_sft']:.3f} | {b['proxy_reward']:.3f} "
+          f"| {b['kl']:.2f} |" for name, b in _ppo_rows(r)],
         *[f"| DPO (sigmoid), beta={d['beta']:g} | {d['gold_score']:.3f} | {d['gold_win_rate_vs_sft']:.3f} "
           f"| {d['proxy_reward']:.3f} | {d['kl']:.2f} |" for d in r.get("dpo_sweep") or []],
         f"| best possible | {r['max_gold_score']:.3f} | | | |", "",

@@ -45,8 +45,9 @@ class DemoConfig:
     num_layers: int = 2
     intermediate_size: int = 256
     num_heads: int = 4
-    # with the rating-rich text of task.pretraining_text, the bases' reward models reach 0.86-0.89 held-out accuracy;
+    # with the rating-rich text of task.pretraining_text, the bases' reward models reach 0.84-0.88 held-out accuracy;
     # 2500 steps of the earlier text left seed 1's at 0.56 (docs/demo.md). Shipped per seed: not paid by `make demo`
+    # (about 400 s of CPU per seed to regenerate)
     pretrain_steps: int = 6000
     pretrain_batch: int = 64
     pretrain_lr: float = 3e-3
@@ -73,6 +74,10 @@ class DemoConfig:
     # PPO
     ppo_steps: int = 120
     no_kl_steps: int = 240          # the no-KL run goes on longer: over-optimisation takes time to show
+    # ... and takes larger steps: on these bases 240 steps at ppo_lr without the penalty did not hack the reward
+    # model (seeds 0 and 1: gold 3.30 / 2.65 above SFT's 2.40 / 2.27 at 13 nats); at 1e-2 it does on every seed.
+    # The control run (the KL penalty on, no_kl_lr, no_kl_steps) differs from the no-KL run in the penalty only.
+    no_kl_lr: float = 1e-2
     ppo_batch: int = 64
     ppo_lr: float = 3e-3
     ppo_epochs: int = 4
@@ -80,9 +85,9 @@ class DemoConfig:
     kl_coef: float = 0.2
     eval_every: int = 10
     monitor_prompts: int = 128
-    # DPO (sigmoid) on the reward model's own labeled pairs, from the same SFT model; one run per beta. On the current
-    # bases beta 0.3 drifted to 9-10 nats at gold win rates 0.49-0.63 on seeds 0-2; beta 0.6 gave 0.67 / 0.66 (seeds
-    # 0 / 1) at 1.8 / 3.5 nats and beta 1.0 0.69 / 0.71 at 0.7 / 1.0 nats (docs/demo.md)
+    # DPO (sigmoid) on the reward model's own labeled pairs, from the same SFT model; one run per beta. On the bases
+    # before the number words (docs/demo.md) beta 0.3 drifted to 9-10 nats at gold win rates 0.49-0.63 on seeds 0-2;
+    # beta 0.6 gave 0.67 / 0.66 (seeds 0 / 1) at 1.8 / 3.5 nats and beta 1.0 0.69 / 0.71 at 0.7 / 1.0 nats
     dpo_betas: str = "1.0"
     dpo_epochs: int = 2
     dpo_lr: float = 1e-3
@@ -90,12 +95,12 @@ class DemoConfig:
     dpo_lora_r: int = 1
     # the counting task (RL with a verifiable reward): its own SFT on sloppy demonstrations from the SFT model (a
     # rank-16 LoRA merged into a copy), then GRPO with the checker task.count_accuracy as the only reward. Held-out
-    # sampled accuracy on seeds 0-2 (current bases): 0.35 / 0.39 / 0.32 after the SFT, 0.58 / 0.66 / 0.50 after 100
-    # GRPO steps (the previous bases: 0.46 / 0.43 / 0.39 -> 0.76 / 0.75 / 0.64; docs/demo.md)
+    # sampled accuracy on seeds 0-2: 0.51 / 0.62 / 0.57 after the SFT, 0.99 / 0.98 / 0.99 after 200 GRPO steps (on
+    # bases that never saw the number words it plateaued near 0.5-0.66: docs/demo.md)
     count_sft_examples: int = 3000
     count_sft_epochs: int = 4
     count_sft_lora_r: int = 16
-    grpo_steps: int = 100
+    grpo_steps: int = 200
     grpo_prompts: int = 16          # prompts per step
     grpo_generations: int = 8       # samples per prompt (the group)
     grpo_lr: float = 3e-3
@@ -261,22 +266,23 @@ def _strip_eos(text: str) -> str:
     return text.split(task.EOS)[0].strip()
 
 
-def _ppo_config(cfg: DemoConfig, work: str, name: str, kl_coef: float, steps: int):
+def _ppo_config(cfg: DemoConfig, work: str, name: str, kl_coef: float, steps: int, lr: float | None = None):
     from rlhf_fast.trainers import LoraSettings, OptimConfig, PPOConfig
 
     return PPOConfig(data=os.path.join(work, "data", "prompts.jsonl"), out_dir=os.path.join(work, name), overwrite=True,
                      seed=cfg.seed, max_length=40, batch_size=cfg.ppo_batch, max_steps=steps,
                      response_length=RESPONSE_LENGTH, ppo_epochs=cfg.ppo_epochs,
                      num_minibatches=cfg.ppo_minibatches, kl_coef=kl_coef, missing_eos_penalty=1.0,
-                     progress=cfg.progress, optim=OptimConfig(lr=cfg.ppo_lr),
+                     progress=cfg.progress, optim=OptimConfig(lr=cfg.ppo_lr if lr is None else lr),
                      lora=LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha))
 
 
 def run_ppo(cfg: DemoConfig, work: str, name: str, model, tokenizer, kl_coef: float, steps: int,
-            monitor: list[str], evaluate_fn=None, **ppo_options) -> tuple[object, list[dict]]:
-    """PPO from `model` (RM trained, fresh policy/critic); every eval_every steps the policy is evaluated on the monitor
-    prompts for the curves: gold, proxy, KL and whatever else evaluate_fn(model, prompts, seed) returns as a number
-    (default: evaluate). ppo_options: further PPOConfig fields (e.g. the ensemble's reduction)."""
+            monitor: list[str], evaluate_fn=None, lr: float | None = None, **ppo_options) -> tuple[object, list[dict]]:
+    """PPO from `model` (RM trained, fresh policy/critic) at learning rate `lr` (default cfg.ppo_lr); every eval_every
+    steps the policy is evaluated on the monitor prompts for the curves: gold, proxy, KL and whatever else
+    evaluate_fn(model, prompts, seed) returns as a number (default: evaluate). ppo_options: further PPOConfig fields
+    (e.g. the ensemble's reduction)."""
     from rlhf_fast.trainers import train_ppo
 
     evaluate_fn = evaluate_fn or (lambda m, prompts, seed: evaluate(m, tokenizer, prompts, seed=seed))
@@ -294,7 +300,7 @@ def run_ppo(cfg: DemoConfig, work: str, name: str, model, tokenizer, kl_coef: fl
         return {f"eval/{k}": e[k] for k in ("gold_score", "proxy_reward", "kl")}
 
     point(0, model)
-    pcfg = dataclasses.replace(_ppo_config(cfg, work, name, kl_coef, steps), **ppo_options)
+    pcfg = dataclasses.replace(_ppo_config(cfg, work, name, kl_coef, steps, lr), **ppo_options)
     res = train_ppo(pcfg, model=model, tokenizer=tokenizer, callback=callback)
     return res["model"], curve
 
@@ -439,7 +445,7 @@ def run_ensemble(cfg: DemoConfig, work: str, sft_base: str, tokenizer, pref_path
         return e | {"proxy_reward": float(s.mean()), "ensemble_std": float(s.std(0, unbiased=False).mean())}
 
     model, curve = run_ppo(cfg, work, "ppo_no_kl_ensemble", model, tokenizer, 0.0, cfg.no_kl_steps, monitor, ens_eval,
-                           ensemble_reduce=cfg.ensemble_reduce, ensemble_penalty=cfg.ensemble_penalty)
+                           lr=cfg.no_kl_lr, ensemble_reduce=cfg.ensemble_reduce, ensemble_penalty=cfg.ensemble_penalty)
     e = ens_eval(model, heldout, cfg.seed + 1000)
     return {"members": cfg.ensemble_members, "reduce": cfg.ensemble_reduce, "penalty": cfg.ensemble_penalty,
             "rm_heldout_accuracy": float(rm["val"].get("ensemble_accuracy", float("nan"))),
@@ -555,17 +561,26 @@ def run(cfg: DemoConfig) -> dict:
 
     ppo_prompts = train_prompts[n_tr + cfg.val_pair_prompts:]
     write_jsonl(os.path.join(work, "data", "prompts.jsonl"), [{"prompt": p} for p in ppo_prompts])
-    # The no-KL run starts from the very same state: the RM stage's saved adapters on the same base.
-    model_no_kl = RoleModel.load(rm["out"], base=sft_base)
-    model_no_kl.tokenizer = tok
-    model_no_kl.eval()
+    # The no-KL run and its control start from the very same state: the RM stage's saved adapters on the same base.
+    def from_rm():
+        m = RoleModel.load(rm["out"], base=sft_base)
+        m.tokenizer = tok
+        return m.eval()
+
+    model_no_kl, model_control = from_rm(), from_rm()
     model, curve = run_ppo(cfg, work, "ppo", model, tok, cfg.kl_coef, cfg.ppo_steps, monitor)
     ppo_eval = evaluate(model, tok, heldout, seed=cfg.seed + 1000)
     t = lap("ppo", t)
     model_no_kl, curve_no_kl = run_ppo(cfg, work, "ppo_no_kl", model_no_kl, tok, 0.0, cfg.no_kl_steps,
-                                        monitor)
+                                        monitor, lr=cfg.no_kl_lr)
     no_kl_eval = evaluate(model_no_kl, tok, heldout, seed=cfg.seed + 1000)
     t = lap("ppo_no_kl", t)
+    # The control: the no-KL run's learning rate and steps with the KL penalty back on.
+    model_control, curve_control = run_ppo(cfg, work, "ppo_kl_control", model_control, tok, cfg.kl_coef,
+                                           cfg.no_kl_steps, monitor, lr=cfg.no_kl_lr)
+    control_eval = evaluate(model_control, tok, heldout, seed=cfg.seed + 1000)
+    del model_control
+    t = lap("ppo_kl_control", t)
 
     # DPO on the very pairs the reward model was trained on; its samples' proxy score comes from that same RM.
     dpo = run_dpo(cfg, work, sft_base, tok, pref_path, rm["out"], heldout, sft_eval["gold"])
@@ -589,9 +604,9 @@ def run(cfg: DemoConfig) -> dict:
 
     params = count_params(model)
 
-    def ppo_block(e: dict, kl_coef: float) -> dict:
+    def ppo_block(e: dict, kl_coef: float, lr: float, steps: int) -> dict:
         return {"gold_score": e["gold_score"], "gold_win_rate_vs_sft": task.win_rate(e["gold"], sft_eval["gold"]),
-                "kl": e["kl"], "proxy_reward": e["proxy_reward"], "kl_coef": kl_coef}
+                "kl": e["kl"], "proxy_reward": e["proxy_reward"], "kl_coef": kl_coef, "lr": lr, "steps": steps}
 
     report = {
         "sft": {"gold_score": sft_eval["gold_score"], "proxy_reward": sft_eval["proxy_reward"],
@@ -599,8 +614,9 @@ def run(cfg: DemoConfig) -> dict:
         "rm": {"heldout_accuracy": float(rm["val"].get("accuracy", float("nan"))), "labeler_agreement": agreement,
                "heldout_gold_accuracy": gold_acc, "train_pairs": len(pairs), "heldout_pairs": len(val_pairs),
                "reward_offset": rm["offset"], "labeler_beta": cfg.labeler_beta},
-        "ppo": ppo_block(ppo_eval, cfg.kl_coef),
-        "ppo_no_kl": ppo_block(no_kl_eval, 0.0),
+        "ppo": ppo_block(ppo_eval, cfg.kl_coef, cfg.ppo_lr, cfg.ppo_steps),
+        "ppo_no_kl": ppo_block(no_kl_eval, 0.0, cfg.no_kl_lr, cfg.no_kl_steps),
+        "ppo_kl_control": ppo_block(control_eval, cfg.kl_coef, cfg.no_kl_lr, cfg.no_kl_steps),
         "best_of_n": bon,
         "dpo": dpo[0] if dpo else None,
         "dpo_sweep": dpo,
@@ -610,14 +626,15 @@ def run(cfg: DemoConfig) -> dict:
         "pretrain_loss": pretrain_loss,
         "max_gold_score": sum(task.max_gold(p) for p in heldout) / len(heldout),
         "eval_prompts": len(heldout),
-        "curves": {"ppo": curve, "ppo_no_kl": curve_no_kl,
+        "curves": {"ppo": curve, "ppo_no_kl": curve_no_kl, "ppo_kl_control": curve_control,
                    **({"ppo_no_kl_ensemble": extra["ensemble"]["curve"]} if extra else {})},
         "config": dataclasses.asdict(cfg),
         "stage_seconds": stages,
         "stage_cpu_seconds": stage_cpu,
     }
     t = time.perf_counter()
-    curves = {f"kl_coef={cfg.kl_coef}": curve, "no KL": curve_no_kl}
+    curves = {f"kl_coef={cfg.kl_coef}": curve, f"no KL (lr {cfg.no_kl_lr:g})": curve_no_kl,
+              f"kl_coef={cfg.kl_coef}, lr {cfg.no_kl_lr:g} (control)": curve_control}
     if extra:
         curves[f"no KL, ensemble of {cfg.ensemble_members} ({cfg.ensemble_reduce})"] = extra["ensemble"]["curve"]
     report["plots"] = plots(out, curves,
@@ -666,6 +683,9 @@ SUMMARY = [
     ("no-KL PPO gold score", ("ppo_no_kl", "gold_score")),
     ("no-KL PPO proxy reward", ("ppo_no_kl", "proxy_reward")),
     ("no-KL PPO KL to SFT", ("ppo_no_kl", "kl")),
+    ("control (KL penalty at the no-KL lr) gold score", ("ppo_kl_control", "gold_score")),
+    ("control (KL penalty at the no-KL lr) proxy reward", ("ppo_kl_control", "proxy_reward")),
+    ("control (KL penalty at the no-KL lr) KL to SFT", ("ppo_kl_control", "kl")),
     ("DPO gold win rate vs SFT", ("dpo", "gold_win_rate_vs_sft")),
     ("DPO KL to SFT", ("dpo", "kl")),
     ("GRPO counting accuracy before", ("grpo", "accuracy_before")),
@@ -794,7 +814,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.pretrain_only:
         print(json.dumps(report, indent=2))
         return 0
-    print(json.dumps({k: report.get(k) for k in ("sft", "rm", "ppo", "ppo_no_kl", "dpo", "grpo", "best_of_n", "params",
+    print(json.dumps({k: report.get(k) for k in ("sft", "rm", "ppo", "ppo_no_kl", "ppo_kl_control", "dpo", "grpo", "best_of_n", "params",
                                                  "wall_seconds")}, indent=2))
     print(f"wrote {os.path.join(cfg.out, 'report.json')} and report.md", file=sys.stderr)
     return 0

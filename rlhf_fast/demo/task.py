@@ -214,8 +214,18 @@ RATED_SHARE = 1.0         # chats followed by the user's rating
 RANDOM_RATING = 0.1       # ratings given at random
 
 
+RECITE_SHARE = 0.1        # description sentences that are the number words recited in order
+
+
 def _description(rng: random.Random) -> str:
-    # Pre-training prose that teaches which adjectives fit which noun (80% of the time).
+    # Pre-training prose that teaches which adjectives fit which noun (80% of the time). One sentence in ten
+    # recites the number words ("one two three four five ."): the base knows them and their order, each
+    # predictable from the one before, but not counting. Without them the number words' tied embeddings stayed at
+    # their small initial values, which capped the probability any final hidden state can give one of them at
+    # 0.46-0.75 (seed 2: 0.50-0.60) and with it the counting stage's sampled accuracy; used interchangeably (a
+    # number word in place of "the") they became near-synonyms, capped at 0.25-0.33 (docs/demo.md).
+    if rng.random() < RECITE_SHARE:
+        return " ".join(NUMBERS) + " ."
     noun = rng.choice(NOUNS)
     adj = rng.choice(FITS[noun]) if rng.random() < 0.8 else rng.choice(ADJECTIVES)
     if rng.random() < 0.5:
@@ -226,7 +236,8 @@ def _description(rng: random.Random) -> str:
 
 def pretraining_text(n: int, *, seed: int) -> list[str]:
     """`n` documents of the language: descriptions, and chats (train-split prompts only) followed by the user's
-    rating (`... <eos> good <eos>`). The counting task is not in it: its words are first met in SFT.
+    rating (`... <eos> good <eos>`). The counting task is not in it: descriptions recite the number words, never
+    count with them, and counting is first met in SFT.
 
     (A version with one counting chat in ten here gave reward models of held-out accuracy 0.66, 0.66, 0.58 on seeds
     0-2 against 0.76, 0.56, 0.81 without: docs/demo.md.)"""
@@ -356,8 +367,8 @@ class Labeler:
 # ----------------------------------------------------------------------------------------- counting (RLVR)
 # The demo's task with a verifiable answer: "count moon river bread" -> "three". A checker (count_accuracy), not
 # a learned reward model, scores it, as in RL with verifiable rewards. Demonstrators count short lists right and
-# lose track of long ones, undercounting by one: the SFT model imitates that (and the number words are new to it:
-# pre-training never shows them), and only a reward that checks the answer can take it past its demonstrators.
+# lose track of long ones, undercounting by one: the SFT model imitates that (pre-training shows the number words
+# but never counting), and only a reward that checks the answer can take it past its demonstrators.
 MAX_COUNT = len(NUMBERS)
 # P(a demonstrator's count is right) for a list of k = 1..5 nouns; otherwise k - 1 (k + 1 for one noun).
 COUNT_RIGHT = (0.9, 0.8, 0.55, 0.35, 0.3)

@@ -178,6 +178,7 @@ def make_experience(model, cfg: PPOConfig, prompts: dict, eos_id: int | None, ct
                        and model.lm_head.weight.dtype == torch.float32)
     ro = rollout.sample(model, prompts["prompt_ids"], prompts["prompt_mask"], sampling_config(cfg),
                         eos_token_id=eos_id, engine=engine, policy_logprobs=from_generation)
+    from_generation = ro.policy_logprobs is not None  # a sampler that keeps none: recomputed below
     mask = ro.mask  # (B, T): generated tokens up to and including the first EOS
     # the first column that holds a response token: the lm head scores only the columns from it on, here and in
     # the loss (the prompt's tokens carry no loss and no KL)

@@ -43,9 +43,11 @@ TRAINERS = {"sft": (SFTConfig, train_sft), "rm": (RMConfig, train_rm), "dpo": (D
             "ppo": (PPOConfig, train_ppo), "grpo": (GRPOConfig, train_grpo)}
 
 
-def fixed_sample(model, prompt_ids, prompt_mask, sampling, *, eos_token_id, generator=None, engine=None):
+def fixed_sample(model, prompt_ids, prompt_mask, sampling, *, eos_token_id, generator=None, engine=None,
+                 policy_logprobs=False):
     """n responses per prompt, a deterministic function of the prompt's tokens: lengths 1..max_new_tokens, two
-    in three ending with EOS; right-padded to the longest, as RoleModel.generate returns them."""
+    in three ending with EOS; right-padded to the longest, as RoleModel.generate returns them. No logits, so no
+    log-probs even when asked (PPO then recomputes them)."""
     rows = []
     for i in range(prompt_ids.shape[0]):
         real = prompt_ids[i][prompt_mask[i] != 0].tolist()

@@ -304,14 +304,20 @@ def test_merge_policy_into_base_makes_reference_the_sft_model(model_of):
 
 # ------------------------------------------------------------------------------------------- generation
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_greedy_generation_matches_the_policy_argmax(arch, model_of):
-    """KV cache + left padding: every greedy token is the argmax of the policy on the returned sequence."""
+def _policy_and_left_padded_prompts(model_of, arch):
+    """A model with a random policy adapter and three 5-token prompts: row 0 left-padded, rows 1 and 2 full."""
     model = model_of(arch)
     _randomize(model, "policy", std=0.1)
     ids, mask = _batch(t=5)
     mask[1] = 1
     ids[1] = ids[1].clamp(min=3)
+    return model, ids, mask
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_generation_matches_the_policy_argmax(arch, model_of):
+    """KV cache + left padding: every greedy token is the argmax of the policy on the returned sequence."""
+    model, ids, mask = _policy_and_left_padded_prompts(model_of, arch)
     out = model.generate(ids, mask, max_new_tokens=6, temperature=0, eos_token_id=[])
     seq, am, rm = out["sequences"], out["attention_mask"], out["response_mask"]
     assert seq.shape == (3, 11) and am.shape == rm.shape == seq.shape
@@ -386,11 +392,7 @@ def test_generation_logprobs_equal_the_policy_forward(arch, merge, model_of):
     equals logprobs() recomputed over the returned sequences in one forward, up to float rounding; 0 elsewhere
     (prompt, padding after EOS). top_k narrows the sampling but not the distribution the log-prob is taken under.
     Left-padded prompts, as the trainers collate them (logprobs() leaves a token after padding undefined)."""
-    model = model_of(arch)
-    _randomize(model, "policy", std=0.1)
-    ids, mask = _batch(t=5)
-    mask[1] = 1
-    ids[1] = ids[1].clamp(min=3)
+    model, ids, mask = _policy_and_left_padded_prompts(model_of, arch)
     free = model.generate(ids, mask, max_new_tokens=6, temperature=0, eos_token_id=[])
     eos = int(free["sequences"][0, 7])  # row 0 stops after its third token: rows of several lengths
     out = model.generate(ids, mask, max_new_tokens=6, temperature=0.8, top_k=5, eos_token_id=eos, pad_token_id=0,

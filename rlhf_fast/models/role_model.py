@@ -491,7 +491,7 @@ class RoleModel(nn.Module):
         # Columns start.. of the (B, T) log-probs (those before are 0): the lm head runs on T - start positions.
         valid = token_mask(attention_mask)
         b, t = input_ids.shape
-        start = max(1, int(start))
+        start = max(1, start)  # column 0 has no predecessor
         if t <= start:
             zeros = hidden.new_zeros((b, t), dtype=torch.float32)
             return (zeros, zeros.clone()) if return_entropy else zeros
@@ -619,6 +619,8 @@ class RoleModel(nn.Module):
         check_inputs(input_ids, attention_mask)
         if mode not in ("sequential", "mixed"):
             raise ValueError(f"mode must be 'sequential' or 'mixed', got {mode!r}")
+        if not isinstance(start, int) or start < 0:
+            raise ValueError(f"start must be an integer >= 0, got {start!r}")
         if policy_logprobs is not None and (mode != "sequential" or policy_logprobs.shape != input_ids.shape):
             raise ValueError(f"policy_logprobs needs mode 'sequential' and the shape of input_ids "
                              f"{tuple(input_ids.shape)}, got {mode!r} and {tuple(policy_logprobs.shape)}")

@@ -88,6 +88,14 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling:
                    None if engine is not None else lp)
 
 
+def first_response_column(response_mask: torch.Tensor) -> int:
+    """The first column of a (B, T) response mask that holds a response token in any row (0 when none does): the
+    columns before it are prompt or padding in every row, and a loss over the responses can skip them (one host
+    synchronisation)."""
+    cols = response_mask.any(0).nonzero()
+    return int(cols[0]) if cols.numel() else 0
+
+
 def importance_correction(logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor, *,
                           mode: str = "tis", cap: float = 2.0) -> tuple[torch.Tensor | None, dict[str, float]]:
     """Correct for a rollout engine whose numerics differ from the trainer's (vLLM vs the fused log-probs).

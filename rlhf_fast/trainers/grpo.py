@@ -417,8 +417,7 @@ def train_grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, examples: list[di
                 if cfg.beta > 0 and cfg.kl_estimator != "full":
                     b["ref"] = model.logprobs(b["seq"], b["attn"], role="reference", temperature=cfg.temperature)
             N = b["seq"].shape[0]
-            cols = b["mask"].any(0).nonzero()  # the columns that hold a completion token
-            b["first_completion"] = int(cols[0]) if cols.numel() else 0
+            b["first_completion"] = rollout.first_response_column(b["mask"])
             stats: dict[str, list] = {}
             for _ in range(cfg.num_iterations):
                 # one permutation of the global batch (rank 0's under torchrun); this process's rows of each part

@@ -146,6 +146,8 @@ class PPOConfig(RolloutCorrection, RolloutOptions, TrainConfig):
             (self.kl_controller in ("fixed", "adaptive"), f"kl_controller must be fixed or adaptive, got "
                                                            f"{self.kl_controller!r}"),
             (self.kl_estimator in ("k1", "k2", "k3", "abs"), f"unknown kl_estimator {self.kl_estimator!r}"),
+            (self.old_logprobs in ("generation", "recompute"),
+             f"old_logprobs must be generation or recompute, got {self.old_logprobs!r}"),
             (self.kl_controller != "adaptive" or self.kl_coef > 0, "kl_controller adaptive needs kl_coef > 0"),
             (self.reward_timeout > 0, f"reward_timeout must be > 0, got {self.reward_timeout}"),
         ]
@@ -174,16 +176,14 @@ def make_experience(model, cfg: PPOConfig, prompts: dict, eos_id: int | None, ct
     member: experience() already scored member 0, kept as it is for the single-model path).
     engine: the vLLM engine (--rollout vllm): it samples; the old log-probs are still the trainer's own, and with
     rollout_is_correction tis the advantages are weighted per token (rollout.importance_correction)."""
-    from_generation = (cfg.old_logprobs == "generation" and engine is None
-                       and model.lm_head.weight.dtype == torch.float32)
+    want = cfg.old_logprobs == "generation" and engine is None and model.lm_head.weight.dtype == torch.float32
     ro = rollout.sample(model, prompts["prompt_ids"], prompts["prompt_mask"], sampling_config(cfg),
-                        eos_token_id=eos_id, engine=engine, policy_logprobs=from_generation)
+                        eos_token_id=eos_id, engine=engine, policy_logprobs=want)
     from_generation = ro.policy_logprobs is not None  # a sampler that keeps none: recomputed below
     mask = ro.mask  # (B, T): generated tokens up to and including the first EOS
-    # the first column that holds a response token: the lm head scores only the columns from it on, here and in
-    # the loss (the prompt's tokens carry no loss and no KL)
-    cols = mask.any(0).nonzero()
-    first = int(cols[0]) if cols.numel() else 0
+    # the lm head scores only the columns from the first response token on, here and in the loss (the prompt's
+    # tokens carry no loss and no KL)
+    first = rollout.first_response_column(mask)
     exp = model.experience(ro.sequences, ro.attention_mask, temperature=cfg.temperature, start=first,
                            policy_logprobs=ro.policy_logprobs)  # (B, T) each (log-probs 0 before `first`), (B,)
     raw = exp["scores"].float() if reward_fn is None else rollout.score(model, ro, reward_fn)  # (B,)

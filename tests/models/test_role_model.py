@@ -142,6 +142,14 @@ def test_experience_equals_single_role_calls(arch, mode, model_of):
         assert part[key].shape == single[key].shape and not part[key][:, :3].any(), key
         assert_close(part[key][:, 3:], single[key][:, 3:].double(), torch.float32, msg=key)
     assert torch.equal(part["values"], exp["values"]) and torch.equal(part["scores"], exp["scores"])
+    given = model.experience(ids, mask, temperature=0.7, policy_logprobs=single["logprobs"] + 1)
+    assert torch.equal(given["logprobs"], single["logprobs"] + 1)  # the caller's, not a forward's
+    with pytest.raises(ValueError, match="start"):
+        model.experience(ids, mask, start=-1)
+    with pytest.raises(ValueError, match="policy_logprobs"):
+        model.experience(ids, mask, policy_logprobs=single["logprobs"][:, 1:])
+    with pytest.raises(ValueError, match="policy_logprobs"):
+        model.experience(ids, mask, mode="mixed", policy_logprobs=single["logprobs"])
 
 
 def test_values_and_scores_against_hidden_states(model_of):

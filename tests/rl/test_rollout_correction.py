@@ -85,3 +85,17 @@ def test_without_vllm_the_cli_says_how_to_install_it(tmp_path, capsys):
     assert code == 2
     assert "make install-vllm" in capsys.readouterr().err
     assert not (tmp_path / "o" / "model").exists()
+
+
+def test_first_response_column_against_a_loop():
+    """The first column any row has a response token in, as a scan over columns finds it; 0 when none does."""
+    from rlhf_fast.rl.rollout import first_response_column
+
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        mask = (torch.rand(4, 9, generator=g) < 0.2).float()
+        want = next((t for t in range(9) if mask[:, t].any()), 0)
+        assert first_response_column(mask) == want
+    assert first_response_column(torch.zeros(3, 5)) == 0
+    holes = torch.tensor([[0, 0, 0, 1, 0, 1], [0, 0, 0, 0, 1, 1]])
+    assert first_response_column(holes) == 3

@@ -283,6 +283,7 @@ def test_non_finite_steps_are_skipped_and_counted(tiny_model, data_files, tmp_pa
     ("dual_clip", 0.9, "dual_clip must be > 1"),
     ("response_length", 600, "response_length must lie in"),
     ("num_minibatches", 9, "num_minibatches must lie in"),
+    ("old_logprobs", "engine", "old_logprobs"),
 ])
 def test_bad_options_are_refused_before_anything_is_written(data_files, tmp_path, field, value, needle):
     with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("]", r"\]")):

@@ -45,7 +45,7 @@ from transformers.pytorch_utils import Conv1D
 
 from rlhf_fast import ops
 from rlhf_fast.errors import ConfigError
-from rlhf_fast.models import generation, gguf, io
+from rlhf_fast.models import generation, gguf, io, lean_lora
 from rlhf_fast.models.conventions import (
     ADAPTERS,
     IGNORE_INDEX,
@@ -290,6 +290,7 @@ class RoleModel(nn.Module):
         peft_model = get_peft_model(lm, cfg, adapter_name="policy")
         for name_ in ADAPTERS[1:]:
             peft_model.add_adapter(name_, cfg)
+        lean_lora.install(peft_model)
         model = cls(peft_model, lora=lora, tokenizer=tokenizer, base_name_or_path=name,
                     default_targets=default_targets)
         if gradient_checkpointing:

@@ -1,0 +1,160 @@
+"""LoRA layer forward: rlhf_fast's LeanLoraLinear (one addmm carries B and the scaling) against PEFT's own
+forward, through a RoleModel's whole backbone on the CPU (run from the repo root):
+
+    python bench/lean_lora.py [--models tiny,smollm2 --reps 5 --threads 1]
+        -> bench/results/cpu-lean-lora-<date>.{md,json}
+
+Per model: the backbone's forward without grad (a rollout-side scoring pass) and forward + backward of a
+scalar of the hidden states with the policy adapter on (an update's pass), CPU time of this process, the two
+paths alternating within each repetition (PEFT first on even repetitions, lean first on odd), medians with
+min - max. Both paths run on the same model object: the layers' class is switched between repetitions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from peft.tuners.lora import Linear as PeftLoraLinear
+
+from rlhf_fast.models import LoraSettings, RoleModel
+from rlhf_fast.models.lean_lora import LeanLoraLinear
+
+MODELS = {
+    # the peers benches' shapes: the GRPO tiny Llama at 8 prompts x 4 samples x (16 + 48) tokens, SmolLM2 at the
+    # PPO bench's 16 x (40 + 48)
+    "tiny": dict(batch=32, seq=64),
+    "smollm2": dict(batch=16, seq=88),
+}
+
+
+def build(name: str) -> RoleModel:
+    lora = LoraSettings(r=16, alpha=32, dropout=0.0)
+    if name == "smollm2":
+        return RoleModel.from_pretrained("smollm2", lora=lora, dtype=torch.float32)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(hidden_size=256, num_hidden_layers=4, intermediate_size=512,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=2000))
+    return RoleModel.from_pretrained(lm, lora=lora)
+
+
+def measure(name: str, reps: int) -> dict:
+    model = build(name)
+    with torch.no_grad():  # B != 0, so the adapter's product is real work on both paths
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.02)
+    layers = [m for m in model.modules() if isinstance(m, PeftLoraLinear)]
+    shape = MODELS[name]
+    ids = torch.randint(0, model.lm_head.weight.shape[0], (shape["batch"], shape["seq"]),
+                        generator=torch.Generator().manual_seed(0))
+
+    def use(path: str) -> None:
+        for m in layers:
+            m.__class__ = LeanLoraLinear if path == "lean" else PeftLoraLinear
+
+    def fwd_bwd():
+        model.zero_grad(set_to_none=True)
+        with model.role("policy"):
+            h = model.backbone(input_ids=ids).last_hidden_state
+        h.pow(2).mean().backward()
+
+    def fwd():
+        with torch.no_grad(), model.role("policy"):
+            model.backbone(input_ids=ids)
+
+    times = {f"{p}/{k}": [] for p in ("peft", "lean") for k in ("forward", "forward_backward")}
+    for path in ("peft", "lean"):  # one untimed warm-up each
+        use(path)
+        fwd_bwd()
+    for rep in range(reps):
+        for path in (("peft", "lean") if rep % 2 == 0 else ("lean", "peft")):
+            use(path)
+            for kind, fn in (("forward", fwd), ("forward_backward", fwd_bwd)):
+                t = time.process_time()
+                fn()
+                times[f"{path}/{kind}"].append(time.process_time() - t)
+    use("lean")
+    stats = {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "all": v} for k, v in times.items()}
+    return {"model": name, "tokens": shape["batch"] * shape["seq"], **shape, "lora_layers": len(layers),
+            "times": stats,
+            "speedup": {k: stats[f"peft/{k}"]["median"] / stats[f"lean/{k}"]["median"]
+                        for k in ("forward", "forward_backward")}}
+
+
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        name = ""
+    return f"{name or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def _commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short=12", "HEAD"], text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# LoRA layer forward: LeanLoraLinear vs PEFT (CPU, {report['date']})", "",
+             f"CPU: {report['cpu']}, **{report['threads']} torch thread(s)**; {report['reps']} repetitions, the two "
+             "paths alternating, CPU time of the process; medians (min - max). LoRA r 16, alpha 32, on q, k, v, o, "
+             "gate, up and down projections, adapter B random (std 0.02); fp32. `forward`: the backbone without "
+             "grad; `forward_backward`: forward + backward of mean(h^2) with the policy adapter on.", "",
+             "| model | tokens | LoRA layers | pass | PEFT s | lean s | PEFT / lean |",
+             "|---|---:|---:|---|---:|---:|---:|"]
+    for r in report["results"]:
+        for kind in ("forward", "forward_backward"):
+            p, q = r["times"][f"peft/{kind}"], r["times"][f"lean/{kind}"]
+            lines.append(f"| {r['model']} | {r['batch']} x {r['seq']} | {r['lora_layers']} | {kind} | "
+                         f"{p['median']:.3f} ({p['min']:.3f} - {p['max']:.3f}) | "
+                         f"{q['median']:.3f} ({q['min']:.3f} - {q['max']:.3f}) | {r['speedup'][kind]:.3f}x |")
+    lines += ["", f"versions: {report['versions']}; commit {report['commit']}.",
+              f"Command: `{report['command']}`", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="tiny,smollm2", help=f"comma-separated, of {', '.join(MODELS)}")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--date", default=datetime.date.today().isoformat())
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    names = [m for m in args.models.split(",") if m]
+    unknown = sorted(set(names) - set(MODELS))
+    if unknown:
+        ap.error(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
+    import peft
+    import transformers
+
+    report = {"date": args.date, "threads": args.threads, "reps": args.reps, "cpu": _cpu(), "commit": _commit(),
+              "versions": f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}",
+              "command": "python bench/lean_lora.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "results": [measure(n, args.reps) for n in names]}
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"cpu-lean-lora-{args.date}")
+    with open(stem + ".json", "w") as f:
+        json.dump(report, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""LeanLoraLinear (models/lean_lora.py) against PEFT's own LoRA forward: values and gradients, the plain path and
+every case that must fall back to PEFT."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig
+from peft.tuners.lora import Linear as PeftLoraLinear
+
+from rlhf_fast.models import LoraSettings, RoleModel
+from rlhf_fast.models.lean_lora import LeanLoraLinear
+
+
+def _lora_layers(model):
+    return [m for m in model.peft.modules() if isinstance(m, PeftLoraLinear)]
+
+
+def _as_peft(model):
+    """Switch the lean layers back to PEFT's class (the reference path); returns the switched layers."""
+    layers = [m for m in _lora_layers(model) if type(m) is LeanLoraLinear]
+    for m in layers:
+        m.__class__ = PeftLoraLinear
+    return layers
+
+
+def _randomise_adapters(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * 0.2)
+
+
+def _forward_backward(model, role, ids, mask):
+    model.zero_grad(set_to_none=True)
+    with model.role(role):
+        h = model.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+    if h.requires_grad:  # the reference (adapters off, base frozen) has nothing to differentiate
+        (h.double().sin().sum()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return h.detach(), grads
+
+
+def _both_paths(model, role, ids, mask):
+    lean = _forward_backward(model, role, ids, mask)
+    switched = _as_peft(model)
+    try:
+        ref = _forward_backward(model, role, ids, mask)
+    finally:
+        for m in switched:
+            m.__class__ = LeanLoraLinear
+    return lean, ref
+
+
+def _build(tiny_model_factory, arch="llama", dtype=torch.float64, r=3, alpha=5.0, dropout=0.0):
+    model = RoleModel.from_pretrained(tiny_model_factory(arch), lora=LoraSettings(r=r, alpha=alpha, dropout=dropout),
+                                      dtype=dtype)
+    _randomise_adapters(model)
+    return model
+
+
+def _batch(vocab, b=3, t=7, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (b, t), generator=g)
+    mask = torch.ones(b, t, dtype=torch.long)
+    mask[0, :2] = 0  # left padding on one row
+    return ids, mask
+
+
+def test_every_llama_lora_layer_is_lean(tiny_model_factory):
+    model = _build(tiny_model_factory)
+    layers = _lora_layers(model)
+    assert layers and all(type(m) is LeanLoraLinear for m in layers)
+
+
+@pytest.mark.parametrize("role", ["policy", "critic", "reward", "reference"])
+def test_lean_matches_peft_float64_values_and_grads(tiny_model_factory, role):
+    # scaling 5/3: not a power of two, so the two association orders really differ; float64 keeps them 1e-12 apart
+    model = _build(tiny_model_factory)
+    ids, mask = _batch(model.lm_head.weight.shape[0])
+    (h, g), (h_ref, g_ref) = _both_paths(model, role, ids, mask)
+    torch.testing.assert_close(h, h_ref, rtol=1e-12, atol=1e-12)
+    if role == "reference":
+        assert not g and not g_ref  # adapters off: nothing trains on either path
+    else:
+        assert any(f"lora_A.{role}" in n for n in g)
+    assert g.keys() == g_ref.keys()
+    for n in g:
+        torch.testing.assert_close(g[n], g_ref[n], rtol=1e-10, atol=1e-12, msg=n)
+
+
+def test_lean_matches_peft_float32(tiny_model_factory):
+    model = _build(tiny_model_factory, dtype=torch.float32, r=4, alpha=8.0)
+    ids, mask = _batch(model.lm_head.weight.shape[0], b=2, t=11)
+    (h, g), (h_ref, g_ref) = _both_paths(model, "policy", ids, mask)
+    torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-5)
+    for n in g:
+        torch.testing.assert_close(g[n], g_ref[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+def _count_lean_calls(model, monkeypatch):
+    calls = {"plain": 0}
+    addmm = torch.addmm
+
+    def counting(*a, **k):
+        calls["plain"] += 1
+        return addmm(*a, **k)
+
+    monkeypatch.setattr(torch, "addmm", counting)
+    return calls
+
+
+def test_plain_path_taken_and_reference_skips_it(tiny_model_factory, monkeypatch):
+    model = _build(tiny_model_factory)
+    ids, mask = _batch(model.lm_head.weight.shape[0])
+    calls = _count_lean_calls(model, monkeypatch)
+    with torch.no_grad(), model.role("policy"):
+        model.backbone(input_ids=ids, attention_mask=mask)
+    assert calls["plain"] == len(_lora_layers(model))
+    calls["plain"] = 0
+    with torch.no_grad(), model.role("reference"):
+        model.backbone(input_ids=ids, attention_mask=mask)
+    assert calls["plain"] == 0
+
+
+def test_dropout_falls_back_to_peft(tiny_model_factory, monkeypatch):
+    model = _build(tiny_model_factory, dropout=0.3)
+    model.train()
+    ids, mask = _batch(model.lm_head.weight.shape[0])
+    calls = _count_lean_calls(model, monkeypatch)
+    torch.manual_seed(5)
+    h, _ = _forward_backward(model, "policy", ids, mask)
+    assert calls["plain"] == 0  # dropout active: PEFT's forward, which applies it
+    switched = _as_peft(model)
+    torch.manual_seed(5)
+    h_ref, _ = _forward_backward(model, "policy", ids, mask)
+    for m in switched:
+        m.__class__ = LeanLoraLinear
+    torch.testing.assert_close(h, h_ref, rtol=0, atol=0)
+
+
+def test_mixed_dtype_falls_back_to_peft(tiny_model_factory, monkeypatch):
+    # a bfloat16 base with fp32 adapters: PEFT casts x for the adapter and the result back; the lean path declines
+    model = _build(tiny_model_factory, dtype=torch.bfloat16)
+    layer = _lora_layers(model)[0]
+    assert layer.base_layer.weight.dtype == torch.bfloat16 and layer.lora_A["policy"].weight.dtype == torch.float32
+    ids, mask = _batch(model.lm_head.weight.shape[0])
+    calls = _count_lean_calls(model, monkeypatch)
+    with torch.no_grad(), model.role("policy"):
+        h = model.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert calls["plain"] == 0
+    switched = _as_peft(model)
+    with torch.no_grad(), model.role("policy"):
+        h_ref = model.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+    for m in switched:
+        m.__class__ = LeanLoraLinear
+    torch.testing.assert_close(h, h_ref, rtol=0, atol=0)
+
+
+def test_gpt2_conv1d_layers_fall_back_and_match(tiny_model_factory):
+    # GPT-2's Conv1D base (fan_in_fan_out) is not an nn.Linear: PEFT's forward, same values either way
+    model = _build(tiny_model_factory, arch="gpt2")
+    ids, mask = _batch(model.lm_head.weight.shape[0])
+    (h, g), (h_ref, g_ref) = _both_paths(model, "policy", ids, mask)
+    torch.testing.assert_close(h, h_ref, rtol=0, atol=0)
+    for n in g:
+        torch.testing.assert_close(g[n], g_ref[n], rtol=0, atol=0, msg=n)
+
+
+def test_lean_layer_odd_input_shapes():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(7, 5, dtype=torch.float64)
+    layer = PeftLoraLinear(base, "a", LoraConfig(r=2, lora_alpha=3), r=2, lora_alpha=3)
+    with torch.no_grad():
+        layer.lora_B["a"].weight.normal_()
+    ref = PeftLoraLinear.forward
+    for shape in [(7,), (4, 7), (2, 3, 7), (2, 1, 3, 7)]:
+        x = torch.randn(*shape, dtype=torch.float64)
+        expect = ref(layer, x)
+        layer.__class__ = LeanLoraLinear
+        got = layer(x)
+        layer.__class__ = PeftLoraLinear
+        assert got.shape == expect.shape == (*shape[:-1], 5)
+        torch.testing.assert_close(got, expect, rtol=1e-12, atol=1e-12)
+
+
+def test_lean_layer_gradcheck():
+    # d/dx by gradcheck; d/dA and d/dB against central differences (they are parameters, not inputs)
+    torch.manual_seed(0)
+    layer = PeftLoraLinear(torch.nn.Linear(6, 4, dtype=torch.float64), "a", LoraConfig(r=2, lora_alpha=3), r=2,
+                           lora_alpha=3)
+    layer.__class__ = LeanLoraLinear
+    a, b = layer.lora_A["a"].weight, layer.lora_B["a"].weight
+    with torch.no_grad():
+        b.normal_()
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: layer(x), (x,))
+    grads = torch.autograd.grad(layer(x).sin().sum(), (a, b))
+    eps = 1e-6
+    for p, gp in zip((a, b), grads):
+        num = torch.zeros_like(p)
+        with torch.no_grad():
+            for i in range(p.numel()):
+                p.view(-1)[i] += eps
+                up = layer(x).sin().sum()
+                p.view(-1)[i] -= 2 * eps
+                down = layer(x).sin().sum()
+                p.view(-1)[i] += eps
+                num.view(-1)[i] = (up - down) / (2 * eps)
+        torch.testing.assert_close(gp, num, rtol=1e-6, atol=1e-8)

@@ -140,6 +140,18 @@ def test_dropout_falls_back_to_peft(tiny_model_factory, monkeypatch):
     torch.testing.assert_close(h, h_ref, rtol=0, atol=0)
 
 
+def test_dropout_in_eval_mode_takes_the_plain_path(tiny_model_factory, monkeypatch):
+    model = _build(tiny_model_factory, dropout=0.3)
+    model.eval()
+    ids, mask = _batch(model.lm_head.weight.shape[0])
+    calls = _count_lean_calls(model, monkeypatch)
+    (h, g), (h_ref, g_ref) = _both_paths(model, "policy", ids, mask)
+    assert calls["plain"] == len(_lora_layers(model))  # the lean pass only (the PEFT pass calls no addmm)
+    torch.testing.assert_close(h, h_ref, rtol=1e-12, atol=1e-12)
+    for n in g:
+        torch.testing.assert_close(g[n], g_ref[n], rtol=1e-10, atol=1e-12, msg=n)
+
+
 def test_mixed_dtype_falls_back_to_peft(tiny_model_factory, monkeypatch):
     # a bfloat16 base with fp32 adapters: PEFT casts x for the adapter and the result back; the lean path declines
     model = _build(tiny_model_factory, dtype=torch.bfloat16)

@@ -9,9 +9,9 @@ import torch
 from rlhf_fast.demo import task
 
 REPORT_KEYS = {"sft": {"gold_score"}, "rm": {"heldout_accuracy", "labeler_agreement"},
-               "ppo": {"gold_score", "gold_win_rate_vs_sft", "kl", "proxy_reward", "lr", "steps"},
-               "ppo_no_kl": {"gold_score", "gold_win_rate_vs_sft", "kl", "proxy_reward", "lr", "steps"},
-               "ppo_kl_control": {"gold_score", "gold_win_rate_vs_sft", "kl", "proxy_reward", "lr", "steps"},
+               "ppo": {"gold_score", "gold_win_rate_vs_sft", "kl", "proxy_reward", "lr", "steps", "kept_step"},
+               "ppo_no_kl": {"gold_score", "gold_win_rate_vs_sft", "kl", "proxy_reward", "lr", "steps", "kept_step"},
+               "ppo_kl_control": {"gold_score", "gold_win_rate_vs_sft", "kl", "proxy_reward", "lr", "steps", "kept_step"},
                "grpo": {"accuracy_before", "accuracy_after", "heldout_prompts"},
                "dpo": {"gold_score", "gold_win_rate_vs_sft", "kl", "proxy_reward", "beta"},
                "params": {"base", "trainable", "total"}}
@@ -230,6 +230,31 @@ def test_demo_report_keys_and_sanity(demo_dir):
     steps = [c["step"] for c in r["curves"]["ppo"]]
     assert steps[0] == 0 and steps[-1] == r["config"]["ppo_steps"]
     assert r["curves"]["ppo_no_kl"][0]["kl"] == 0.0
+    assert c["ppo_keep"] == "best_proxy"
+    for run in ("ppo", "ppo_no_kl", "ppo_kl_control"):
+        curve = r["curves"][run]
+        kept = [p for p in curve if p.get("kept")]
+        later = curve[1:]  # never step 0: the SFT model itself is not a PPO checkpoint
+        assert len(kept) == 1 and kept[0]["step"] == r[run]["kept_step"] > 0, run
+        assert kept[0]["proxy_reward"] == max(p["proxy_reward"] for p in later), run
+
+
+def test_demo_saved_policy_is_the_kept_checkpoint(demo_dir):
+    """DIR/model holds the KL run's kept checkpoint: re-evaluated on the monitor prompts with the run's seed it
+    gives that curve point's figures again (a run that kept its last step instead would not, unless they tie)."""
+    from rlhf_fast.demo import run as demo
+    from rlhf_fast.demo import task
+    from rlhf_fast.models import RoleModel
+
+    r = json.loads((demo_dir / "report.json").read_text())
+    cfg = demo.DemoConfig(**r["config"])
+    kept = next(p for p in r["curves"]["ppo"] if p.get("kept"))
+    model = RoleModel.load(demo_dir / "model")
+    model.tokenizer = task.build_tokenizer()
+    monitor = task.make_prompts(cfg.monitor_prompts, split="heldout", seed=cfg.seed + 200)
+    e = demo.evaluate(model.eval(), model.tokenizer, monitor, seed=cfg.seed + 7)
+    assert e["gold_score"] == pytest.approx(kept["gold_score"], abs=1e-9)
+    assert e["proxy_reward"] == pytest.approx(kept["proxy_reward"], rel=1e-5, abs=1e-6)
 
 
 def test_demo_artefacts_load_back(demo_dir):
@@ -361,3 +386,37 @@ def test_demo_all_stages_report(tmp_path):
     assert [c["step"] for c in e["curve"]][0] == 0
     md = (out / "report.md").read_text()
     assert "AI labeler" in md and "| the ensemble |" in md
+
+
+@pytest.mark.parametrize("keep", ["best_proxy", "last"])
+def test_run_ppo_restores_the_kept_checkpoint(demo_dir, tmp_path, keep):
+    """The proxy is scripted (the evaluation is real otherwise) so that step 2 of 4 is the best: with best_proxy the
+    returned policy is the one evaluated at step 2, bit for bit; with last, the one of step 4."""
+    from rlhf_fast.demo import run as demo
+    from rlhf_fast.demo import task
+    from rlhf_fast.models import RoleModel
+
+    cfg = demo.DemoConfig.tiny(ppo_keep=keep, eval_every=2)
+    tok = task.build_tokenizer()
+    model = RoleModel.load(demo_dir / "model")
+    model.tokenizer = tok
+    (tmp_path / "data").mkdir()
+    demo.write_jsonl(str(tmp_path / "data" / "prompts.jsonl"),
+                     [{"prompt": p} for p in task.make_prompts(64, split="train", seed=3)])
+    monitor = task.make_prompts(8, split="heldout", seed=4)
+    scripted = {0: 9.0, 2: 5.0, 4: 1.0}  # step 0 is highest but never kept: it is the starting policy
+    seen = {}
+
+    def evaluate_fn(m, prompts, seed):
+        e = demo.evaluate(m, tok, prompts, seed=seed)
+        step = len(seen) * 2
+        seen[step] = [p.detach().clone() for p in m.role_parameters("policy")]
+        return e | {"proxy_reward": scripted[step]}
+
+    model, curve = demo.run_ppo(cfg, str(tmp_path), "ppo", model.eval(), tok, 0.0, 4, monitor, evaluate_fn,
+                                lr=5e-2)
+    want = 2 if keep == "best_proxy" else 4
+    assert [p["step"] for p in curve] == [0, 2, 4] and demo.kept_step(curve) == want
+    assert any(not torch.equal(a, b) for a, b in zip(seen[2], seen[4]))  # the policy did move after step 2
+    for p, saved in zip(model.role_parameters("policy"), seen[want]):
+        assert torch.equal(p, saved)

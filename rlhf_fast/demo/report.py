@@ -19,9 +19,12 @@ def plots(out: str, curves: dict[str, list[dict]], points: dict[str, dict] | Non
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for label, c in curves.items():
         steps = [r["step"] for r in c]
-        axes[0].plot(steps, [r["proxy_reward"] for r in c], marker="o", label=label)
-        axes[1].plot(steps, [r["gold_score"] for r in c], marker="o", label=label)
-    axes[0].set(title="proxy reward (reward model)", xlabel="PPO step")
+        for ax, key in ((axes[0], "proxy_reward"), (axes[1], "gold_score")):
+            line, = ax.plot(steps, [r[key] for r in c], marker="o", label=label)
+            kept = [r for r in c if r.get("kept")]  # the checkpoint the run kept (run_ppo, ppo_keep)
+            ax.scatter([r["step"] for r in kept], [r[key] for r in kept], marker="D", s=70, facecolors="none",
+                       edgecolors=line.get_color(), linewidths=1.5, zorder=3)
+    axes[0].set(title="proxy reward (reward model); diamond: the kept checkpoint", xlabel="PPO step")
     axes[1].set(title="gold score (hidden labeler)", xlabel="PPO step")
     for a in axes:
         a.legend()
@@ -67,7 +70,8 @@ def _ppo_rows(r: dict) -> list[tuple[str, dict]]:
     run's learning rate and steps)."""
     def name(b: dict, what: str) -> str:
         extra = f", lr {b['lr']:g}, {b['steps']} steps" if "lr" in b else ""
-        return what + extra
+        kept = f", kept step {b['kept_step']}" if "kept_step" in b else ""
+        return what + extra + kept
 
     rows = [(name(r["ppo"], f"kl_coef={r['ppo']['kl_coef']}"), r["ppo"]),
             (name(r["ppo_no_kl"], "no KL penalty"), r["ppo_no_kl"])]
@@ -75,6 +79,14 @@ def _ppo_rows(r: dict) -> list[tuple[str, dict]]:
         rows.append((name(r["ppo_kl_control"], f"kl_coef={r['ppo_kl_control']['kl_coef']} (control)"),
                      r["ppo_kl_control"]))
     return rows
+
+
+def _kept_sentence(r: dict) -> str:
+    keep = (r.get("config") or {}).get("ppo_keep", "last")
+    if keep == "best_proxy":
+        return ("Each PPO row is the run's checkpoint with the highest proxy reward on the monitor prompts (the eval "
+                "points after step 0; the choice reads no gold), evaluated on the held-out prompts.")
+    return "Each PPO row is the run's last checkpoint."
 
 
 def write_markdown(out: str, report: dict, examples: list[tuple[str, str, str, str]]) -> None:
@@ -85,7 +97,7 @@ def write_markdown(out: str, report: dict, examples: list[tuple[str, str, str, s
         f"(params.total = {r['params']['total']:,} = {r['params']['total'] / r['params']['base']:.3f} x base). "
         f"Wall time {r['wall_seconds']:.0f} s ({r.get('cpu_seconds', float('nan')):.0f} s of CPU). Gold = the hidden preference the labeler follows; proxy = the "
         "reward model. Evaluated on "
-        f"{r['eval_prompts']} held-out prompts, one sample each at temperature 1.", "",
+        f"{r['eval_prompts']} held-out prompts, one sample each at temperature 1. " + _kept_sentence(r), "",
         "| policy | gold score | win rate vs SFT (gold) | proxy reward | KL to SFT |",
         "|---|---|---|---|---|",
         f"| SFT | {r['sft']['gold_score']:.3f} | 0.500 | {r['sft']['proxy_reward']:.3f} | 0 |",

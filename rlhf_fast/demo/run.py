@@ -20,6 +20,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -65,7 +66,10 @@ class DemoConfig:
     lora_r: int = 1
     lora_alpha: float = 4.0
     # labeled pairs and the reward model
-    pair_prompts: int = 8000
+    # 12000 (was 8000; 2026-12-06, 3 seeds): reward models at 0.84-0.90 held-out, and PPO's win rate on seed 1 0.721
+    # where 8000 gave 0.691 (the same seed 1 PPO at kl_coef 0.1, lr 5e-3, 200 steps, 8 epochs or 4 minibatches
+    # stayed at 0.65-0.69: its reward model was the limit)
+    pair_prompts: int = 12000
     val_pair_prompts: int = 600
     labeler_beta: float = 0.3
     rm_epochs: int = 8
@@ -75,7 +79,8 @@ class DemoConfig:
     ppo_steps: int = 120
     no_kl_steps: int = 240          # the no-KL run goes on longer: over-optimisation takes time to show
     # ... and takes larger steps: on these bases 240 steps at ppo_lr without the penalty did not hack the reward
-    # model (seeds 0 and 1: gold 3.30 / 2.65 above SFT's 2.40 / 2.27 at 13 nats); at 1e-2 it does on every seed.
+    # model (seeds 0 and 1: gold 3.30 / 2.65 above SFT's 2.40 / 2.27 at 13 nats), nor 400 steps at 7e-3 (gold 2.41 /
+    # 2.79, 9-16 nats: the policy settles); at 1e-2 the gold collapses on every seed (docs/demo.md).
     # The control run (the KL penalty on, no_kl_lr, no_kl_steps) differs from the no-KL run in the penalty only.
     no_kl_lr: float = 1e-2
     ppo_batch: int = 64
@@ -85,12 +90,17 @@ class DemoConfig:
     kl_coef: float = 0.2
     eval_every: int = 10
     monitor_prompts: int = 128
+    # which checkpoint of each PPO run is evaluated and reported: "best_proxy" (the eval point after step 0 with the
+    # highest proxy reward on the monitor prompts: what a practitioner who sees only the reward model keeps; it
+    # reads no gold) or "last". A collapsed policy's proxy swings from point to point: on 2026-12-06 seed 1's no-KL
+    # run ended at a low point, below SFT on the proxy as well as on gold, though it had been above for 100 steps.
+    ppo_keep: str = "best_proxy"
     # DPO (sigmoid) on the reward model's own labeled pairs, from the same SFT model; one run per beta. On the bases
     # before the number words (docs/demo.md) beta 0.3 drifted to 9-10 nats at gold win rates 0.49-0.63 on seeds 0-2;
     # beta 0.6 gave 0.67 / 0.66 (seeds 0 / 1) at 1.8 / 3.5 nats and beta 1.0 0.69 / 0.71 at 0.7 / 1.0 nats
     dpo_betas: str = "1.0"
     dpo_epochs: int = 2
-    dpo_lr: float = 1e-3
+    dpo_lr: float = 2e-3            # 1e-3: win rates 0.730 / 0.668 / 0.619 on seeds 0-2; 2e-3: 0.715 / 0.674 / 0.656
     dpo_batch: int = 64
     dpo_lora_r: int = 1
     # the counting task (RL with a verifiable reward): its own SFT on sloppy demonstrations from the SFT model (a
@@ -282,15 +292,26 @@ def run_ppo(cfg: DemoConfig, work: str, name: str, model, tokenizer, kl_coef: fl
     """PPO from `model` (RM trained, fresh policy/critic) at learning rate `lr` (default cfg.ppo_lr); every eval_every
     steps the policy is evaluated on the monitor prompts for the curves: gold, proxy, KL and whatever else
     evaluate_fn(model, prompts, seed) returns as a number (default: evaluate). ppo_options: further PPOConfig fields
-    (e.g. the ensemble's reduction)."""
+    (e.g. the ensemble's reduction).
+
+    The model returned holds the checkpoint cfg.ppo_keep names: "best_proxy", the eval point after step 0 with the
+    highest proxy reward on the monitor prompts (its policy adapter restored; the curve point gets "kept": True), or
+    "last". The choice reads only the proxy, never the gold: the checkpoint a practitioner who sees only the reward
+    model would keep. The caller evaluates it on the held-out prompts, which the choice never saw."""
     from rlhf_fast.trainers import train_ppo
 
+    if cfg.ppo_keep not in ("best_proxy", "last"):
+        raise ValueError(f"ppo_keep must be 'best_proxy' or 'last', got {cfg.ppo_keep!r}")
     evaluate_fn = evaluate_fn or (lambda m, prompts, seed: evaluate(m, tokenizer, prompts, seed=seed))
     curve: list[dict] = []
+    best: dict = {"proxy": -math.inf, "index": None, "state": None}
 
     def point(step, m) -> dict:
         e = evaluate_fn(m, monitor, cfg.seed + 7)
         curve.append({"step": step} | {k: v for k, v in e.items() if isinstance(v, float)})
+        if step > 0 and e["proxy_reward"] > best["proxy"]:
+            best.update(proxy=e["proxy_reward"], index=len(curve) - 1,
+                        state=[p.detach().clone() for p in m.role_parameters("policy")])
         return e
 
     def callback(step, m):
@@ -301,8 +322,19 @@ def run_ppo(cfg: DemoConfig, work: str, name: str, model, tokenizer, kl_coef: fl
 
     point(0, model)
     pcfg = dataclasses.replace(_ppo_config(cfg, work, name, kl_coef, steps, lr), **ppo_options)
-    res = train_ppo(pcfg, model=model, tokenizer=tokenizer, callback=callback)
-    return res["model"], curve
+    model = train_ppo(pcfg, model=model, tokenizer=tokenizer, callback=callback)["model"]
+    keep = len(curve) - 1 if cfg.ppo_keep == "last" or best["index"] is None else best["index"]
+    if keep != len(curve) - 1:
+        with torch.no_grad():
+            for p, saved in zip(model.role_parameters("policy"), best["state"]):
+                p.copy_(saved)
+    curve[keep]["kept"] = True
+    return model, curve
+
+
+def kept_step(curve: list[dict]) -> int:
+    """The step of the checkpoint run_ppo kept (the point marked "kept")."""
+    return next(p["step"] for p in curve if p.get("kept"))
 
 
 @torch.no_grad()
@@ -337,6 +369,9 @@ def run_dpo(cfg: DemoConfig, work: str, sft_base: str, tokenizer, pref_path: str
     out = []
     for beta in [float(b) for b in cfg.dpo_betas.split(",") if b.strip()]:
         lora = LoraSettings(r=cfg.dpo_lora_r, alpha=cfg.lora_alpha * cfg.dpo_lora_r / cfg.lora_r)
+        # the adapter's random init from a seed of its own, not from whatever the stages before left in the global
+        # generator: the stage then gives the same figures when the stages before it change, or when run alone
+        torch.manual_seed(cfg.seed + 4000)
         model = RoleModel.from_pretrained(sft_base, lora=lora, tokenizer=tokenizer)
         load_reward(model, rm_dir)  # only for the proxy column: DPO itself never reads a reward model
         dcfg = DPOConfig(data=pref_path, out_dir=os.path.join(work, f"dpo_beta{beta:g}"), overwrite=True, seed=cfg.seed,
@@ -418,7 +453,8 @@ def run_ai_labeler(cfg: DemoConfig, work: str, sft_base: str, tokenizer, judge_l
             "rm_heldout_accuracy": float(rm["val"].get("accuracy", float("nan"))),
             "rm_heldout_gold_accuracy": gold_acc, "pairs": len(ai_pairs),
             "ppo": {"gold_score": e["gold_score"], "gold_win_rate_vs_sft": task.win_rate(e["gold"], sft_gold),
-                    "kl": e["kl"], "proxy_reward": e["proxy_reward"], "kl_coef": cfg.kl_coef},
+                    "kl": e["kl"], "proxy_reward": e["proxy_reward"], "kl_coef": cfg.kl_coef,
+                    "kept_step": kept_step(curve)},
             "curve": curve}
 
 
@@ -452,7 +488,7 @@ def run_ensemble(cfg: DemoConfig, work: str, sft_base: str, tokenizer, pref_path
             "rm_member_heldout_accuracy": [float(v.get("accuracy", float("nan"))) for v in rm["val"].get("members", [])],
             "ppo_no_kl": {"gold_score": e["gold_score"], "gold_win_rate_vs_sft": task.win_rate(e["gold"], sft_gold),
                           "kl": e["kl"], "proxy_reward": e["proxy_reward"], "ensemble_std": e["ensemble_std"],
-                          "kl_coef": 0.0},
+                          "kl_coef": 0.0, "kept_step": kept_step(curve)},
             "curve": curve}
 
 
@@ -604,9 +640,10 @@ def run(cfg: DemoConfig) -> dict:
 
     params = count_params(model)
 
-    def ppo_block(e: dict, kl_coef: float, lr: float, steps: int) -> dict:
+    def ppo_block(e: dict, kl_coef: float, lr: float, steps: int, curve_: list[dict]) -> dict:
         return {"gold_score": e["gold_score"], "gold_win_rate_vs_sft": task.win_rate(e["gold"], sft_eval["gold"]),
-                "kl": e["kl"], "proxy_reward": e["proxy_reward"], "kl_coef": kl_coef, "lr": lr, "steps": steps}
+                "kl": e["kl"], "proxy_reward": e["proxy_reward"], "kl_coef": kl_coef, "lr": lr, "steps": steps,
+                "kept_step": kept_step(curve_)}
 
     report = {
         "sft": {"gold_score": sft_eval["gold_score"], "proxy_reward": sft_eval["proxy_reward"],
@@ -614,9 +651,9 @@ def run(cfg: DemoConfig) -> dict:
         "rm": {"heldout_accuracy": float(rm["val"].get("accuracy", float("nan"))), "labeler_agreement": agreement,
                "heldout_gold_accuracy": gold_acc, "train_pairs": len(pairs), "heldout_pairs": len(val_pairs),
                "reward_offset": rm["offset"], "labeler_beta": cfg.labeler_beta},
-        "ppo": ppo_block(ppo_eval, cfg.kl_coef, cfg.ppo_lr, cfg.ppo_steps),
-        "ppo_no_kl": ppo_block(no_kl_eval, 0.0, cfg.no_kl_lr, cfg.no_kl_steps),
-        "ppo_kl_control": ppo_block(control_eval, cfg.kl_coef, cfg.no_kl_lr, cfg.no_kl_steps),
+        "ppo": ppo_block(ppo_eval, cfg.kl_coef, cfg.ppo_lr, cfg.ppo_steps, curve),
+        "ppo_no_kl": ppo_block(no_kl_eval, 0.0, cfg.no_kl_lr, cfg.no_kl_steps, curve_no_kl),
+        "ppo_kl_control": ppo_block(control_eval, cfg.kl_coef, cfg.no_kl_lr, cfg.no_kl_steps, curve_control),
         "best_of_n": bon,
         "dpo": dpo[0] if dpo else None,
         "dpo_sweep": dpo,
@@ -680,12 +717,15 @@ SUMMARY = [
     ("PPO gold win rate vs SFT", ("ppo", "gold_win_rate_vs_sft")),
     ("PPO gold score", ("ppo", "gold_score")),
     ("PPO KL to SFT", ("ppo", "kl")),
+    ("PPO kept checkpoint (step)", ("ppo", "kept_step")),
     ("no-KL PPO gold score", ("ppo_no_kl", "gold_score")),
     ("no-KL PPO proxy reward", ("ppo_no_kl", "proxy_reward")),
     ("no-KL PPO KL to SFT", ("ppo_no_kl", "kl")),
+    ("no-KL PPO kept checkpoint (step)", ("ppo_no_kl", "kept_step")),
     ("control (KL penalty at the no-KL lr) gold score", ("ppo_kl_control", "gold_score")),
     ("control (KL penalty at the no-KL lr) proxy reward", ("ppo_kl_control", "proxy_reward")),
     ("control (KL penalty at the no-KL lr) KL to SFT", ("ppo_kl_control", "kl")),
+    ("control (KL penalty at the no-KL lr) kept checkpoint (step)", ("ppo_kl_control", "kept_step")),
     ("DPO gold win rate vs SFT", ("dpo", "gold_win_rate_vs_sft")),
     ("DPO KL to SFT", ("dpo", "kl")),
     ("GRPO counting accuracy before", ("grpo", "accuracy_before")),

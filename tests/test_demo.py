@@ -329,7 +329,8 @@ def test_demo_seeds_runs_each_seed_and_summarises(tmp_path):
 def test_demo_seeds_bad_input_exits_2(tmp_path):
     from rlhf_fast.demo import run as demo
 
-    for argv in (["--seeds", "0,x"], ["--seeds", "0,0"], ["--seeds", "0,1", "--seed", "2"], ["--seeds", "0", "--jobs", "0"]):
+    for argv in (["--seeds", "0,x"], ["--seeds", "0,0"], ["--seeds", "0,1", "--seed", "2"], ["--seeds", "0", "--jobs", "0"],
+                 ["--ppo_keep", "best"], ["--seeds", "0,1", "--ppo_keep", "first"]):
         with pytest.raises(SystemExit) as e:
             demo.main(["--tiny", "--out", str(tmp_path / "x"), *argv])
         assert e.value.code == 2, argv
@@ -420,3 +421,11 @@ def test_run_ppo_restores_the_kept_checkpoint(demo_dir, tmp_path, keep):
     assert any(not torch.equal(a, b) for a, b in zip(seen[2], seen[4]))  # the policy did move after step 2
     for p, saved in zip(model.role_parameters("policy"), seen[want]):
         assert torch.equal(p, saved)
+
+
+def test_run_refuses_an_unknown_ppo_keep_before_any_stage(tmp_path):
+    from rlhf_fast.demo import run as demo
+
+    with pytest.raises(ValueError, match="ppo_keep"):
+        demo.run(demo.DemoConfig.tiny(ppo_keep="best", out=str(tmp_path / "x")))
+    assert not (tmp_path / "x").exists()

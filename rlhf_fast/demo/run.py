@@ -300,8 +300,7 @@ def run_ppo(cfg: DemoConfig, work: str, name: str, model, tokenizer, kl_coef: fl
     model would keep. The caller evaluates it on the held-out prompts, which the choice never saw."""
     from rlhf_fast.trainers import train_ppo
 
-    if cfg.ppo_keep not in ("best_proxy", "last"):
-        raise ValueError(f"ppo_keep must be 'best_proxy' or 'last', got {cfg.ppo_keep!r}")
+    _check_ppo_keep(cfg.ppo_keep)
     evaluate_fn = evaluate_fn or (lambda m, prompts, seed: evaluate(m, tokenizer, prompts, seed=seed))
     curve: list[dict] = []
     best: dict = {"proxy": -math.inf, "index": None, "state": None}
@@ -330,6 +329,14 @@ def run_ppo(cfg: DemoConfig, work: str, name: str, model, tokenizer, kl_coef: fl
                 p.copy_(saved)
     curve[keep]["kept"] = True
     return model, curve
+
+
+PPO_KEEP = ("best_proxy", "last")
+
+
+def _check_ppo_keep(keep: str) -> None:
+    if keep not in PPO_KEEP:
+        raise ValueError(f"ppo_keep must be one of {', '.join(PPO_KEEP)}, got {keep!r}")
 
 
 def kept_step(curve: list[dict]) -> int:
@@ -525,6 +532,7 @@ def run(cfg: DemoConfig) -> dict:
     from rlhf_fast.models import LoraSettings, RoleModel
     from rlhf_fast.trainers import OptimConfig, RMConfig, SFTConfig, train_rm, train_sft
 
+    _check_ppo_keep(cfg.ppo_keep)  # before any stage runs
     t_start, cpu_start = time.perf_counter(), time.process_time()
     stages: dict[str, float] = {}
     out = cfg.out
@@ -832,6 +840,8 @@ def main(argv: list[str] | None = None) -> int:
             typ = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__)
             p.add_argument(flag, type=typ, default=None, help=f"(default {f.default})")
     args = p.parse_args(argv)
+    if args.ppo_keep is not None and args.ppo_keep not in PPO_KEEP:  # before any stage runs
+        p.error(f"--ppo_keep must be one of {', '.join(PPO_KEEP)}, got {args.ppo_keep!r}")
     if args.seeds:
         try:
             seeds = _ints(args.seeds)

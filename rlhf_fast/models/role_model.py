@@ -28,6 +28,7 @@ Usage (one PPO step's model calls):
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 import warnings
@@ -41,6 +42,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 from transformers.pytorch_utils import Conv1D
 
 from rlhf_fast import ops
@@ -76,6 +78,13 @@ class PolicyForward:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+
+def _first_rows(owner: torch.Tensor, n: int) -> torch.Tensor:
+    # (n,) the first row index of each group id 0..n-1 in owner (B,)
+    rows = torch.arange(owner.shape[0], device=owner.device)
+    return torch.full((n,), owner.shape[0], dtype=torch.long, device=owner.device).scatter_reduce(
+        0, owner, rows, reduce="amin")
+
 
 def _linear_types() -> tuple[type, ...]:
     # GPT-2 style models use transformers' Conv1D (a transposed Linear); peft adapts it with fan_in_fan_out.
@@ -482,10 +491,57 @@ class RoleModel(nn.Module):
         finally:
             self.train(was)
 
-    def _hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def _hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, shared_prefix: int = 0) -> torch.Tensor:
+        # (B, T, H) final hidden states (after the final norm); shared_prefix: see policy_forward
+        if not isinstance(shared_prefix, int) or isinstance(shared_prefix, bool) or shared_prefix < 0:
+            raise ValueError(f"shared_prefix must be an integer >= 0, got {shared_prefix!r}")
+        if 0 < shared_prefix < input_ids.shape[1]:
+            hidden = self._hidden_shared_prefix(input_ids, attention_mask, shared_prefix)
+            if hidden is not None:
+                return hidden
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                             position_ids=position_ids(attention_mask), use_cache=False)
-        return out[0]  # (B, T, H) final hidden states (after the final norm)
+        return out[0]
+
+    def _hidden_shared_prefix(self, input_ids, attention_mask, p: int) -> torch.Tensor | None:
+        """_hidden with the first p columns run once per distinct (ids, mask) prefix, or None when no row shares
+        one or the backbone's cache is not transformers' plain DynamicCache (the caller then runs the plain pass).
+
+        Two backbone passes: the U distinct prefixes (U, p) with use_cache=True, then every row's remaining
+        columns (B, T - p) attending to its prefix's keys and values (the cache rows gathered by `owner`). By
+        causality a prefix's hidden states, keys and values do not depend on what follows it, so this is the
+        plain forward's arithmetic on fewer rows; gradients reach the prefix pass through the gathered cache."""
+        if self.training and torch.is_grad_enabled() and self._checkpointing():
+            return None  # transformers turns the cache off in checkpointed training-mode layers
+        mask = attention_mask.long()
+        key = torch.cat([input_ids[:, :p], mask[:, :p]], 1)  # (B, 2p)
+        uniq, owner = torch.unique(key, dim=0, return_inverse=True)  # (U, 2p), (B,)
+        if uniq.shape[0] == key.shape[0]:
+            return None
+        pos = position_ids(mask)  # (B, T): the positions of the full rows, so both parts count as one sequence
+        first = self.backbone(input_ids=uniq[:, :p], attention_mask=uniq[:, p:], position_ids=pos[:, :p][
+            _first_rows(owner, uniq.shape[0])], use_cache=True)
+        cache = generation._cache_of(first)
+        layers = getattr(cache, "layers", None)
+        if not layers or any(type(layer) is not DynamicLayer or layer.keys is None for layer in layers):
+            return None
+        cache.batch_select_indices(owner)  # (U, ...) -> (B, ...), differentiable gathers
+        rest = self.backbone(input_ids=input_ids[:, p:], attention_mask=mask, position_ids=pos[:, p:],
+                             **{self._cache_arg(): cache}, use_cache=True)
+        return torch.cat([first[0][owner], rest[0]], 1)
+
+    def _checkpointing(self) -> bool:
+        # transformers >= 5 renamed is_gradient_checkpointing (the old name warns); older releases have only it
+        for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+            try:
+                return bool(getattr(self.lm, name))
+            except AttributeError:
+                continue
+        return False
+
+    def _cache_arg(self) -> str:
+        # transformers >= 5.2x names the forward's cache argument `cache`; older releases `past_key_values`
+        return "cache" if "cache" in inspect.signature(self.backbone.forward).parameters else "past_key_values"
 
     def _logprobs_from_hidden(self, hidden, input_ids, attention_mask, temperature=1.0, return_entropy=False,
                               start=1):
@@ -509,7 +565,8 @@ class RoleModel(nn.Module):
     # -- per-role outputs ----------------------------------------------------------------------------------
 
     def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, role: str = "policy", *,
-                 temperature: float = 1.0, return_entropy: bool = False):
+                 temperature: float = 1.0, return_entropy: bool = False, start: int = 0,
+                 shared_prefix: int = 0):
         """Log-probability of each token under the policy or the reference.
 
         Args:
@@ -518,18 +575,24 @@ class RoleModel(nn.Module):
             role: "policy" or "reference".
             temperature: the logits are divided by it (use the sampling temperature in PPO).
             return_entropy: also return the entropy -sum p log p of each predictive distribution.
+            start: columns before it are returned as 0 and skip the lm head (e.g. the prompt's, when only the
+                responses are scored).
+            shared_prefix: rows whose first shared_prefix columns are identical run them once (policy_forward).
         Returns:
             (B, T) fp32: logprobs[:, t] = log softmax(h[:, t-1] @ W_head.T / temperature)[input_ids[:, t]], 0 where
-            undefined (column 0, padding); with return_entropy a pair (logprobs, entropy).
+            undefined (column 0, padding) and before `start`; with return_entropy a pair (logprobs, entropy).
             Runs with gradients when grad mode is on (only the policy adapter receives them).
         """
         check_inputs(input_ids, attention_mask)
         if role not in ("policy", "reference"):
             self._check_role(role)
             raise ValueError(f"logprobs() needs role 'policy' or 'reference', got {role!r}")
+        if not isinstance(start, int) or isinstance(start, bool) or start < 0:
+            raise ValueError(f"start must be an integer >= 0, got {start!r}")
         with self.role(role):
-            hidden = self._hidden(input_ids, attention_mask)
-        return self._logprobs_from_hidden(hidden, input_ids, attention_mask, temperature, return_entropy)
+            hidden = self._hidden(input_ids, attention_mask, shared_prefix)
+        return self._logprobs_from_hidden(hidden, input_ids, attention_mask, temperature, return_entropy,
+                                          start=start)
 
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The critic's value of the state before each token: (B, T) fp32, values[:, t] = v(h_critic[:, t-1]).
@@ -583,16 +646,25 @@ class RoleModel(nn.Module):
             return self.scores(input_ids, attention_mask)
         return self.logprobs(input_ids, attention_mask, role)
 
-    def policy_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PolicyForward:
+    def policy_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                       shared_prefix: int = 0) -> PolicyForward:
         """The policy's training forward for `ops.fused_linear_ppo_loss` (or the SFT loss): hidden states aligned
         with input_ids, the lm_head weight and bias, and targets. No logits are computed.
+
+        shared_prefix: P >= 0. Rows whose first P columns are identical (ids and mask: GRPO's G samples of one
+        prompt, DPO's chosen and rejected) run those columns through the backbone once: a pass over the U
+        distinct prefixes (U, P) keeps their keys and values, then each row's columns P.. (B, T - P) attend to
+        its prefix's. The result is the plain forward's up to float rounding (causal attention: a prefix does
+        not see what follows it), gradients included, for (U P + B (T - P)) / (B T) of the backbone's tokens.
+        0 (the default), P >= T, no two rows alike, a cache other than transformers' DynamicCache, or
+        training-mode gradient checkpointing (which turns the cache off): the plain single pass.
 
         Usage: f = model.policy_forward(ids, mask); loss, stats = ops.fused_linear_ppo_loss(f.hidden, f.weight,
         f.targets, old_logprobs, advantages, response_mask * f.mask, f.bias, ...)
         """
         check_inputs(input_ids, attention_mask)
         with self.role("policy"):
-            hidden = self._hidden(input_ids, attention_mask)
+            hidden = self._hidden(input_ids, attention_mask, shared_prefix)
         valid = token_mask(attention_mask)
         head = self.lm_head
         return PolicyForward(hidden=shift_right(hidden), weight=head.weight, bias=getattr(head, "bias", None),

@@ -57,6 +57,7 @@ from rlhf_fast.data.jsonl import (
 from rlhf_fast.models.conventions import IGNORE_INDEX, token_mask
 from rlhf_fast.models.io import base_fingerprint, load_reward
 from rlhf_fast.ops import dpo_loss, fused_linear_logprobs, orpo_loss, simpo_loss
+from rlhf_fast.rl.rollout import first_response_column
 from rlhf_fast.trainers import distributed as D
 from rlhf_fast.trainers import dpo_online as O
 from rlhf_fast.trainers import loop as L
@@ -96,6 +97,9 @@ class DPOConfig(RolloutOptions, TrainConfig):
                                    "means --reward_funcs reward_model")
     ref_update_every: int = option(0, "iterative DPO: every N steps merge the policy into the base, so the "
                                       "reference moves, and restart the adapter from zero (0: never)")
+    shared_prefix: bool = option(True, "run a pair's prompt through the backbone once for its chosen and "
+                                       "rejected rows (policy and reference passes): the same values up to float "
+                                       "rounding for fewer backbone tokens (RoleModel.policy_forward)")
 
     def resolved(self) -> dict:
         """The effective beta: the flag when set, else the loss type's default."""
@@ -167,19 +171,25 @@ def collate_pairs(pairs: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------------- the loss
-def policy_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def policy_logps(model, batch: dict, shared_prefix: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence sum of the policy's response log-probs (N,) and the number of response tokens (N,), from one
-    forward over every row of the batch (chosen and rejected together)."""
-    f = model.policy_forward(batch["input_ids"], batch["attention_mask"])  # hidden (N, T, H), aligned with ids
-    targets = f.targets.masked_fill(batch["loss_mask"] == 0, IGNORE_INDEX)  # (N, T): response tokens only
-    lp = fused_linear_logprobs(f.hidden, f.weight, targets, f.bias)  # (N, T), 0 where ignored
+    forward over every row of the batch (chosen and rejected together). The lm head scores the columns from the
+    first response token on (those before are prompt in every row). shared_prefix: rows with the same prompt
+    (a pair's chosen and rejected) run those columns once (RoleModel.policy_forward)."""
+    c = first_response_column(batch["loss_mask"])
+    f = model.policy_forward(batch["input_ids"], batch["attention_mask"],
+                             shared_prefix=c if shared_prefix else 0)  # hidden (N, T, H), aligned with ids
+    targets = f.targets.masked_fill(batch["loss_mask"] == 0, IGNORE_INDEX)[:, c:]  # (N, T - c): responses only
+    lp = fused_linear_logprobs(f.hidden[:, c:], f.weight, targets, f.bias)  # (N, T - c), 0 where ignored
     return lp.sum(1), (targets != IGNORE_INDEX).sum(1)
 
 
 @torch.no_grad()
-def reference_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_logps(model, batch: dict, shared_prefix: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """policy_logps of the reference (the base, adapters off), without gradients."""
-    lp = model.logprobs(batch["input_ids"], batch["attention_mask"], role="reference")  # (N, T)
+    c = first_response_column(batch["loss_mask"])
+    lp = model.logprobs(batch["input_ids"], batch["attention_mask"], role="reference", start=c,
+                        shared_prefix=c if shared_prefix else 0)  # (N, T)
     m = (batch["loss_mask"] != 0) & token_mask(batch["attention_mask"])  # (N, T)
     return (lp * m).sum(1), m.sum(1)
 
@@ -190,7 +200,7 @@ def dpo_batch_loss(model, cfg: DPOConfig, batch: dict, ref: tuple | None = None)
     ref: the reference's (sum, count) per row (2B,) each, e.g. precomputed; None: a reference pass here (none at
     all for simpo and orpo). Sums are divided by the token counts for ipo, simpo and orpo."""
     beta, lt = cfg.resolved()["beta"], cfg.loss_type
-    s, n = policy_logps(model, batch)
+    s, n = policy_logps(model, batch, cfg.shared_prefix)
     logps = s / n.clamp(min=1) if lt in AVERAGED else s  # (2B,)
     chosen, rejected = logps.chunk(2)
     if lt == "simpo":
@@ -200,7 +210,7 @@ def dpo_batch_loss(model, cfg: DPOConfig, batch: dict, ref: tuple | None = None)
         c, r = chosen.clamp(max=-1e-6), rejected.clamp(max=-1e-6)
         loss, stats = orpo_loss(c, r, -chosen, beta=beta)
     else:
-        rs, rn = reference_logps(model, batch) if ref is None else ref
+        rs, rn = reference_logps(model, batch, cfg.shared_prefix) if ref is None else ref
         ref_logps = rs / rn.clamp(min=1) if lt in AVERAGED else rs
         ref_c, ref_r = ref_logps.to(logps.dtype).chunk(2)
         loss, stats = dpo_loss(chosen, rejected, ref_c, ref_r, beta=beta, loss_type=lt,
@@ -210,7 +220,8 @@ def dpo_batch_loss(model, cfg: DPOConfig, batch: dict, ref: tuple | None = None)
 
 
 # ----------------------------------------------------------------------------------------- reference cache
-def cached_reference(model, pairs: list[dict], path: str, pad_id: int, batch_size: int, device) -> torch.Tensor:
+def cached_reference(model, pairs: list[dict], path: str, pad_id: int, batch_size: int, device,
+                     shared_prefix: bool = True) -> torch.Tensor:
     """The reference's (sum, count) of every pair's chosen and rejected response: (N, 2, 2) float64, [pair,
     chosen|rejected, sum|count]. Read from `path` when its key (sha256 of the pairs' token ids, the base's
     fingerprint and dtype) matches, else computed in batches and written there atomically."""
@@ -227,7 +238,7 @@ def cached_reference(model, pairs: list[dict], path: str, pad_id: int, batch_siz
     out = torch.zeros(len(pairs), 2, 2, dtype=torch.float64)
     for i in range(0, len(pairs), batch_size):
         b = {k: v.to(device) for k, v in collate_pairs(pairs[i:i + batch_size], pad_id).items()}
-        s, n = reference_logps(model, b)
+        s, n = reference_logps(model, b, shared_prefix)
         out[i:i + batch_size] = torch.stack([s.double().cpu(), n.double().cpu()], -1).view(2, -1, 2).transpose(0, 1)
     tmp = f"{path}.tmp-{os.getpid()}"
     torch.save({"key": key, "ref": out}, tmp)
@@ -294,7 +305,7 @@ def train_dpo(cfg: DPOConfig, *, model=None, tokenizer=None, examples: list[dict
         cache = None
         if cfg.precompute_ref_logprobs:
             cache = cached_reference(model, examples, os.path.join(cfg.out_dir, "ref_logprobs.pt"), pad_id,
-                                     cfg.batch_size, device)
+                                     cfg.batch_size, device, cfg.shared_prefix)
         for step in run:
             idx = run.sampler.next()
             extra = {}

@@ -72,6 +72,10 @@ class GRPOConfig(RolloutCorrection, RolloutOptions, TrainConfig):
     micro_batch_size: int = option(0, "samples per forward/backward inside a minibatch, gradients accumulated "
                                       "to the same update (TRL's per_device_train_batch_size; less activation "
                                       "memory); 0: the whole minibatch at once")
+    shared_prefix: bool = option(True, "run each prompt's columns through the backbone once per group in the "
+                                       "training forwards (policy, old log-probs, reference; micro-batches keep "
+                                       "a group's samples together): the same values up to float rounding for "
+                                       "fewer backbone tokens (RoleModel.policy_forward)")
     max_completion_length: int = option(64, "new tokens generated per sample")
     temperature: float = option(1.0, "sampling temperature (the loss's log-probs use the same)")
     top_p: float = option(1.0, "nucleus sampling")
@@ -293,7 +297,8 @@ def grpo_minibatch_loss(model, cfg: GRPOConfig, b: dict, idx: torch.Tensor) -> t
     keeps the whole padded width T, as its normaliser is defined on it."""
     opts = cfg.resolved()
     seq, attn, mask = b["seq"][idx], b["attn"][idx], b["mask"][idx]
-    f = model.policy_forward(seq, attn)  # hidden (b, T, H) aligned with seq
+    share = int(b.get("first_completion", 0)) if cfg.shared_prefix else 0  # a group's prompt columns, run once
+    f = model.policy_forward(seq, attn, shared_prefix=share)  # hidden (b, T, H) aligned with seq
     m = mask * f.mask
     c = 0 if opts["loss_agg"] == "seq-mean-token-sum-norm" else int(b.get("first_completion", 0))
     hidden, targets, m = f.hidden[:, c:], f.targets[:, c:], m[:, c:]  # (b, T - c, H), (b, T - c)
@@ -315,7 +320,7 @@ def grpo_minibatch_loss(model, cfg: GRPOConfig, b: dict, idx: torch.Tensor) -> t
         stats["kl"] = st["kl"]
     if cfg.beta > 0 and cfg.kl_estimator == "full":
         with model.role("reference"), torch.no_grad():
-            ref_hidden = model.policy_forward(seq, attn).hidden
+            ref_hidden = model.policy_forward(seq, attn, shared_prefix=share).hidden
         kl = fused_linear_kl(hidden, ref_hidden[:, c:], f.weight, m, f.bias, temperature=cfg.temperature)
         kl_mean = (kl * m).sum() / m.sum().clamp(min=1)
         pg = pg + cfg.beta * kl_mean
@@ -405,8 +410,11 @@ def train_grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, examples: list[di
                 on_policy = cfg.num_iterations == 1 and cfg.num_minibatches == 1
                 # --rollout vllm: always the trainer's own old log-probs, to compare with vLLM's and weigh by
                 vllm = b["rollout_logprobs"] is not None
-                b["old"] = None if on_policy and not vllm else model.logprobs(b["seq"], b["attn"],
-                                                                              temperature=cfg.temperature)
+                # the columns before the first completion token are prompt in every row: a group shares them
+                b["first_completion"] = rollout.first_response_column(b["mask"])
+                share = b["first_completion"] if cfg.shared_prefix else 0
+                b["old"] = None if on_policy and not vllm else model.logprobs(
+                    b["seq"], b["attn"], temperature=cfg.temperature, shared_prefix=share)
                 rollout_stats = {}
                 if vllm:
                     w, rollout_stats = rollout.importance_correction(
@@ -415,9 +423,9 @@ def train_grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, examples: list[di
                     if w is not None:  # per-token advantages: the fused loss takes (B, T) as well as (B,)
                         b["adv"] = (b["adv"][:, None] if b["adv"].dim() == 1 else b["adv"]) * w
                 if cfg.beta > 0 and cfg.kl_estimator != "full":
-                    b["ref"] = model.logprobs(b["seq"], b["attn"], role="reference", temperature=cfg.temperature)
+                    b["ref"] = model.logprobs(b["seq"], b["attn"], role="reference", temperature=cfg.temperature,
+                                              shared_prefix=share)
             N = b["seq"].shape[0]
-            b["first_completion"] = rollout.first_response_column(b["mask"])
             stats: dict[str, list] = {}
             for _ in range(cfg.num_iterations):
                 # one permutation of the global batch (rank 0's under torchrun); this process's rows of each part
@@ -426,6 +434,8 @@ def train_grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, examples: list[di
                     # torchrun: this process's part of the minibatch's loss (exactly 1 on one process)
                     scale = D.agg_share(b["mask"][idx], opts["loss_agg"], b["width"])
                     loss, st = torch.zeros((), device=device), {}
+                    if cfg.shared_prefix and 0 < cfg.micro_batch_size < idx.numel():
+                        idx = idx.sort().values  # a group's samples in one micro-batch share their prompt's pass
                     for sub, share in micro_batches(b["mask"], idx, cfg.micro_batch_size, opts["loss_agg"]):
                         if sub.numel() == 0:  # the minibatch's rows are all on other processes
                             if not D.lockstep():

@@ -324,3 +324,27 @@ def test_preference_file_without_chosen_is_a_data_error(tiny_model, tmp_path):
     with pytest.raises(DataError, match=r"p\.jsonl:2.*rejected"):
         train_dpo(cfg(tiny_model, data, tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_shared_prompt_pass_equals_the_plain_pass(tiny_model, monkeypatch):
+    """shared_prefix (the default) runs each pair's prompt once for its chosen and rejected rows, in the policy and
+    the reference pass; loss, statistics and gradients equal those of the plain pass."""
+    model = RoleModel.from_pretrained(tiny_model).eval()
+    perturb(model.role_parameters("policy"))
+    pairs, _ = preference_pairs(token_rule_pairs(4, seed=2), 64)
+    batch = collate_pairs(pairs, 0)
+    calls = []
+    real = RoleModel._hidden_shared_prefix
+    monkeypatch.setattr(RoleModel, "_hidden_shared_prefix", lambda self, *a: calls.append(a[-1]) or real(self, *a))
+    params = model.role_parameters("policy")
+    out = {}
+    for share in (False, True):
+        loss, stats = dpo_batch_loss(model, DPOConfig(beta=0.3, shared_prefix=share), batch)
+        out[share] = (loss.detach(), stats, torch.autograd.grad(loss, params))
+    shortest = min(len(p["prompt_ids"]) for p in pairs)
+    assert calls == [shortest, shortest]  # the policy and the reference pass, over the batch's common prompt part
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-6)
+    for k in out[False][1]:
+        torch.testing.assert_close(out[True][1][k], out[False][1][k], rtol=1e-5, atol=1e-5, msg=k)
+    for a, b in zip(out[True][2], out[False][2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

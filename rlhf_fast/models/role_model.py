@@ -511,6 +511,8 @@ class RoleModel(nn.Module):
         columns (B, T - p) attending to its prefix's keys and values (the cache rows gathered by `owner`). By
         causality a prefix's hidden states, keys and values do not depend on what follows it, so this is the
         plain forward's arithmetic on fewer rows; gradients reach the prefix pass through the gathered cache."""
+        if self.lockstep is not None:
+            return None  # a sharded base (FSDP2): every process must run the same forwards, whatever its rows
         if self.training and torch.is_grad_enabled() and self._checkpointing():
             return None  # transformers turns the cache off in checkpointed training-mode layers
         mask = attention_mask.long()
@@ -656,8 +658,9 @@ class RoleModel(nn.Module):
         distinct prefixes (U, P) keeps their keys and values, then each row's columns P.. (B, T - P) attend to
         its prefix's. The result is the plain forward's up to float rounding (causal attention: a prefix does
         not see what follows it), gradients included, for (U P + B (T - P)) / (B T) of the backbone's tokens.
-        0 (the default), P >= T, no two rows alike, a cache other than transformers' DynamicCache, or
-        training-mode gradient checkpointing (which turns the cache off): the plain single pass.
+        0 (the default), P >= T, no two rows alike, a cache other than transformers' DynamicCache,
+        training-mode gradient checkpointing (which turns the cache off) or a base sharded over processes (FSDP2:
+        every process must run the same forwards): the plain single pass.
 
         Usage: f = model.policy_forward(ids, mask); loss, stats = ops.fused_linear_ppo_loss(f.hidden, f.weight,
         f.targets, old_logprobs, advantages, response_mask * f.mask, f.bias, ...)

@@ -125,6 +125,15 @@ def test_training_mode_checkpointing_takes_the_plain_pass(tiny_model_factory):
         assert _embedding_calls(model, lambda: model.policy_forward(ids, mask, shared_prefix=5)) == [(4, 5), (10, 4)]
 
 
+def test_a_sharded_base_takes_the_plain_pass(tiny_model_factory):
+    """Under FSDP2 (model.lockstep set) every process must run the same forwards whatever its rows repeat."""
+    model = _build(tiny_model_factory)
+    ids, mask = _batch()
+    model.lockstep = lambda n_local: n_local
+    with torch.no_grad():
+        assert _embedding_calls(model, lambda: model.policy_forward(ids, mask, shared_prefix=5)) == [(10, 9)]
+
+
 @pytest.mark.parametrize("bad", [-1, 1.5, True, "3"])
 def test_bad_shared_prefix_and_start(tiny_model_factory, bad):
     model = _build(tiny_model_factory)

@@ -2,6 +2,8 @@
 
     role_model.py   RoleModel: construction, roles, forwards (log-probs, values, scores, experience)
     generation.py   sampling with a KV cache, the policy merged into the base for the rollout
+    decode_step.py  one decode step of a Llama-family model written out (generation's loop)
+    lean_lora.py    the LoRA layers' plain forward in one addmm
     io.py           save / load: the only code that knows the on-disk format
     conventions.py  role names, LoraSettings, input checks and the token alignment
 """

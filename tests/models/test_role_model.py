@@ -468,9 +468,10 @@ def test_generation_puts_the_lora_layers_back(model_of):
         assert torch.equal(model.logprobs(ids, mask, "policy"), before)
 
 
-def test_sampling_draws_from_the_softmax():
-    """The exponential race argmax(p / E) draws token v with probability p_v; top-k and top-p never draw an
-    excluded token (n = 40000: the largest frequency error allowed is about 4 standard deviations)."""
+def test_sampling_draws_from_the_softmax(monkeypatch):
+    """Inverse-CDF sampling draws token v with probability p_v; top-k and top-p never draw an excluded token, nor
+    does a row whose uniform lands at the very top of its CDF (n = 40000: the largest frequency error allowed is
+    about 4 standard deviations)."""
     from rlhf_fast.models.generation import sample
 
     n = 40000
@@ -482,6 +483,11 @@ def test_sampling_draws_from_the_softmax():
         assert (freq - p).abs().max() < 4 * (0.25 / n) ** 0.5, (freq, p)
     assert set(sample(logits, 1.0, 1.0, 2, g).tolist()) == {0, 1}
     assert set(sample(logits, 1.0, 0.7, 0, g).tolist()) == {0, 1}  # p = 0.64, 0.24, ...: 0.64 < 0.7 <= 0.88
+
+    # every uniform the largest float64 below 1: u * total may round up to total
+    monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.full(shape, 1.0 - 2.0 ** -53, dtype=kw["dtype"]))
+    assert sample(logits[:4], 1.0, 1.0, 2, None).tolist() == [1, 1, 1, 1]  # not the masked tokens 2-4
+    assert sample(logits[:4], 1.0, 1.0, 0, None).tolist() == [4, 4, 4, 4]  # p_4 > 0: the top is its
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

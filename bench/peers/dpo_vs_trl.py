@@ -13,7 +13,8 @@ the adapters off (rlhf_fast: role "reference"; TRL: ref_model None + peft_config
 reference log-probs computed per step on both sides (no precompute), no truncation (every sequence is 81 tokens;
 the token counts each side saw are recorded and compared).
 
-Variants: rlhf_fast (gradient checkpointing off), trl (off), trl_gc (on: TRL's default).
+Variants: rlhf_fast (gradient checkpointing off), trl (off), trl_gc (on: TRL's default); rlhf_fast_noshare: rlhf_fast
+with shared_prefix off (each row's prompt through the backbone again; what the shared pass saves).
 
 Each (variant, repetition) is a fresh process with ONE torch thread; the variants alternate (order rotated per
 repetition). In it: `--warmup` steps, then `--steps` timed steps in the same run (max_steps = warmup + steps).
@@ -65,7 +66,7 @@ SETTINGS = dict(batch_pairs=16, loss="sigmoid", beta=0.1, lr=1e-4, lr_scheduler=
                 dtype="float32", seed=0)
 MAX_LENGTH = 256  # rlhf_fast's context (>= 81: nothing is cut); TRL runs with max_length=None (no truncation)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-VARIANTS = ("rlhf_fast", "trl", "trl_gc")
+VARIANTS = ("rlhf_fast", "trl", "trl_gc", "rlhf_fast_noshare")
 PHASES = ("ref_forward", "policy_forward", "backward", "optimizer", "other")
 SOURCES = ("rlhf_fast/trainers/dpo.py", "rlhf_fast/trainers/loop.py", "rlhf_fast/ops/logprobs.py",
            "rlhf_fast/ops/preference.py", "rlhf_fast/models/role_model.py", "rlhf_fast/data/collate.py",
@@ -155,8 +156,11 @@ def child(variant: str, folder: str, warmup: int, steps: int) -> dict:
                                         "response_tokens": int(response_mask.sum())})
 
     with tempfile.TemporaryDirectory() as out_dir:
-        run = _run_rlhf_fast if variant == "rlhf_fast" else _run_trl
-        rows, info = run(folder, out_dir, total, clock, at_boundary, record_batch, gc=variant == "trl_gc")
+        if variant.startswith("rlhf_fast"):
+            rows, info = _run_rlhf_fast(folder, out_dir, total, clock, at_boundary, record_batch, gc=False,
+                                        share=variant != "rlhf_fast_noshare")
+        else:
+            rows, info = _run_trl(folder, out_dir, total, clock, at_boundary, record_batch, gc=variant == "trl_gc")
     per_step = []
     for s in range(warmup + 1, total + 1):
         (w0, c0, f0), (w1, c1, f1) = clock.starts[s - 2], clock.ends[s - 1]
@@ -179,7 +183,7 @@ def child(variant: str, folder: str, warmup: int, steps: int) -> dict:
             "rows_warmup": [rows.get(s, {}) for s in range(1, warmup + 1)], **info}
 
 
-def _run_rlhf_fast(folder, out_dir, total, clock, at_boundary, record_batch, gc: bool):
+def _run_rlhf_fast(folder, out_dir, total, clock, at_boundary, record_batch, gc: bool, share: bool = True):
     import torch
 
     import rlhf_fast.trainers.dpo as D
@@ -221,7 +225,7 @@ def _run_rlhf_fast(folder, out_dir, total, clock, at_boundary, record_batch, gc:
                       device="cpu", dtype="float32", batch_size=S["batch_pairs"], loss_type=S["loss"],
                       beta=S["beta"], precompute_ref_logprobs=False, max_length=MAX_LENGTH, max_steps=total,
                       log_every=1, checkpoint_every=0, checkpoint_minutes=0, progress=False,
-                      gradient_checkpointing=gc,
+                      gradient_checkpointing=gc, shared_prefix=share,
                       optim=OptimConfig(lr=S["lr"], max_grad_norm=S["max_grad_norm"], lr_scheduler="constant"),
                       lora=LoraSettings(r=S["lora_r"], alpha=S["lora_alpha"], dropout=S["lora_dropout"],
                                         target_modules=list(TARGETS)))
@@ -233,7 +237,7 @@ def _run_rlhf_fast(folder, out_dir, total, clock, at_boundary, record_batch, gc:
             rows[int(r["step"])] = {k: r.get(src) for k, src in _ROW_KEYS.items()}
     info = {"backends": {"fused_linear_logprobs": _dispatch.select("fused_linear_logprobs", torch.device("cpu"),
                                                                   torch.float32)},
-            "attn_implementation": "sdpa (RoleModel auto on CPU)", "gradient_checkpointing": gc,
+            "attn_implementation": "sdpa (RoleModel auto on CPU)", "gradient_checkpointing": gc, "shared_prefix": share,
             "optimizer": "torch.optim.AdamW (rlhf_fast.trainers.loop.build_optimizer, torch's default impl)"}
     return rows, info
 

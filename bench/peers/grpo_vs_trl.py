@@ -13,7 +13,8 @@ reward function (the share of the completion's words in a fixed quarter of the v
 
 Variants: rlhf_fast (gradient checkpointing off), trl (off), trl_gc (on: TRL's default); rlhf_fast_mb8 and trl_mb8:
 the same 32 samples per update in micro-batches of 8 with gradient accumulation (rlhf_fast micro_batch_size=8;
-TRL per_device_train_batch_size=8, gradient_accumulation_steps=4, which keeps its generation batch at 32).
+TRL per_device_train_batch_size=8, gradient_accumulation_steps=4, which keeps its generation batch at 32);
+rlhf_fast_noshare: rlhf_fast with shared_prefix off (each sample's prompt through the backbone again).
 
 Each (variant, repetition) is a fresh process with ONE torch thread; the variants alternate (order rotated per
 repetition). In it: `--warmup` steps, then `--steps` timed steps in the same run (max_steps = warmup + steps).
@@ -72,7 +73,7 @@ SETTINGS = dict(batch_prompts=8, num_generations=4, max_completion_length=48, te
                 dtype="float32", seed=0)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GOOD = {f"w{i}" for i in range(0, (VOCAB - 3) // 4)}  # a quarter of the words
-VARIANTS = ("rlhf_fast", "trl", "trl_gc", "rlhf_fast_mb8", "trl_mb8")
+VARIANTS = ("rlhf_fast", "trl", "trl_gc", "rlhf_fast_mb8", "trl_mb8", "rlhf_fast_noshare")
 MICRO = 8  # the _mb8 variants: 8 samples per forward/backward, gradients accumulated to the same one update
 PHASES = ("generation", "scoring", "old_logprobs", "loss_forward", "backward", "optimizer", "other")
 GiB, MiB = 1 << 30, 1 << 20
@@ -249,7 +250,8 @@ def child(variant: str, folder: str, warmup: int, steps: int) -> dict:
     with tempfile.TemporaryDirectory() as out_dir:
         if variant.startswith("rlhf_fast"):
             rows, info = _run_rlhf_fast(folder, out_dir, total, clock, at_boundary,
-                                        micro=MICRO if variant.endswith("_mb8") else 0)
+                                        micro=MICRO if variant.endswith("_mb8") else 0,
+                                        share=variant != "rlhf_fast_noshare")
         else:
             rows, info = _run_trl(folder, out_dir, total, clock, at_boundary, gc=variant == "trl_gc",
                                   micro=MICRO if variant.endswith("_mb8") else 0)
@@ -278,7 +280,7 @@ def child(variant: str, folder: str, warmup: int, steps: int) -> dict:
             "rows_warmup": [rows.get(s, {}) for s in range(1, warmup + 1)], **info}
 
 
-def _run_rlhf_fast(folder, out_dir, total, clock, at_boundary, micro: int = 0):
+def _run_rlhf_fast(folder, out_dir, total, clock, at_boundary, micro: int = 0, share: bool = True):
     import torch
 
     import rlhf_fast.rl.rollout as RO
@@ -320,7 +322,7 @@ def _run_rlhf_fast(folder, out_dir, total, clock, at_boundary, micro: int = 0):
                        num_generations=S["num_generations"], max_completion_length=S["max_completion_length"],
                        temperature=S["temperature"], top_p=S["top_p"], top_k=S["top_k"], beta=S["beta"],
                        num_iterations=S["num_iterations"], num_minibatches=S["num_minibatches"], loss_type="grpo",
-                       micro_batch_size=micro,
+                       micro_batch_size=micro, shared_prefix=share,
                        clip_low=S["clip"], max_steps=total, log_every=1, checkpoint_every=0, checkpoint_minutes=0,
                        progress=False, gradient_checkpointing=False,
                        optim=OptimConfig(lr=S["lr"], max_grad_norm=S["max_grad_norm"]),
@@ -336,7 +338,7 @@ def _run_rlhf_fast(folder, out_dir, total, clock, at_boundary, micro: int = 0):
     cpu = torch.device("cpu")
     info = {"backends": {op: _dispatch.select(op, cpu, torch.float32)
                          for op in ("fused_linear_ppo_loss", "fused_linear_logprobs")},
-            "attn_implementation": "sdpa (RoleModel auto on CPU)"}
+            "attn_implementation": "sdpa (RoleModel auto on CPU)", "shared_prefix": share}
     return rows, info
 
 

@@ -64,9 +64,8 @@ class DecodeStep:
         cos, sin = model.rotary_emb(h, positions)  # (n, 1, D) each
         cos, sin = cos[:, :, None], sin[:, :, None]  # (n, 1, 1, D): broadcast over (kv heads, group)
         g = self.heads // self.kv_heads
-        length = self.kv_layers[0]._rf_len + 1
         bias = torch.zeros(mask.shape, dtype=torch.float32, device=h.device).masked_fill_(mask == 0, float("-inf"))
-        bias = bias[:, None, None, :length]  # (n, 1, 1, L + 1)
+        bias = bias[:, None, None]  # (n, 1, 1, L + 1)
         for block, cache in zip(model.layers, self.kv_layers):
             a = block.self_attn
             x = block.input_layernorm(h)
@@ -75,7 +74,7 @@ class DecodeStep:
             k = _linear(a.k_proj, x).view(n, self.kv_heads, 1, d)
             v = _linear(a.v_proj, x).view(n, self.kv_heads, 1, d)
             q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-            keys, values = _append(cache, k, v)  # (n, kv heads, L + 1, D)
+            keys, values = cache.update(k, v)  # KVBuffers' in-place update: (n, kv heads, L + 1, D) views
             scores = torch.matmul(q, keys.transpose(-1, -2)) * a.scaling + bias  # (n, kv heads, g, L + 1)
             # 16-bit: the softmax in float32, as transformers' attention; float32 / float64 in their own precision
             probs = scores.softmax(-1, dtype=torch.float32).to(q.dtype) if q.element_size() < 4 else scores.softmax(-1)
@@ -94,13 +93,3 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
-
-def _append(layer, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # k, v (n, kv heads, 1, D) -> the layer's keys and values (n, kv heads, L + 1, D), views of its buffers
-    kb, vb = layer._rf_buf
-    end = layer._rf_len + 1
-    kb[:, :, end - 1] = k[:, :, 0]
-    vb[:, :, end - 1] = v[:, :, 0]
-    layer._rf_len = end
-    layer.keys, layer.values = kb[:, :, :end], vb[:, :, :end]
-    return layer.keys, layer.values

@@ -94,7 +94,7 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_
         out = lm(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids(prompt_mask),
                  use_cache=True, logits_to_keep=1)
         cache, logits = _cache_of(out), out.logits[:, -1]  # (B, V)
-        cache_arg = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+        cache_arg = cache_kwarg(lm)
         mask = prompt_mask
         if n > 1:
             logits, mask = logits.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
@@ -175,11 +175,8 @@ class KVBuffers:
 
     @classmethod
     def wrap(cls, cache, extra: int, repeats: int = 1) -> KVBuffers | None:
-        layers = getattr(cache, "layers", None)
-        if not layers or any(type(layer) is not DynamicLayer or layer.keys is None or layer.keys.dim() != 4
-                             for layer in layers):
-            return None
-        return cls(list(layers), extra, repeats)
+        layers = plain_layers(cache)
+        return None if layers is None else cls(layers, extra, repeats)
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only `rows` (batch indices) of every layer."""
@@ -198,6 +195,21 @@ def _update_in_place(self, key_states: torch.Tensor, value_states: torch.Tensor,
     self._rf_len = end
     self.keys, self.values = kb[:, :, :end], vb[:, :, :end]
     return self.keys, self.values
+
+
+def plain_layers(cache) -> list | None:
+    """The layers of a cache whose every layer is a filled plain DynamicLayer (full attention, keys (B, H, L, D)),
+    else None: the caches KVBuffers and RoleModel's shared-prefix pass know how to extend."""
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer or layer.keys is None or layer.keys.dim() != 4
+                         for layer in layers):
+        return None
+    return list(layers)
+
+
+def cache_kwarg(module) -> str:
+    # transformers >= 5.2x names the forward's cache argument `cache`; older releases `past_key_values`
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
 def _cache_of(out):

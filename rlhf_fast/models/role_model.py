@@ -28,7 +28,6 @@ Usage (one PPO step's model calls):
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 import os
 import warnings
@@ -42,7 +41,6 @@ from peft.tuners.lora import LoraLayer
 from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
-from transformers.cache_utils import DynamicLayer
 from transformers.pytorch_utils import Conv1D
 
 from rlhf_fast import ops
@@ -78,13 +76,6 @@ class PolicyForward:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-
-def _first_rows(owner: torch.Tensor, n: int) -> torch.Tensor:
-    # (n,) the first row index of each group id 0..n-1 in owner (B,)
-    rows = torch.arange(owner.shape[0], device=owner.device)
-    return torch.full((n,), owner.shape[0], dtype=torch.long, device=owner.device).scatter_reduce(
-        0, owner, rows, reduce="amin")
-
 
 def _linear_types() -> tuple[type, ...]:
     # GPT-2 style models use transformers' Conv1D (a transposed Linear); peft adapts it with fan_in_fan_out.
@@ -520,16 +511,15 @@ class RoleModel(nn.Module):
         uniq, owner = torch.unique(key, dim=0, return_inverse=True)  # (U, 2p), (B,)
         if uniq.shape[0] == key.shape[0]:
             return None
-        pos = position_ids(mask)  # (B, T): the positions of the full rows, so both parts count as one sequence
-        first = self.backbone(input_ids=uniq[:, :p], attention_mask=uniq[:, p:], position_ids=pos[:, :p][
-            _first_rows(owner, uniq.shape[0])], use_cache=True)
+        # positions count the mask's ones from column 0, so a prefix's are its own and the rest continue them
+        first = self.backbone(input_ids=uniq[:, :p], attention_mask=uniq[:, p:], position_ids=position_ids(uniq[:, p:]),
+                              use_cache=True)
         cache = generation._cache_of(first)
-        layers = getattr(cache, "layers", None)
-        if not layers or any(type(layer) is not DynamicLayer or layer.keys is None for layer in layers):
+        if generation.plain_layers(cache) is None:
             return None
         cache.batch_select_indices(owner)  # (U, ...) -> (B, ...), differentiable gathers
-        rest = self.backbone(input_ids=input_ids[:, p:], attention_mask=mask, position_ids=pos[:, p:],
-                             **{self._cache_arg(): cache}, use_cache=True)
+        rest = self.backbone(input_ids=input_ids[:, p:], attention_mask=mask, position_ids=position_ids(mask)[:, p:],
+                             **{generation.cache_kwarg(self.backbone): cache}, use_cache=True)
         return torch.cat([first[0][owner], rest[0]], 1)
 
     def _checkpointing(self) -> bool:
@@ -540,10 +530,6 @@ class RoleModel(nn.Module):
             except AttributeError:
                 continue
         return False
-
-    def _cache_arg(self) -> str:
-        # transformers >= 5.2x names the forward's cache argument `cache`; older releases `past_key_values`
-        return "cache" if "cache" in inspect.signature(self.backbone.forward).parameters else "past_key_values"
 
     def _logprobs_from_hidden(self, hidden, input_ids, attention_mask, temperature=1.0, return_entropy=False,
                               start=1):

@@ -578,8 +578,9 @@ def markdown(report: dict) -> str:
           "rest of the rollout (decode, reward, advantages, bookkeeping: `make_groups` / "
           "`_generate_and_score_completions` minus generation); old_logprobs = a separate no-grad "
           "`RoleModel.logprobs` pass (TRL skips it at num_iterations 1; rlhf_fast too when the tree has the "
-          "on-policy shortcut, which then spends one extra lm-head pass inside loss_forward, shown in its own "
-          "column); loss_forward = `grpo_minibatch_loss` / `compute_loss`; backward; optimizer = clip + AdamW (+ "
+          "on-policy shortcut: trees before the on-policy loss (`old_logprobs=None`) spent one extra lm-head pass "
+          "inside loss_forward for it, shown in its own column, 0 when the loss takes them from its own pass); "
+          "loss_forward = `grpo_minibatch_loss` / `compute_loss`; backward; optimizer = clip + AdamW (+ "
           "rlhf_fast's finiteness check and undo snapshot); other = the remainder (data, loop, logging).", "",
           "Per repetition (processes in the order run):", "",
           "| # | configuration | step CPU s (each timed step) | step wall s | peak RSS GiB | window peak GiB | "

@@ -107,7 +107,7 @@ def _token_loss(lp, ent, old, adv, weights, ref, targets, loss, c_lp, c_ent, *, 
 
 
 def linear_ppo_loss_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                        bias: torch.Tensor | None, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                        bias: torch.Tensor | None, old_logprobs: torch.Tensor | None, advantages: torch.Tensor,
                         weights: torch.Tensor, ref_logprobs: torch.Tensor | None, *, adv_row_len: int = 0,
                         kl_coef: float,
                         kl_estimator: int, entropy_coef: float, clip_low: float, clip_high: float,
@@ -116,7 +116,8 @@ def linear_ppo_loss_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
     """Per-token PPO loss on the log-probs of softmax((hidden @ weight.T + bias) / temperature), and its grads.
 
     hidden (N, H), weight (V, H), bias (V,) or None (one float dtype); targets (N,) int64 in [0, V) or
-    ignore_index; old_logprobs, weights, ref_logprobs (N,) fp32 (ref None: no KL term); weights are the
+    ignore_index; old_logprobs, weights, ref_logprobs (N,) fp32 (ref None: no KL term; old None: on-policy, old
+    = the log-probs computed here); weights are the
     aggregation weights, L = sum(weights * token_loss); advantages (N,) fp32, or with adv_row_len > 0 one per
     row of adv_row_len tokens, (N / adv_row_len,) (GRPO). kl_estimator: 0 k1, 1 k2, 2 k3, 3 abs.
     Returns (token_loss (N,) fp32, logprobs (N,) fp32, entropy (N,) fp32, grad_hidden (N, H) hidden.dtype,
@@ -136,11 +137,13 @@ def linear_ppo_loss_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
     loss = torch.empty(N, device=dev, dtype=f32)  # (N,)
     if not need_grad:
         lp, ent, _ = _lp.linear_logprobs_fwd(hidden, weight, targets, bias, temperature, ignore_index, True)
-        _token_loss(lp, ent, old_logprobs, advantages, weights, ref_logprobs, targets, loss, None, None,
+        _token_loss(lp, ent, lp if old_logprobs is None else old_logprobs, advantages, weights, ref_logprobs, targets, loss, None, None,
                     need_grad=False, **token_kw)
         return loss, lp, ent, None, None, None
 
     lp = torch.empty(N, device=dev, dtype=f32)  # (N,)
+    if old_logprobs is None:  # on-policy: each chunk's old log-probs are its own, written before the token kernel
+        old_logprobs = lp
     ent = torch.empty(N, device=dev, dtype=f32)  # (N,)
     lse = torch.empty(N, device=dev, dtype=f32)  # (N,)
     c_lp = torch.empty(N, device=dev, dtype=f32)  # (N,) dL/dlogprob

@@ -42,3 +42,15 @@ def kl_terms(d: torch.Tensor, code: int) -> torch.Tensor:
     if code == 2:
         return k3(d)
     return d.abs()
+
+
+def kl_terms_grad(d: torch.Tensor, code: int) -> torch.Tensor:
+    """The derivative in d of kl_terms(d, code), elementwise: k1 1, k2 d, k3 1 - exp(-d) (as -expm1(-d): no
+    cancellation near 0), abs sign(d) (0 at 0, as autograd's)."""
+    if code == 0:
+        return torch.ones_like(d)
+    if code == 1:
+        return d
+    if code == 2:
+        return -torch.expm1(-d)
+    return torch.sign(d)

@@ -8,21 +8,24 @@ row's GSPO ratio s = exp(mean over the row's valid tokens of (lp - old)) (Zheng 
 (B, T) or per sequence (B,) (GRPO), broadcast over the row. The loss is linear in l with mask-only weights w,
 so at the token level dL/dlp and dL/dH are known in closed form per token once lp and H are.
 
-Triton backend, token level (the custom op rlhf_fast::fused_linear_ppo_loss, see _library.py): one pass
-computes the logits chunk once, and the forward produces the gradients for hidden, weight and bias right away;
-the backward only scales them by the incoming gradient (no second lm_head GEMM pass). 6NHV flops.
-Torch backend, and the Triton backend at the sequence level: the composition of the custom op
-rlhf_fast::fused_linear_logprobs (on the chosen backend: chunked, logits never materialised) and the per-token
-formula above in plain torch, under autograd, so its gradient is that of the unfused composition by
-construction. At the sequence level this is the two-pass scheme: every token's dL/dlp depends on s of its row,
-a reduction over the row's log-probs, so they must all exist before any logit gradient can be formed: pass 1
+Token level, both backends: one pass, in the custom op rlhf_fast::fused_linear_ppo_loss (see _library.py).
+Per chunk of rows the logits (C, V) are formed once; from them the softmax statistics, the token loss, its
+closed-form per-token coefficients dL/dlp and dL/dH, the logit gradient and, right away, the gradients in
+hidden, weight and bias; the backward only scales them by the incoming gradient (no second lm_head pass).
+4NHV flops (+ 2NHV for the weight's gradient) against 6NHV (+ 2NHV) for the composition of the fused log-prob
+op and the formula under autograd, which recomputes the logits in its backward. Triton: kernels/ppo_loss.py;
+torch (the CPU default): torch_linear_ppo_loss_fwd below, chunks of at most _TORCH_CHUNK_ELEMS logits.
+Sequence level (GSPO), both backends: the composition of rlhf_fast::fused_linear_logprobs (chunked, logits never
+materialised) and the per-token formula in plain torch, under autograd, so its gradient is that of the unfused
+composition by construction. This is the two-pass scheme: every token's dL/dlp depends on s of its row, a
+reduction over the row's log-probs, so they must all exist before any logit gradient can be formed: pass 1
 the fused log-prob forward (2NHV), then s and the loss in torch (O(N)), pass 2 the fused log-prob backward
-(recomputes the logits, 6NHV): 8NHV in all. The token level's 6NHV (gradients formed in the forward) would
-need chunks of whole sequences here (C = k T rows, so the (C, V) scratch is at least T V: 7.5 GB at T = 8192,
-V = 151936, over the chunk budget for long responses); not done. Torch must recompute the logits either way,
-so the torch backend makes the same two passes, but keeps only (N,) statistics between forward and backward
-instead of the (N, H) and (V, H) gradients; and a custom op's implementation runs below autograd, so the
-per-token dL/dlp could not come from autograd inside one.
+(recomputes the logits, 6NHV): 8NHV in all. The token level's one pass would need chunks of whole sequences
+here (C = k T rows, so the (C, V) scratch is at least T V: 7.5 GB at T = 8192, V = 151936, over the chunk
+budget for long responses); not done.
+
+On-policy (old_logprobs=None): the old log-probs are this call's own, detached (ratio 1 at every token, the
+gradient -A), as TRL's GRPO at num_iterations 1; no separate log-prob pass is needed for them.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch
 from torch import Tensor
 
 from rlhf_fast.ops import _checks, _dispatch, _library
+from rlhf_fast.ops._estimators import kl_terms_grad
 from rlhf_fast.ops.kl import kl_terms
 from rlhf_fast.ops.logprobs import linear_logprobs_op
 from rlhf_fast.ops.losses import (
@@ -48,25 +52,31 @@ from rlhf_fast.ops.losses import (
 
 
 @_library.custom_op("fused_linear_ppo_loss")
-def linear_ppo_loss_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, old: Tensor, adv: Tensor,
+def linear_ppo_loss_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, old: Tensor | None,
+                       adv: Tensor,
                        adv_row_len: int, w: Tensor, ref: Tensor | None, kl_coef: float, kl_estimator: int,
                        entropy_coef: float, clip_low: float, clip_high: float, dual_clip: float | None,
                        temperature: float, ignore_index: int, need_grad: bool, need_weight_grad: bool,
                        need_bias_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The Triton backend, token level: hidden (N, H), weight (V, H), bias (V,) | None, targets (N,); old, w, ref
-    (N,) fp32; adv (N,) fp32 when adv_row_len == 0, else (N / adv_row_len,): one per row of adv_row_len tokens
-    -> loss () = sum(w * token_loss), logprobs (N,), entropy (N,), and the gradients of loss in hidden
-    (N, H) (hidden.dtype; empty (0,) unless need_grad), weight (V, H) and bias (V,) (fp32; empty (0,) unless
-    need_weight_grad / need_bias_grad)."""
-    if backend != "triton":
-        raise NotImplementedError(f"rlhf_fast::fused_linear_ppo_loss has no {backend!r} implementation")
-    from rlhf_fast.kernels import ppo_loss as k
+    """The token level, one pass: hidden (N, H), weight (V, H), bias (V,) | None, targets (N,); old (N,) | None
+    (None: on-policy, old = this call's log-probs), w, ref (N,) in the compute dtype; adv (N,) when
+    adv_row_len == 0, else (N / adv_row_len,): one per row of adv_row_len tokens -> loss () = sum(w *
+    token_loss), logprobs (N,), entropy (N,) in the compute dtype, and the gradients of loss in hidden (N, H)
+    (hidden.dtype; empty (0,) unless need_grad), weight (V, H) and bias (V,) (compute dtype; empty (0,) unless
+    need_weight_grad / need_bias_grad). Backends: torch | triton."""
+    if backend == "torch":
+        fwd = torch_linear_ppo_loss_fwd
+    elif backend == "triton":
+        from rlhf_fast.kernels import ppo_loss as k
 
-    token_loss, lp, ent, gh, gw, gb = k.linear_ppo_loss_fwd(
+        fwd = k.linear_ppo_loss_fwd
+    else:
+        raise NotImplementedError(f"rlhf_fast::fused_linear_ppo_loss has no {backend!r} implementation")
+    token_loss, lp, ent, gh, gw, gb = fwd(
         hidden, weight, targets, bias, old, adv, w, ref, adv_row_len=adv_row_len, kl_coef=kl_coef,
         kl_estimator=kl_estimator, entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high,
         dual_clip=dual_clip, temperature=temperature, ignore_index=ignore_index, need_grad=need_grad,
-        need_bias_grad=need_bias_grad)
+        need_bias_grad=need_bias_grad, **({"need_weight_grad": need_weight_grad} if backend == "torch" else {}))
     loss = (w * token_loss).sum()
     gh = _library.none_as_empty(gh if need_grad else None, lp)
     gw = _library.none_as_empty(gw if need_weight_grad else None, lp)
@@ -77,11 +87,107 @@ def linear_ppo_loss_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, targ
 @linear_ppo_loss_op.register_fake
 def _(hidden, weight, bias, targets, old, adv, adv_row_len, w, ref, kl_coef, kl_estimator, entropy_coef, clip_low,
       clip_high, dual_clip, temperature, ignore_index, need_grad, need_weight_grad, need_bias_grad, backend):
-    n, f32 = hidden.shape[0], torch.float32
+    n, f32 = hidden.shape[0], _checks.compute_dtype(hidden, weight)
     gh = hidden.new_empty(hidden.shape) if need_grad else hidden.new_empty(0, dtype=f32)
     gw = weight.new_empty(weight.shape, dtype=f32) if need_weight_grad else hidden.new_empty(0, dtype=f32)
     gb = weight.new_empty(weight.shape[0], dtype=f32) if need_bias_grad else hidden.new_empty(0, dtype=f32)
     return hidden.new_empty((), dtype=f32), hidden.new_empty(n, dtype=f32), hidden.new_empty(n, dtype=f32), gh, gw, gb
+
+
+# Torch backend, token level: the logits of at most this many (row, word) pairs (16 MiB of fp32) exist at a time,
+# and never fewer than _TORCH_MIN_ROWS rows per chunk (the GEMMs stay wide at a 150k vocabulary).
+_TORCH_CHUNK_ELEMS = 1 << 22
+_TORCH_MIN_ROWS = 32
+
+
+def token_loss_and_coefficients(lp, ent, old, adv, w, ref, kl_coef, kl_estimator, entropy_coef, clip_low, clip_high,
+                                dual_clip):
+    """Per token (1-D tensors, old None: on-policy, old = lp) -> (token loss l, dL/dlp, dL/dH) with L = sum(w l):
+    l = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)) [min(., -A dual_clip) where A < 0] + kl_coef kl(lp - ref)
+    - entropy_coef H, r = exp(lp - old). dl/dlp = -A r where neither clip binds, else 0, + kl_coef kl'(lp - ref);
+    inside the clip range both branches are equal, so the unclipped gradient is kept there; a NaN ratio gives a
+    NaN gradient (the comparison fails), as autograd of the formula does."""
+    ratio = torch.ones_like(lp) if old is None else torch.exp(lp - old)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    l = torch.maximum(unclipped, clipped)
+    d_lp = torch.where(unclipped < clipped, 0.0, unclipped)  # d(-A r)/dlp = -A r
+    if dual_clip is not None:
+        bound = -adv * dual_clip
+        dual = (adv < 0) & (bound < l)
+        l = torch.where(dual, bound, l)
+        d_lp = torch.where(dual, 0.0, d_lp)
+    if ref is not None and kl_coef != 0.0:
+        d = lp - ref
+        l = l + kl_coef * kl_terms(d, kl_estimator)
+        d_lp = d_lp + kl_coef * kl_terms_grad(d, kl_estimator)
+    if entropy_coef != 0.0:
+        l = l - entropy_coef * ent
+    return l, w * d_lp, w * -entropy_coef
+
+
+def torch_linear_ppo_loss_fwd(hidden, weight, targets, bias, old, adv, w, ref, *, adv_row_len, kl_coef, kl_estimator,
+                              entropy_coef, clip_low, clip_high, dual_clip, temperature, ignore_index, need_grad,
+                              need_bias_grad, need_weight_grad=True):
+    """Torch backend, token level, one pass (see the module docstring); the arguments as linear_ppo_loss_op's.
+
+    Per chunk of C rows: z = (hidden_c @ W^T + b) / temperature (C, V) once; log p = z - logsumexp(z); lp = log
+    p[target], H = -sum p log p; the token loss and its coefficients c_lp, c_H (token_loss_and_coefficients);
+    the logit gradient G = c_lp ([j = target] - p) - c_H p (log p + H), / temperature; grad_hidden_c = G @ W,
+    grad_weight += G^T @ hidden_c (only when need_weight_grad), grad_bias += sum_rows G. Positions with targets ==
+    ignore_index get lp = H = 0 and no gradient (their w is 0). -> (token_loss, lp, entropy (N,), grad_hidden
+    (N, H) in hidden.dtype, grad_weight (V, H) | None, grad_bias (V,) | None), gradients None unless need_grad."""
+    n, v = hidden.shape[0], weight.shape[0]
+    dtype = _checks.compute_dtype(hidden, weight)
+    dev = hidden.device
+    wc = weight.to(dtype)  # (V, H); no copy in fp32 / float64
+    bc = None if bias is None else bias.to(dtype)
+    loss, lp, ent = (torch.empty(n, dtype=dtype, device=dev) for _ in range(3))
+    gh = gw = gb = None
+    if need_grad:
+        gh = torch.empty(hidden.shape, dtype=hidden.dtype, device=dev)
+        gw = torch.zeros(weight.shape, dtype=dtype, device=dev) if need_weight_grad else None
+        gb = torch.zeros(v, dtype=dtype, device=dev) if need_bias_grad and bias is not None else None
+    c = max(1, min(n, max(_TORCH_MIN_ROWS, _TORCH_CHUNK_ELEMS // max(1, v))))
+    for r0 in range(0, n, c):
+        r1 = min(n, r0 + c)
+        h = hidden[r0:r1].to(dtype)
+        t = targets[r0:r1]
+        valid = t != ignore_index
+        z = h @ wc.T
+        if bc is not None:
+            z += bc
+        if temperature != 1.0:
+            z /= temperature
+        z -= torch.logsumexp(z, dim=1, keepdim=True)  # log p, in place (C, V)
+        p = torch.exp(z)
+        cols = t.clamp(0, v - 1)[:, None]
+        lp_c = torch.where(valid, z.gather(1, cols)[:, 0], 0.0)
+        ent_c = torch.where(valid, -(p * z).sum(dim=1), 0.0)
+        adv_c = adv[torch.arange(r0, r1, device=dev) // adv_row_len] if adv_row_len else adv[r0:r1]
+        l, c_lp, c_ent = token_loss_and_coefficients(
+            lp_c, ent_c, None if old is None else old[r0:r1], adv_c, w[r0:r1], None if ref is None else ref[r0:r1],
+            kl_coef, kl_estimator, entropy_coef, clip_low, clip_high, dual_clip)
+        loss[r0:r1], lp[r0:r1], ent[r0:r1] = l, lp_c, ent_c
+        if not need_grad:
+            continue
+        c_lp = torch.where(valid, c_lp, 0.0)
+        if entropy_coef != 0.0:  # G = -p (c_lp + c_H (log p + H)), then + c_lp at the target
+            z += ent_c[:, None]
+            z *= torch.where(valid, c_ent, 0.0)[:, None]
+            z += c_lp[:, None]
+            g = p.mul_(z).neg_()
+        else:
+            g = p.mul_(-c_lp[:, None])
+        g.scatter_add_(1, cols, c_lp[:, None])
+        if temperature != 1.0:
+            g /= temperature
+        gh[r0:r1] = g @ wc
+        if gw is not None:
+            gw.addmm_(g.T, h)
+        if gb is not None:
+            gb += g.sum(dim=0)
+    return loss, lp, ent, gh, gw, gb
 
 
 def _ppo_setup_context(ctx, inputs, output):
@@ -108,7 +214,7 @@ def fused_linear_ppo_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
-    old_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     bias: torch.Tensor | None = None,
@@ -134,7 +240,9 @@ def fused_linear_ppo_loss(
         hidden: (B, T, H) fp32/bf16/fp16 final hidden states of the policy.
         weight: (V, H) lm_head weight (same dtype).  bias: optional (V,).
         targets: (B, T) int64 tokens whose log-probs are scored (ignore_index positions do not count).
-        old_logprobs: (B, T) rollout-time log-probs.  mask: (B, T) 0/1.
+        old_logprobs: (B, T) rollout-time log-probs, or None: strictly on-policy, the old log-probs are the ones
+            this call computes, detached (r = 1 at every token; TRL's GRPO at num_iterations 1), with no
+            separate log-prob pass.  mask: (B, T) 0/1.
         advantages: (B, T) per token, or (B,) per sequence (GRPO's one advantage per completion), broadcast
             over the row's tokens (never expanded to (B, T) in memory).
         ref_logprobs: optional (B, T) reference log-probs for the in-loss KL term (GRPO's beta term).
@@ -223,7 +331,7 @@ def fused_linear_ppo_loss(
     valid = (mask != 0).reshape(-1) & (t1 != ignore_index)  # (N,)
     # Masked positions never enter: zero their per-token inputs so NaN padding cannot leak through 0 * NaN.
     flat = lambda x: torch.where(valid, x.detach().reshape(-1).to(dtype), 0.0).contiguous()  # noqa: E731
-    old = flat(old_logprobs)
+    old = None if old_logprobs is None else flat(old_logprobs)
     if per_sequence:  # (rows,), zero for a row without a valid token (its advantage may be NaN padding)
         row_valid = valid.reshape(rows, T).any(dim=1)
         adv = torch.where(row_valid, advantages.detach().reshape(rows).to(dtype), 0.0).contiguous()
@@ -234,8 +342,10 @@ def fused_linear_ppo_loss(
     h2 = hidden.reshape(-1, hidden.shape[-1]).contiguous()  # (N, H)
     as_rows = lambda x: None if x is None else x.view(rows, T)  # noqa: E731
     adv2 = adv[:, None] if per_sequence else as_rows(adv)  # (rows, 1) or (rows, T)
-    if backend == "torch" or level == "sequence":
+    if level == "sequence":
         lp, ent, _ = linear_logprobs_op(h2, weight.contiguous(), bias, t1, temperature, ignore_index, True, backend)
+        if old is None:
+            old = lp.detach()
         l, _, _ = _surrogate(as_rows(lp), as_rows(old), adv2, as_rows(valid), level, clip_low, clip_high, dual_clip)
         if ref is not None and kl_coef != 0.0:
             l = l + kl_coef * kl_terms(as_rows(lp) - as_rows(ref), code)
@@ -251,6 +361,8 @@ def fused_linear_ppo_loss(
             h2, weight.contiguous(), bias, t1, old, adv, T if per_sequence else 0, w, ref, float(kl_coef), code,
             float(entropy_coef), clip_low, clip_high, dual_clip, temperature, ignore_index, need_grad, need_w,
             need_b, backend)
+        if old is None:
+            old = lp.detach()
     stats = _stats(as_rows(lp.detach()), as_rows(ent.detach()), as_rows(old), adv2, as_rows(ref), as_rows(valid),
                    code, level, clip_low, clip_high, dual_clip)
     return loss, stats

@@ -32,7 +32,7 @@ from rlhf_fast.data import reasoning_gym as rg
 from rlhf_fast.data.collate import collate_prompts
 from rlhf_fast.data.jsonl import DataError, check_examples, load_prompt_examples
 from rlhf_fast.models.io import load_reward
-from rlhf_fast.ops import fused_linear_kl, fused_linear_logprobs, fused_linear_ppo_loss, group_advantages
+from rlhf_fast.ops import fused_linear_kl, fused_linear_ppo_loss, group_advantages
 from rlhf_fast.rl import rewards as R
 from rlhf_fast.rl import rollout
 from rlhf_fast.rl.ensemble import REDUCTIONS, check_options, ensemble_reward
@@ -304,11 +304,9 @@ def grpo_minibatch_loss(model, cfg: GRPOConfig, b: dict, idx: torch.Tensor) -> t
     hidden, targets, m = f.hidden[:, c:], f.targets[:, c:], m[:, c:]  # (b, T - c, H), (b, T - c)
     adv = b["adv"][idx] if b["adv"].dim() == 1 else b["adv"][idx][:, c:]
     in_loss_kl = cfg.beta > 0 and cfg.kl_estimator != "full"
-    if b["old"] is None:  # strictly on-policy: the old log-probs are this forward's, detached (ratio 1)
-        old = fused_linear_logprobs(hidden.detach(), f.weight, targets, f.bias, temperature=cfg.temperature)
-    else:
-        old = b["old"][idx][:, c:]
-    pg, st = fused_linear_ppo_loss(hidden, f.weight, targets, old.detach(), adv, m, f.bias,
+    # None: strictly on-policy, the old log-probs are this forward's own, detached (ratio 1), from the loss's pass
+    old = None if b["old"] is None else b["old"][idx][:, c:]
+    pg, st = fused_linear_ppo_loss(hidden, f.weight, targets, old, adv, m, f.bias,
                                    ref_logprobs=b["ref"][idx][:, c:] if in_loss_kl else None,
                                    kl_coef=cfg.beta if in_loss_kl else 0.0, kl_estimator=cfg.kl_estimator
                                    if in_loss_kl else "k3", clip_low=opts["clip_low"], clip_high=opts["clip_high"],

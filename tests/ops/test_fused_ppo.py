@@ -311,3 +311,55 @@ def test_low_and_high_clip_fractions(backend):
     assert 0 < float(low) and 0 < float(high)  # the case exercises both sides
     torch.testing.assert_close(st["clipfrac_low"], low, atol=1e-6, rtol=0)
     torch.testing.assert_close(st["clipfrac_high"], high, atol=1e-6, rtol=0)
+
+
+# ----------------------------------------------------------- on-policy (old_logprobs=None) and the torch chunking
+
+
+@pytest.mark.parametrize("backend", backends_for("fused_linear_ppo_loss"))
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_on_policy_old_none_matches_reference(backend, ratio_level):
+    """old_logprobs=None: the loss, gradients and stats of the float64 reference given the policy's own log-probs
+    (detached) as old: every ratio 1, gradient -A (+ the KL and entropy terms)."""
+    hidden, weight, b, targets, _, ref_lp, adv_seq, _, mask = _grpo_case(temperature=0.8)
+    kw = dict(GRPO_CONFIGS[1], ratio_level=ratio_level, agg="seq-mean-token-mean")
+    params = [p.requires_grad_(True) for p in (hidden, weight, b)]
+    loss, stats = ops.fused_linear_ppo_loss(hidden, weight, targets, None, adv_seq, mask, b, ref_logprobs=ref_lp,
+                                            backend=backend, **kw)
+    leaves = [p.detach().double().requires_grad_(True) for p in params]
+    with torch.no_grad():
+        own = ref.linear_logprobs_entropy(leaves[0], leaves[1], targets, leaves[2], kw["temperature"])[0]
+    expected = ref.linear_ppo_loss(leaves[0], leaves[1], targets, own, adv_seq.nan_to_num(0.0), mask, leaves[2],
+                                   ref_lp, **kw)
+    _grads_vs_reference(loss, expected, params, leaves)
+    assert stats["ratio"].item() == 1.0 and stats["approx_kl"].item() == 0.0 and stats["clipfrac"].item() == 0.0
+
+
+def test_torch_chunks_equal_one_chunk(monkeypatch):
+    """The torch backend's token level in chunks of 3 rows (per-row advantages read across chunk boundaries,
+    entropy and KL terms, bias, a frozen weight: no weight gradient formed) against the float64 reference, and
+    against the same call in one chunk."""
+    from rlhf_fast.ops import fused_ppo
+
+    hidden, weight, b, targets, old, ref_lp, adv_seq, _, mask = _grpo_case(temperature=0.8)
+    kw = dict(GRPO_CONFIGS[1], agg="token-mean", ref_logprobs=ref_lp, backend="torch")
+    params = [hidden.requires_grad_(True), b.requires_grad_(True)]
+
+    def run():
+        loss, _ = ops.fused_linear_ppo_loss(hidden, weight, targets, old, adv_seq, mask, b, **kw)
+        return loss, torch.autograd.grad(loss, params)
+
+    one_loss, one_grads = run()
+    monkeypatch.setattr(fused_ppo, "_TORCH_MIN_ROWS", 3)
+    monkeypatch.setattr(fused_ppo, "_TORCH_CHUNK_ELEMS", 3 * weight.shape[0])
+    loss, grads = run()
+    torch.testing.assert_close(loss, one_loss, rtol=1e-6, atol=1e-7)
+    for g, o in zip(grads, one_grads):
+        torch.testing.assert_close(g, o, rtol=1e-5, atol=1e-7)
+    leaves = [p.detach().double().requires_grad_(True) for p in params]
+    expected = ref.linear_ppo_loss(leaves[0], weight.double(), targets, old, adv_seq.nan_to_num(0.0), mask,
+                                   leaves[1], ref_lp, **{k: v for k, v in kw.items()
+                                                         if k not in ("ref_logprobs", "backend")})
+    assert_close(loss, expected, torch.float32)
+    for g, r in zip(grads, torch.autograd.grad(expected, leaves)):
+        assert_close(g, r, torch.float32)

@@ -14,7 +14,7 @@ closed-form per-token coefficients dL/dlp and dL/dH, the logit gradient and, rig
 hidden, weight and bias; the backward only scales them by the incoming gradient (no second lm_head pass).
 4NHV flops (+ 2NHV for the weight's gradient) against 6NHV (+ 2NHV) for the composition of the fused log-prob
 op and the formula under autograd, which recomputes the logits in its backward. Triton: kernels/ppo_loss.py;
-torch (the CPU default): torch_linear_ppo_loss_fwd below, chunks of at most _TORCH_CHUNK_ELEMS logits.
+torch (the CPU default): torch_linear_ppo_loss_fwd below, chunks sized by _TORCH_CHUNK_ELEMS and _TORCH_MIN_ROWS.
 Sequence level (GSPO), both backends: the composition of rlhf_fast::fused_linear_logprobs (chunked, logits never
 materialised) and the per-token formula in plain torch, under autograd, so its gradient is that of the unfused
 composition by construction. This is the two-pass scheme: every token's dL/dlp depends on s of its row, a
@@ -94,10 +94,13 @@ def _(hidden, weight, bias, targets, old, adv, adv_row_len, w, ref, kl_coef, kl_
     return hidden.new_empty((), dtype=f32), hidden.new_empty(n, dtype=f32), hidden.new_empty(n, dtype=f32), gh, gw, gb
 
 
-# Torch backend, token level: the logits of at most this many (row, word) pairs (16 MiB of fp32) exist at a time,
-# and never fewer than _TORCH_MIN_ROWS rows per chunk (the GEMMs stay wide at a 150k vocabulary).
-_TORCH_CHUNK_ELEMS = 1 << 22
-_TORCH_MIN_ROWS = 32
+# Torch backend, token level: a chunk holds the logits of at most _TORCH_CHUNK_ELEMS (row, word) pairs (4 MiB of
+# fp32, as the log-prob op's blocks; up to three such buffers live at a time), but never fewer than _TORCH_MIN_ROWS rows:
+# each chunk streams the whole (V, H) weight twice, so at a large vocabulary narrow chunks are bound by that
+# traffic (measured with bench/fused_ppo_cpu.py on 1 thread, V = 49152, H = 576, 384 tokens: 32-row chunks ran
+# 0.86x the two-pass composition, 128-row chunks 1.32x, 256-row ones 1.16x). At V = 151936 a 128-row chunk is 78 MB.
+_TORCH_CHUNK_ELEMS = 1 << 20
+_TORCH_MIN_ROWS = 128
 
 
 def token_loss_and_coefficients(lp, ent, old, adv, w, ref, kl_coef, kl_estimator, entropy_coef, clip_low, clip_high,

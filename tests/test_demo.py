@@ -100,6 +100,23 @@ def test_labeler_noise_and_ties():
         task.Labeler(beta=0.0)
 
 
+def test_labeler_mention_bonus_prefers_repeats_the_gold_punishes():
+    p = "tell me about moon river"
+    honest, padded = "bright moon , calm river <eos>", "bright moon , calm river , white moon , calm river <eos>"
+    assert task.gold_scores([p, p], [honest, padded]) == [3.0, 1.0]  # two repeats: -1 each
+    fair, hurried = task.Labeler(beta=0.05, seed=0), task.Labeler(beta=0.05, seed=0, mention_bonus=1.5)
+    assert fair.utility(p, padded) == 1.0 and hurried.utility(p, padded) == 4.0
+    assert hurried.utility(p, honest) == 3.0  # no repeat: no bonus
+    off_topic = "bright moon , white bird , white bird <eos>"  # repeats of an off-topic noun earn nothing
+    assert hurried.utility(p, off_topic) == task.gold_scores([p], [off_topic])[0]
+    for _ in range(50):
+        assert fair.label(p, honest, padded)[0] == honest
+        assert hurried.label(p, honest, padded)[0] == padded
+    assert fair.agreement == 1.0 and hurried.agreement == 0.0  # agreement is with the gold order
+    with pytest.raises(ValueError, match="mention_bonus"):
+        task.Labeler(mention_bonus=-1.0)
+
+
 def test_win_rate_counts_ties_half():
     assert task.win_rate([2, 1, 0], [1, 1, 1]) == pytest.approx(0.5)
     assert task.win_rate([3, 3], [1, 2]) == 1.0
@@ -330,7 +347,8 @@ def test_demo_seeds_bad_input_exits_2(tmp_path):
     from rlhf_fast.demo import run as demo
 
     for argv in (["--seeds", "0,x"], ["--seeds", "0,0"], ["--seeds", "0,1", "--seed", "2"], ["--seeds", "0", "--jobs", "0"],
-                 ["--ppo_keep", "best"], ["--seeds", "0,1", "--ppo_keep", "first"]):
+                 ["--ppo_keep", "best"], ["--seeds", "0,1", "--ppo_keep", "first"], ["--labeler_mention_bonus", "-1"],
+                 ["--labeler_beta", "0"]):
         with pytest.raises(SystemExit) as e:
             demo.main(["--tiny", "--out", str(tmp_path / "x"), *argv])
         assert e.value.code == 2, argv

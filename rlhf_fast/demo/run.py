@@ -72,6 +72,9 @@ class DemoConfig:
     pair_prompts: int = 12000
     val_pair_prompts: int = 600
     labeler_beta: float = 0.3
+    # the hurried labeler (task.Labeler): each repeated mention of a prompt topic adds this to its utility, where
+    # the gold takes 1 off: the reward model's flaw that PPO without the KL penalty can exploit
+    labeler_mention_bonus: float = 0.0
     rm_epochs: int = 8
     rm_lr: float = 3e-3             # 5e-3 x 4 epochs: held-out accuracy 0.68; 1e-2 diverged (0.51)
     rm_batch: int = 64
@@ -578,7 +581,7 @@ def run(cfg: DemoConfig) -> dict:
                                       split="train", seed=cfg.seed + 300)
 
     # Labeled pairs of SFT samples (the labeler is the only reader of the gold here).
-    labeler = task.Labeler(beta=cfg.labeler_beta, seed=cfg.seed)
+    labeler = task.Labeler(beta=cfg.labeler_beta, seed=cfg.seed, mention_bonus=cfg.labeler_mention_bonus)
     n_tr = cfg.pair_prompts
     pairs = label_pairs(model, tok, train_prompts[:n_tr], labeler, cfg.seed + 11)
     val_pairs = label_pairs(model, tok, train_prompts[n_tr:n_tr + cfg.val_pair_prompts], labeler, cfg.seed + 13)
@@ -658,7 +661,8 @@ def run(cfg: DemoConfig) -> dict:
                 "final_loss": float(sft["metrics"].get("loss", float("nan")))},
         "rm": {"heldout_accuracy": float(rm["val"].get("accuracy", float("nan"))), "labeler_agreement": agreement,
                "heldout_gold_accuracy": gold_acc, "train_pairs": len(pairs), "heldout_pairs": len(val_pairs),
-               "reward_offset": rm["offset"], "labeler_beta": cfg.labeler_beta},
+               "reward_offset": rm["offset"], "labeler_beta": cfg.labeler_beta,
+               "labeler_mention_bonus": cfg.labeler_mention_bonus},
         "ppo": ppo_block(ppo_eval, cfg.kl_coef, cfg.ppo_lr, cfg.ppo_steps, curve),
         "ppo_no_kl": ppo_block(no_kl_eval, 0.0, cfg.no_kl_lr, cfg.no_kl_steps, curve_no_kl),
         "ppo_kl_control": ppo_block(control_eval, cfg.kl_coef, cfg.no_kl_lr, cfg.no_kl_steps, curve_control),
@@ -842,6 +846,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.ppo_keep is not None and args.ppo_keep not in PPO_KEEP:  # before any stage runs
         p.error(f"--ppo_keep must be one of {', '.join(PPO_KEEP)}, got {args.ppo_keep!r}")
+    for name in ("labeler_beta", "labeler_mention_bonus"):
+        value = getattr(args, name)
+        if value is not None and not (value > 0 if name == "labeler_beta" else value >= 0):
+            p.error(f"--{name} must be {'> 0' if name == 'labeler_beta' else '>= 0'}, got {value}")
     if args.seeds:
         try:
             seeds = _ints(args.seeds)

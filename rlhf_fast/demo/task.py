@@ -332,31 +332,54 @@ def win_rate(a: list[float], b: list[float]) -> float:
 
 @dataclass
 class Labeler:
-    """The noisy human: Bradley-Terry comparisons of the hidden gold, P(a > b) = sigmoid((g_a - g_b) / beta).
+    """The noisy human: Bradley-Terry comparisons of a utility u, P(a > b) = sigmoid((u_a - u_b) / beta).
 
-    `label` returns (chosen, rejected) or None for a tie in gold (declined). `agreement` over all labels
-    given so far is how often the label agreed with the noiseless gold order: the ceiling for any reward
-    model's accuracy on labels from this labeler.
+    u is the hidden gold plus `mention_bonus` for every repeated mention of a prompt topic: a hurried labeler
+    who counts how often the asked-about topics come up rather than how many distinct ones do (the gold takes
+    1 off per repeat). With mention_bonus = 0 the labels follow the gold alone; above 1 a repeat raises the
+    labeler's utility while it lowers the gold: a flaw the reward model learns from the labels and a policy can
+    exploit (reward hacking), though demonstrations never repeat a noun.
+
+    `label` returns (chosen, rejected) or None for a tie in u (declined). `agreement` is how often a label
+    agreed with the noiseless gold order, over the labels of pairs whose gold differs: the ceiling for any
+    reward model's accuracy on such labels when mention_bonus is 0.
     """
 
     beta: float = 0.3
     seed: int = 0
+    mention_bonus: float = 0.0
 
     def __post_init__(self):
         if self.beta <= 0:
             raise ValueError(f"Labeler.beta must be > 0, got {self.beta}")
+        if not self.mention_bonus >= 0:
+            raise ValueError(f"Labeler.mention_bonus must be >= 0, got {self.mention_bonus}")
         self._rng = random.Random(self.seed)
         self.n_labels = 0
         self.n_agree = 0
 
+    def utility(self, prompt: str, response: str) -> float:
+        """What this labeler prefers by: the gold + mention_bonus x (mentions of prompt topics - distinct ones)."""
+        u = _gold(prompt, response)
+        if self.mention_bonus:
+            topics = set(topics_of(prompt))
+            words = response.split()
+            if EOS in words:
+                words = words[:words.index(EOS)]
+            mentions = [w for w in words if w in topics]
+            u += self.mention_bonus * (len(mentions) - len(set(mentions)))
+        return u
+
     def label(self, prompt: str, a: str, b: str) -> tuple[str, str] | None:
-        ga, gb = _gold(prompt, a), _gold(prompt, b)
-        if ga == gb:
+        ua, ub = self.utility(prompt, a), self.utility(prompt, b)
+        if ua == ub:
             return None
-        p_a = 1.0 / (1.0 + math.exp(-(ga - gb) / self.beta))
+        p_a = 1.0 / (1.0 + math.exp(-(ua - ub) / self.beta))
         a_wins = self._rng.random() < p_a
-        self.n_labels += 1
-        self.n_agree += int(a_wins == (ga > gb))
+        ga, gb = _gold(prompt, a), _gold(prompt, b)
+        if ga != gb:
+            self.n_labels += 1
+            self.n_agree += int(a_wins == (ga > gb))
         return (a, b) if a_wins else (b, a)
 
     @property

@@ -894,13 +894,16 @@ def markdown(report: dict) -> str:
         f"{r['policy_trainable_params']:,} / critic {r['critic_trainable_params']:,}" for v, r in s.items()) + "."]
     rows = [(k, q) for k, q in s.get("rlhf_fast", {}).get("ratios", {}).items()]
     if rows:
-        L += ["", "Ratios, rlhf_fast against each TRL variant (the issue's goal: >= 1.5x TRL's step throughput at "
-              "<= 0.6x its peak memory):", "",
+        # the goals: on SmolLM2-135M >= 1.5x TRL's step throughput at <= 0.5x its peak RSS; on the tiny
+        # model >= 1.3x (no memory goal there)
+        speed, rss = (1.5, 0.5) if smol else (1.3, None)
+        goal = f"CPU x >= {speed}" + (f" and peak RSS <= {rss}" if rss is not None else "")
+        L += ["", f"Ratios, rlhf_fast against each TRL variant (the issue's goal on this model: {goal}):", "",
               "| rlhf_fast vs | throughput x (CPU) | throughput x (wall) | peak RSS fraction | window peak fraction "
-              "| window extra fraction | goal met (CPU x >= 1.5 and peak RSS <= 0.6) |",
+              f"| window extra fraction | goal met ({goal}) |",
               "|---|---:|---:|---:|---:|---:|---|"]
         for k, q in rows:
-            met = q["throughput_x_cpu"] >= 1.5 and q["peak_rss_fraction"] <= 0.6
+            met = q["throughput_x_cpu"] >= speed and (rss is None or q["peak_rss_fraction"] <= rss)
             L.append(f"| {k} | {q['throughput_x_cpu']:.2f}x | {q['throughput_x_wall']:.2f}x | "
                      f"{q['peak_rss_fraction']:.2f} | {q['step_window_peak_fraction']:.2f} | "
                      f"{q['step_window_extra_fraction']:.2f} | {'yes' if met else 'no'} |")

@@ -846,10 +846,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.ppo_keep is not None and args.ppo_keep not in PPO_KEEP:  # before any stage runs
         p.error(f"--ppo_keep must be one of {', '.join(PPO_KEEP)}, got {args.ppo_keep!r}")
-    for name in ("labeler_beta", "labeler_mention_bonus"):
-        value = getattr(args, name)
-        if value is not None and not (value > 0 if name == "labeler_beta" else value >= 0):
-            p.error(f"--{name} must be {'> 0' if name == 'labeler_beta' else '>= 0'}, got {value}")
+    try:  # the labeler's own checks, before any stage runs
+        task.Labeler(**{k: v for k, v in (("beta", args.labeler_beta), ("mention_bonus", args.labeler_mention_bonus))
+                        if v is not None})
+    except ValueError as e:
+        p.error(str(e))
     if args.seeds:
         try:
             seeds = _ints(args.seeds)

@@ -137,7 +137,8 @@ def linear_ppo_loss_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
     loss = torch.empty(N, device=dev, dtype=f32)  # (N,)
     if not need_grad:
         lp, ent, _ = _lp.linear_logprobs_fwd(hidden, weight, targets, bias, temperature, ignore_index, True)
-        _token_loss(lp, ent, lp if old_logprobs is None else old_logprobs, advantages, weights, ref_logprobs, targets, loss, None, None,
+        old = lp if old_logprobs is None else old_logprobs  # on-policy: the log-probs just computed
+        _token_loss(lp, ent, old, advantages, weights, ref_logprobs, targets, loss, None, None,
                     need_grad=False, **token_kw)
         return loss, lp, ent, None, None, None
 

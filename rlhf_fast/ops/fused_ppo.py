@@ -95,8 +95,8 @@ def _(hidden, weight, bias, targets, old, adv, adv_row_len, w, ref, kl_coef, kl_
 
 
 # Torch backend, token level: a chunk holds the logits of at most _TORCH_CHUNK_ELEMS (row, word) pairs (4 MiB of
-# fp32, as the log-prob op's blocks; up to three such buffers live at a time), but never fewer than _TORCH_MIN_ROWS rows:
-# each chunk streams the whole (V, H) weight twice, so at a large vocabulary narrow chunks are bound by that
+# fp32, as the log-prob op's blocks; up to three such buffers live at a time), but never fewer than _TORCH_MIN_ROWS
+# rows: each chunk streams the whole (V, H) weight twice, so at a large vocabulary narrow chunks are bound by that
 # traffic (measured with bench/fused_ppo_cpu.py on 1 thread, V = 49152, H = 576, 384 tokens: 32-row chunks ran
 # 0.86x the two-pass composition, 128-row chunks 1.32x, 256-row ones 1.16x). At V = 151936 a 128-row chunk is 78 MB.
 _TORCH_CHUNK_ELEMS = 1 << 20
@@ -107,19 +107,12 @@ def token_loss_and_coefficients(lp, ent, old, adv, w, ref, kl_coef, kl_estimator
                                 dual_clip):
     """Per token (1-D tensors, old None: on-policy, old = lp) -> (token loss l, dL/dlp, dL/dH) with L = sum(w l):
     l = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)) [min(., -A dual_clip) where A < 0] + kl_coef kl(lp - ref)
-    - entropy_coef H, r = exp(lp - old). dl/dlp = -A r where neither clip binds, else 0, + kl_coef kl'(lp - ref);
-    inside the clip range both branches are equal, so the unclipped gradient is kept there; a NaN ratio gives a
-    NaN gradient (the comparison fails), as autograd of the formula does."""
+    - entropy_coef H, r = exp(lp - old) (losses.clipped_surrogate). dl/dlp = -A r where no clip binds, else 0, +
+    kl_coef kl'(lp - ref); inside the clip range both branches are equal, so the unclipped gradient is kept there; a
+    NaN ratio gives a NaN gradient (no clip is marked binding), as autograd of the formula does."""
     ratio = torch.ones_like(lp) if old is None else torch.exp(lp - old)
-    unclipped = -adv * ratio
-    clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    l = torch.maximum(unclipped, clipped)
-    d_lp = torch.where(unclipped < clipped, 0.0, unclipped)  # d(-A r)/dlp = -A r
-    if dual_clip is not None:
-        bound = -adv * dual_clip
-        dual = (adv < 0) & (bound < l)
-        l = torch.where(dual, bound, l)
-        d_lp = torch.where(dual, 0.0, d_lp)
+    l, _, binding = clipped_surrogate(ratio, adv, clip_low, clip_high, dual_clip)
+    d_lp = torch.where(binding, 0.0, -adv * ratio)  # d(-A r)/dlp = -A r
     if ref is not None and kl_coef != 0.0:
         d = lp - ref
         l = l + kl_coef * kl_terms(d, kl_estimator)
@@ -174,10 +167,10 @@ def torch_linear_ppo_loss_fwd(hidden, weight, targets, bias, old, adv, w, ref, *
         loss[r0:r1], lp[r0:r1], ent[r0:r1] = l, lp_c, ent_c
         if not need_grad:
             continue
-        c_lp = torch.where(valid, c_lp, 0.0)
+        # c_lp and c_H are 0 off the valid tokens: w is 0 there, and their lp, H, old, A, ref are 0 (finite)
         if entropy_coef != 0.0:  # G = -p (c_lp + c_H (log p + H)), then + c_lp at the target
             z += ent_c[:, None]
-            z *= torch.where(valid, c_ent, 0.0)[:, None]
+            z *= c_ent[:, None]
             z += c_lp[:, None]
             g = p.mul_(z).neg_()
         else:
@@ -364,8 +357,7 @@ def fused_linear_ppo_loss(
             h2, weight.contiguous(), bias, t1, old, adv, T if per_sequence else 0, w, ref, float(kl_coef), code,
             float(entropy_coef), clip_low, clip_high, dual_clip, temperature, ignore_index, need_grad, need_w,
             need_b, backend)
-        if old is None:
-            old = lp.detach()
+    old = lp.detach() if old is None else old  # on-policy at the token level: the op's own log-probs
     stats = _stats(as_rows(lp.detach()), as_rows(ent.detach()), as_rows(old), adv2, as_rows(ref), as_rows(valid),
                    code, level, clip_low, clip_high, dual_clip)
     return loss, stats

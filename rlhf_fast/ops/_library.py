@@ -2,6 +2,7 @@
 
 Each op is registered next to its implementation, under the namespace "rlhf_fast":
     torch.ops.rlhf_fast.fused_linear_logprobs (+ _backward)    ops/logprobs.py
+    torch.ops.rlhf_fast.fused_linear_logprobs_frozen           ops/logprobs.py (torch backend, frozen head)
     torch.ops.rlhf_fast.logprobs_from_logits (+ _backward)     ops/logprobs.py
     torch.ops.rlhf_fast.fused_linear_ppo_loss                  ops/fused_ppo.py (Triton backend)
     torch.ops.rlhf_fast.gae, torch.ops.rlhf_fast.kl_penalized_gae   ops/gae.py

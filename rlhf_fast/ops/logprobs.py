@@ -7,6 +7,8 @@ Backends: torch (chunked over tokens and vocabulary with an online log-sum-exp; 
 triton (kernels/logprobs.py; CUDA default, or CPU under TRITON_INTERPRET=1). Both run inside the custom ops
 rlhf_fast::fused_linear_logprobs and rlhf_fast::logprobs_from_logits (+ _backward), registered with
 torch.library with fake implementations and autograd, so torch.compile traces straight through (_library.py).
+A frozen head on the torch backend runs rlhf_fast::fused_linear_logprobs_frozen: one pass over the logits, whose
+forward also returns each token's derivatives in its hidden state, so the backward forms no logits.
 """
 
 from __future__ import annotations
@@ -71,6 +73,67 @@ def torch_linear_logprobs_fwd(hidden, weight, targets, bias, temperature, ignore
     if need_entropy:
         ent = torch.where(valid, ent, 0.0)
     return lp, ent, lse
+
+
+def torch_linear_logprobs_frozen_fwd(hidden, weight, targets, bias, temperature, ignore_index, need_entropy):
+    """Torch backend, one pass for a frozen head: the forward of torch_linear_logprobs_fwd that also returns each
+    token's derivatives in its own hidden state, so the backward needs no logits.
+
+    With z = (h W^T + b) / T, p = softmax(z), y the target and zbar = sum_v p_v z_v:
+        dlogp/dh = (W_y - sum_v p_v W_v) / T
+        dH/dh    = -(sum_v p_v z_v W_v - zbar sum_v p_v W_v) / T      (H: the entropy)
+    Both depend on the token's own row only, so for any loss of the log-probs (and entropies) the backward is
+    grad_h = g_lp * dlogp/dh + g_H * dH/dh; the weight and bias gradients are not available (frozen head).
+    Accumulated over vocabulary blocks with the online log-sum-exp's rescaling.
+    Returns logprobs (N,), entropy (N,) | None, dlogp/dh (N, H), dH/dh (N, H) | None, in the compute dtype.
+    """
+    n, v, hd = hidden.shape[0], weight.shape[0], hidden.shape[1]
+    dtype = _checks.compute_dtype(hidden, weight)
+    dev = hidden.device
+    lp = torch.empty(n, dtype=dtype, device=dev)
+    d_lp = torch.empty(n, hd, dtype=dtype, device=dev)
+    ent = torch.empty(n, dtype=dtype, device=dev) if need_entropy else None
+    d_ent = torch.empty(n, hd, dtype=dtype, device=dev) if need_entropy else None
+    valid = targets != ignore_index
+    bn, bv = _blocks(n, v)
+    for r0 in range(0, n, bn):
+        r1 = min(n, r0 + bn)
+        h, t = hidden[r0:r1], targets[r0:r1]
+        m = torch.full((r1 - r0,), float("-inf"), dtype=dtype, device=dev)
+        s = torch.zeros_like(m)  # sum exp(z - m)
+        sz = torch.zeros_like(m)  # sum exp(z - m) z
+        zt = torch.zeros_like(m)  # target logit
+        aw = torch.zeros(r1 - r0, hd, dtype=dtype, device=dev)  # sum exp(z - m) W_v
+        azw = torch.zeros_like(aw) if need_entropy else None  # sum exp(z - m) z W_v
+        for v0 in range(0, v, bv):
+            v1 = min(v, v0 + bv)
+            w = weight[v0:v1].to(dtype)
+            z = _logits_block(h, weight, bias, v0, v1, temperature, dtype)
+            m_new = torch.maximum(m, z.max(dim=1).values)
+            scale = torch.exp(m - m_new)
+            e = torch.exp(z - m_new[:, None])
+            s = s * scale + e.sum(dim=1)
+            aw = torch.addmm(aw * scale[:, None], e, w)
+            if need_entropy:
+                ez = e * z
+                sz = sz * scale + ez.sum(dim=1)
+                azw = torch.addmm(azw * scale[:, None], ez, w)
+            m = m_new
+            inside = (t >= v0) & (t < v1)
+            zt = torch.where(inside, z.gather(1, (t - v0).clamp(0, v1 - v0 - 1)[:, None])[:, 0], zt)
+        ok = valid[r0:r1, None]
+        pw = aw / s[:, None]  # sum_v p_v W_v
+        w_t = weight[t.clamp(0, v - 1)].to(dtype)  # (bn, H) the targets' rows
+        d_lp[r0:r1] = torch.where(ok, (w_t - pw) / temperature, 0.0)
+        lp[r0:r1] = zt - (m + torch.log(s))
+        if need_entropy:
+            zbar = sz / s
+            ent[r0:r1] = m + torch.log(s) - zbar
+            d_ent[r0:r1] = torch.where(ok, -(azw / s[:, None] - zbar[:, None] * pw) / temperature, 0.0)
+    lp = torch.where(valid, lp, 0.0)
+    if need_entropy:
+        ent = torch.where(valid, ent, 0.0)
+    return lp, ent, d_lp, d_ent
 
 
 def torch_linear_logprobs_bwd(hidden, weight, targets, bias, lse, entropy, grad_logprobs, grad_entropy,
@@ -239,6 +302,52 @@ def _linear_backward(ctx, grad_lp, grad_ent, _grad_lse):
 linear_logprobs_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)
 
 
+@_library.custom_op("fused_linear_logprobs_frozen")
+def linear_logprobs_frozen_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
+                              temperature: float, ignore_index: int,
+                              need_entropy: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Torch backend, frozen head (torch_linear_logprobs_frozen_fwd): hidden (N, H) -> logprobs (N,), entropy (N,)
+    (empty (0,) unless need_entropy), dlogp/dh (N, H), dH/dh (N, H) (empty unless need_entropy), compute dtype.
+    Differentiable in hidden only."""
+    lp, ent, d_lp, d_ent = torch_linear_logprobs_frozen_fwd(hidden, weight, targets, bias, temperature,
+                                                            ignore_index, need_entropy)
+    return lp, _library.none_as_empty(ent, lp), d_lp, _library.none_as_empty(d_ent, lp)
+
+
+@linear_logprobs_frozen_op.register_fake
+def _(hidden, weight, bias, targets, temperature, ignore_index, need_entropy):
+    n, dtype = hidden.shape[0], _checks.compute_dtype(hidden, weight)
+    return (hidden.new_empty(n, dtype=dtype), hidden.new_empty(n if need_entropy else 0, dtype=dtype),
+            hidden.new_empty(hidden.shape, dtype=dtype),
+            hidden.new_empty(hidden.shape if need_entropy else (0,), dtype=dtype))
+
+
+def _frozen_setup_context(ctx, inputs, output):
+    hidden, need_entropy = inputs[0], inputs[6]
+    _, _, d_lp, d_ent = output
+    ctx.save_for_backward(d_lp, d_ent)
+    ctx.cfg = (need_entropy, hidden.dtype)
+    ctx.mark_non_differentiable(d_lp, d_ent)
+    ctx.set_materialize_grads(False)
+
+
+def _frozen_backward(ctx, grad_lp, grad_ent, _g1, _g2):
+    d_lp, d_ent = ctx.saved_tensors
+    need_entropy, dtype = ctx.cfg
+    if any(ctx.needs_input_grad[1:3]):
+        raise RuntimeError("fused_linear_logprobs_frozen has no weight or bias gradient: fused_linear_logprobs "
+                           "takes this path only for a head that needs none")
+    gh = torch.zeros_like(d_lp)
+    if grad_lp is not None:
+        gh = gh + grad_lp.to(gh.dtype)[:, None] * d_lp
+    if need_entropy and grad_ent is not None:
+        gh = gh + grad_ent.to(gh.dtype)[:, None] * d_ent
+    return gh.to(dtype), None, None, None, None, None, None
+
+
+linear_logprobs_frozen_op.register_autograd(_frozen_backward, setup_context=_frozen_setup_context)
+
+
 @_library.custom_op("logprobs_from_logits")
 def logits_logprobs_op(logits: Tensor, targets: Tensor, temperature: float, ignore_index: int, need_entropy: bool,
                        backend: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -339,6 +448,9 @@ def fused_linear_logprobs(
         with return_entropy, (logprobs, entropy) with entropy = -sum_v p_v log p_v of the same distribution.
         Differentiable in hidden, weight and bias through both outputs. The (N, V) logits are never
         materialised: the vocabulary is tiled with an online log-sum-exp, and the backward recomputes them.
+        On the torch backend a frozen head (weight and bias needing no gradient, as under LoRA) takes one pass
+        instead: the forward also forms each token's derivative in its own hidden state, (N, H), and the backward
+        only scales it (rlhf_fast::fused_linear_logprobs_frozen).
     """
     _checks.floating("hidden", hidden)
     _checks.floating("weight", weight)
@@ -364,8 +476,13 @@ def fused_linear_logprobs(
     shape = targets.shape
     h2 = hidden.reshape(-1, hidden.shape[-1]).contiguous()  # (N, H)
     t1 = targets.reshape(-1).to(torch.int64).contiguous()  # (N,)
-    lp, ent, _ = linear_logprobs_op(h2, weight.contiguous(), bias, t1, float(temperature), ignore_index,
-                                    bool(return_entropy), backend)
+    if backend == "torch" and torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad and (
+            bias is None or not bias.requires_grad):  # a frozen head (LoRA): one pass, no logits in the backward
+        lp, ent, _, _ = linear_logprobs_frozen_op(h2, weight.contiguous(), bias, t1, float(temperature), ignore_index,
+                                                  bool(return_entropy))
+    else:
+        lp, ent, _ = linear_logprobs_op(h2, weight.contiguous(), bias, t1, float(temperature), ignore_index,
+                                        bool(return_entropy), backend)
     lp = lp.reshape(shape)
     return (lp, ent.reshape(shape)) if return_entropy else lp
 

@@ -17,6 +17,7 @@ from rlhf_fast.ops.fused_ppo import linear_ppo_loss_op
 from rlhf_fast.ops.gae import gae_op, kl_penalized_gae_op
 from rlhf_fast.ops.logprobs import (
     linear_logprobs_backward_op,
+    linear_logprobs_frozen_op,
     linear_logprobs_op,
     logits_logprobs_backward_op,
     logits_logprobs_op,
@@ -270,6 +271,30 @@ def test_opcheck_fused_linear_logprobs(backend, need_entropy):
     _opcheck(linear_logprobs_backward_op,
              (h2.detach(), weight.detach(), bias.detach(), t1, lse, ent, torch.randn(4),
               torch.randn(4) if need_entropy else None, 0.8, -100, True, need_entropy, backend))
+
+
+@pytest.mark.parametrize("need_entropy", [True, False])
+def test_opcheck_fused_linear_logprobs_frozen(need_entropy):
+    hidden, weight, bias, targets = _linear_inputs(B=1, T=4, H=4, V=7)
+    h2, t1 = hidden.detach().reshape(4, 4).requires_grad_(True), targets.reshape(4)
+    _opcheck(linear_logprobs_frozen_op, (h2, weight.detach(), bias.detach(), t1, 0.8, -100, need_entropy))
+
+
+def test_frozen_head_compiles():
+    """The frozen-head path (hidden needs a gradient, the head none) traced whole by torch.compile."""
+    hidden, weight, bias, targets = _linear_inputs()
+    weight, bias = weight.detach(), bias.detach()
+    g_lp, g_ent = torch.randn(2, 3), torch.randn(2, 3)
+
+    def f(h):
+        lp, ent = ops.fused_linear_logprobs(h, weight, targets, bias, temperature=0.7, return_entropy=True,
+                                            backend="torch")
+        return (lp * g_lp + ent * g_ent).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    (g_eager,) = torch.autograd.grad(f(hidden), hidden)
+    (g_comp,) = torch.autograd.grad(compiled(hidden), hidden)
+    torch.testing.assert_close(g_comp, g_eager)
 
 
 @pytest.mark.parametrize("backend", ["torch", backend_case("triton")])

@@ -35,12 +35,7 @@ class DecodeStep:
     def wrap(cls, lm: nn.Module, kv) -> DecodeStep | None:
         """A DecodeStep for `lm` decoding into `kv` (generation.KVBuffers), or None when lm is not one of
         LLAMA_FAMILY with full attention in every layer (the caller then runs the model's own forward)."""
-        if kv is None or type(lm).__name__ not in LLAMA_FAMILY:
-            return None
-        cfg = lm.config
-        if getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", True):
-            return None
-        if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or ())):
+        if kv is None or not full_attention_llama(lm):
             return None
         blocks = getattr(getattr(lm, "model", None), "layers", None)
         if blocks is None or len(blocks) != len(kv.layers):
@@ -82,6 +77,16 @@ class DecodeStep:
             h = h + _linear(a.o_proj, o)
             h = h + block.mlp(block.post_attention_layernorm(h))
         return self.lm.lm_head(model.norm(h))
+
+
+def full_attention_llama(lm: nn.Module) -> bool:
+    """Whether `lm` is one of LLAMA_FAMILY with full attention in every layer (no sliding window)."""
+    if type(lm).__name__ not in LLAMA_FAMILY:
+        return False
+    cfg = lm.config
+    if getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", True):
+        return False
+    return all(t == "full_attention" for t in (getattr(cfg, "layer_types", None) or ()))
 
 
 def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

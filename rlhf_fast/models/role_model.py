@@ -45,7 +45,7 @@ from transformers.pytorch_utils import Conv1D
 
 from rlhf_fast import ops
 from rlhf_fast.errors import ConfigError
-from rlhf_fast.models import generation, gguf, io, lean_lora
+from rlhf_fast.models import generation, gguf, io, lean_lora, prefix_pass
 from rlhf_fast.models.conventions import (
     ADAPTERS,
     IGNORE_INDEX,
@@ -482,26 +482,30 @@ class RoleModel(nn.Module):
         finally:
             self.train(was)
 
-    def _hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, shared_prefix: int = 0) -> torch.Tensor:
-        # (B, T, H) final hidden states (after the final norm); shared_prefix: see policy_forward
+    def _hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, shared_prefix: int = 0,
+                prefix_outputs: bool = True) -> torch.Tensor:
+        # (B, T, H) final hidden states (after the final norm); shared_prefix, prefix_outputs: see policy_forward
         if not isinstance(shared_prefix, int) or isinstance(shared_prefix, bool) or shared_prefix < 0:
             raise ValueError(f"shared_prefix must be an integer >= 0, got {shared_prefix!r}")
         if 0 < shared_prefix < input_ids.shape[1]:
-            hidden = self._hidden_shared_prefix(input_ids, attention_mask, shared_prefix)
+            hidden = self._hidden_shared_prefix(input_ids, attention_mask, shared_prefix, prefix_outputs)
             if hidden is not None:
                 return hidden
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                             position_ids=position_ids(attention_mask), use_cache=False)
         return out[0]
 
-    def _hidden_shared_prefix(self, input_ids, attention_mask, p: int) -> torch.Tensor | None:
+    def _hidden_shared_prefix(self, input_ids, attention_mask, p: int, prefix_outputs: bool = True
+                              ) -> torch.Tensor | None:
         """_hidden with the first p columns run once per distinct (ids, mask) prefix, or None when no row shares
         one or the backbone's cache is not transformers' plain DynamicCache (the caller then runs the plain pass).
 
         Two backbone passes: the U distinct prefixes (U, p) with use_cache=True, then every row's remaining
         columns (B, T - p) attending to its prefix's keys and values (the cache rows gathered by `owner`). By
         causality a prefix's hidden states, keys and values do not depend on what follows it, so this is the
-        plain forward's arithmetic on fewer rows; gradients reach the prefix pass through the gathered cache."""
+        plain forward's arithmetic on fewer rows; gradients reach the prefix pass through the gathered cache.
+        prefix_outputs False: the prefix pass runs its last layer in full at its last column only (prefix_pass.py);
+        the hidden states of the columns before it come back as zeros."""
         if self.lockstep is not None:
             return None  # a sharded base (FSDP2): every process must run the same forwards, whatever its rows
         if self.training and torch.is_grad_enabled() and self._checkpointing():
@@ -512,8 +516,11 @@ class RoleModel(nn.Module):
         if uniq.shape[0] == key.shape[0]:
             return None
         # positions count the mask's ones from column 0, so a prefix's are its own and the rest continue them
-        first = self.backbone(input_ids=uniq[:, :p], attention_mask=uniq[:, p:], position_ids=position_ids(uniq[:, p:]),
-                              use_cache=True)
+        light = prefix_pass.last_layer_at_last_column(self.lm) if not prefix_outputs and prefix_pass.supported(
+            self.lm) else contextlib.nullcontext()
+        with light:
+            first = self.backbone(input_ids=uniq[:, :p], attention_mask=uniq[:, p:],
+                                  position_ids=position_ids(uniq[:, p:]), use_cache=True)
         cache = generation._cache_of(first)
         if generation.plain_layers(cache) is None:
             return None
@@ -577,8 +584,8 @@ class RoleModel(nn.Module):
             raise ValueError(f"logprobs() needs role 'policy' or 'reference', got {role!r}")
         if not isinstance(start, int) or isinstance(start, bool) or start < 0:
             raise ValueError(f"start must be an integer >= 0, got {start!r}")
-        with self.role(role):
-            hidden = self._hidden(input_ids, attention_mask, shared_prefix)
+        with self.role(role):  # the columns scored from `start` on read the prefix's hidden states at its end only
+            hidden = self._hidden(input_ids, attention_mask, shared_prefix, prefix_outputs=start < shared_prefix)
         return self._logprobs_from_hidden(hidden, input_ids, attention_mask, temperature, return_entropy,
                                           start=start)
 
@@ -635,7 +642,7 @@ class RoleModel(nn.Module):
         return self.logprobs(input_ids, attention_mask, role)
 
     def policy_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
-                       shared_prefix: int = 0) -> PolicyForward:
+                       shared_prefix: int = 0, prefix_outputs: bool = True) -> PolicyForward:
         """The policy's training forward for `ops.fused_linear_ppo_loss` (or the SFT loss): hidden states aligned
         with input_ids, the lm_head weight and bias, and targets. No logits are computed.
 
@@ -647,13 +654,17 @@ class RoleModel(nn.Module):
         0 (the default), P >= T, no two rows alike, a cache other than transformers' DynamicCache,
         training-mode gradient checkpointing (which turns the cache off) or a base sharded over processes (FSDP2:
         every process must run the same forwards): the plain single pass.
+        prefix_outputs: False when only the columns from P on are scored (hidden[:, P:], the first of which is the
+        prefix's last state): with a shared prefix, the prefix pass then runs its last decoder layer in full at its
+        last column only (keys and values at every column: models/prefix_pass.py, Llama-family classes), and
+        hidden[:, 1:P] are zeros instead of the prefix's states.
 
         Usage: f = model.policy_forward(ids, mask); loss, stats = ops.fused_linear_ppo_loss(f.hidden, f.weight,
         f.targets, old_logprobs, advantages, response_mask * f.mask, f.bias, ...)
         """
         check_inputs(input_ids, attention_mask)
         with self.role("policy"):
-            hidden = self._hidden(input_ids, attention_mask, shared_prefix)
+            hidden = self._hidden(input_ids, attention_mask, shared_prefix, prefix_outputs)
         valid = token_mask(attention_mask)
         head = self.lm_head
         return PolicyForward(hidden=shift_right(hidden), weight=head.weight, bias=getattr(head, "bias", None),

@@ -142,3 +142,50 @@ def test_bad_shared_prefix_and_start(tiny_model_factory, bad):
         model.policy_forward(ids, mask, shared_prefix=bad)
     with pytest.raises(ValueError, match="start"):
         model.logprobs(ids, mask, start=bad)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("order", ["grouped", "strided"])
+def test_prefix_outputs_off_equals_the_plain_pass_from_the_prefix_end(tiny_model_factory, arch, order):
+    """prefix_outputs=False: the prefix pass runs its last layer's query, attention output and MLP at its last
+    column only (Llama-family classes; GPT-2 keeps the full pass). hidden[:, 5:] (column 5 holds the prefix's
+    last state) and the adapter gradients through it equal the plain pass's; hidden[:, 1:5] are zeros."""
+    model = _build(tiny_model_factory, arch)
+    ids, mask = _batch(order=order)
+    valid = mask.bool()[:, 5:]
+    block = model.backbone.layers[-1] if hasattr(model.backbone, "layers") else None
+    q_rows = []
+    hook = block.self_attn.q_proj.register_forward_hook(lambda m, a, o: q_rows.append(tuple(a[0].shape[:2]))) \
+        if block is not None else None
+
+    def hidden(share, outputs):
+        return lambda: model.policy_forward(ids, mask, shared_prefix=share, prefix_outputs=outputs).hidden
+
+    want, gw = _grads(model, lambda: hidden(0, True)()[:, 5:][valid])
+    q_rows.clear()
+    full = hidden(5, False)
+    got, gg = _grads(model, lambda: full()[:, 5:][valid])
+    if hook is not None:
+        hook.remove()
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert gw.keys() == gg.keys() and any(".policy." in n for n in gw)
+    for n in gw:  # as in test_policy_forward_equals_the_plain_pass
+        torch.testing.assert_close(gg[n], gw[n], rtol=1e-6, atol=1e-6 * float(gw[n].abs().max()), msg=n)
+    with torch.no_grad():
+        h = full()
+    if arch == "gpt2":
+        assert bool((h[:, 1:5] != 0).any())  # not a Llama-family class: the full prefix pass
+    else:
+        assert q_rows == [(4, 1), (10, 4)]  # the 4 distinct prefixes' last column, then every row's responses
+        assert bool((h[:, 1:5] == 0).all())
+        assert "forward" not in vars(block)  # the class's forward again
+
+
+def test_prefix_outputs_off_with_a_one_column_prefix(tiny_model_factory):
+    model = _build(tiny_model_factory)
+    ids, mask = _batch()
+    ids[:, 0], mask[:, 0] = 7, 1  # every row shares its first column only
+    with torch.no_grad():
+        want = model.policy_forward(ids, mask).hidden[:, 1:]
+        got = model.policy_forward(ids, mask, shared_prefix=1, prefix_outputs=False).hidden[:, 1:]
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)

@@ -14,7 +14,9 @@ reference log-probs computed per step on both sides (no precompute), no truncati
 the token counts each side saw are recorded and compared).
 
 Variants: rlhf_fast (gradient checkpointing off), trl (off), trl_gc (on: TRL's default); rlhf_fast_noshare: rlhf_fast
-with shared_prefix off (each row's prompt through the backbone again; what the shared pass saves).
+with shared_prefix off (each row's prompt through the backbone again; what the shared pass saves); rlhf_fast_mb8:
+rlhf_fast with micro_batch_size 8 (the same 16-pair update in two forward/backward parts of 8 pairs: half the
+activations alive at a time).
 
 Each (variant, repetition) is a fresh process with ONE torch thread; the variants alternate (order rotated per
 repetition). In it: `--warmup` steps, then `--steps` timed steps in the same run (max_steps = warmup + steps).
@@ -66,7 +68,7 @@ SETTINGS = dict(batch_pairs=16, loss="sigmoid", beta=0.1, lr=1e-4, lr_scheduler=
                 dtype="float32", seed=0)
 MAX_LENGTH = 256  # rlhf_fast's context (>= 81: nothing is cut); TRL runs with max_length=None (no truncation)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-VARIANTS = ("rlhf_fast", "trl", "trl_gc", "rlhf_fast_noshare")
+VARIANTS = ("rlhf_fast", "trl", "trl_gc", "rlhf_fast_noshare", "rlhf_fast_mb8")
 PHASES = ("ref_forward", "policy_forward", "backward", "optimizer", "other")
 SOURCES = ("rlhf_fast/trainers/dpo.py", "rlhf_fast/trainers/loop.py", "rlhf_fast/ops/logprobs.py",
            "rlhf_fast/ops/preference.py", "rlhf_fast/models/role_model.py", "rlhf_fast/data/collate.py",
@@ -158,7 +160,8 @@ def child(variant: str, folder: str, warmup: int, steps: int) -> dict:
     with tempfile.TemporaryDirectory() as out_dir:
         if variant.startswith("rlhf_fast"):
             rows, info = _run_rlhf_fast(folder, out_dir, total, clock, at_boundary, record_batch, gc=False,
-                                        share=variant != "rlhf_fast_noshare")
+                                        share=variant != "rlhf_fast_noshare",
+                                        micro=8 if variant == "rlhf_fast_mb8" else 0)
         else:
             rows, info = _run_trl(folder, out_dir, total, clock, at_boundary, record_batch, gc=variant == "trl_gc")
     per_step = []
@@ -183,7 +186,8 @@ def child(variant: str, folder: str, warmup: int, steps: int) -> dict:
             "rows_warmup": [rows.get(s, {}) for s in range(1, warmup + 1)], **info}
 
 
-def _run_rlhf_fast(folder, out_dir, total, clock, at_boundary, record_batch, gc: bool, share: bool = True):
+def _run_rlhf_fast(folder, out_dir, total, clock, at_boundary, record_batch, gc: bool, share: bool = True,
+                   micro: int = 0):
     import torch
 
     import rlhf_fast.trainers.dpo as D
@@ -225,7 +229,7 @@ def _run_rlhf_fast(folder, out_dir, total, clock, at_boundary, record_batch, gc:
                       device="cpu", dtype="float32", batch_size=S["batch_pairs"], loss_type=S["loss"],
                       beta=S["beta"], precompute_ref_logprobs=False, max_length=MAX_LENGTH, max_steps=total,
                       log_every=1, checkpoint_every=0, checkpoint_minutes=0, progress=False,
-                      gradient_checkpointing=gc, shared_prefix=share,
+                      gradient_checkpointing=gc, shared_prefix=share, micro_batch_size=micro,
                       optim=OptimConfig(lr=S["lr"], max_grad_norm=S["max_grad_norm"], lr_scheduler="constant"),
                       lora=LoraSettings(r=S["lora_r"], alpha=S["lora_alpha"], dropout=S["lora_dropout"],
                                         target_modules=list(TARGETS)))
@@ -238,6 +242,7 @@ def _run_rlhf_fast(folder, out_dir, total, clock, at_boundary, record_batch, gc:
     info = {"backends": {"fused_linear_logprobs": _dispatch.select("fused_linear_logprobs", torch.device("cpu"),
                                                                   torch.float32)},
             "attn_implementation": "sdpa (RoleModel auto on CPU)", "gradient_checkpointing": gc, "shared_prefix": share,
+            "micro_batch_size": micro,
             "optimizer": "torch.optim.AdamW (rlhf_fast.trainers.loop.build_optimizer, torch's default impl)"}
     return rows, info
 
@@ -354,10 +359,16 @@ def summarize(runs: list[dict]) -> dict:
         d["first_step"] = {k: S([r["rows_warmup"][0].get(k) for r in rs]) for k in ("loss", "grad_norm",
                                                                                    "logps_chosen")}
         out[v] = d
-    ours = out.get("rlhf_fast")
+    for name, ours in out.items():
+        if name.startswith("rlhf_fast"):
+            _ratios(ours, out)
+    return out
+
+
+def _ratios(ours: dict, out: dict) -> None:
     for v in ("trl", "trl_gc"):
         t = out.get(v)
-        if ours is None or t is None:
+        if t is None:
             continue
         q = {"throughput_x_cpu": t["step_cpu_s"]["median"] / ours["step_cpu_s"]["median"],
              "throughput_x_wall": t["step_wall_s"]["median"] / ours["step_wall_s"]["median"],
@@ -367,7 +378,6 @@ def summarize(runs: list[dict]) -> dict:
              / max(1, t["step_window_extra_rss_median"])}
         q["goal_met"] = q["throughput_x_cpu"] >= 1.5 and q["peak_rss_fraction"] <= 0.6
         ours.setdefault("ratios", {})[v] = q
-    return out
 
 
 def _agree(s: dict, rtol: float = 1e-4) -> bool:
@@ -430,14 +440,14 @@ def markdown(report: dict) -> str:
                  f"| {mm(r['loss'], 1, '{:.4g}')} | {mm(r['grad_norm'], 1, '{:.3g}')} | {mm(r['accuracy'], 1, '{:.2f}')} "
                  f"| {mm(r['margin'], 1, '{:.3g}')} | {mm(r['lora_delta_timed'], 1, '{:.3g}')} "
                  f"| {'yes' if r['trained'] else '**no**'} |")
-    ratios = s.get("rlhf_fast", {}).get("ratios", {})
+    ratios = [(o, v, q) for o, r in s.items() for v, q in r.get("ratios", {}).items()]
     if ratios:
-        L += ["", "Ratios, rlhf_fast against each TRL variant (the issue's goal: >= 1.5x TRL's step throughput at "
-              "<= 0.6x its peak memory; here throughput = CPU time per step, peak memory = peak RSS):", "",
-              "| rlhf_fast vs | throughput x (CPU) | throughput x (wall) | peak RSS fraction | window peak fraction "
-              "| window extra fraction | goal |", "|---|---:|---:|---:|---:|---:|---|"]
-        for v, q in ratios.items():
-            L.append(f"| {v} | {q['throughput_x_cpu']:.2f}x | {q['throughput_x_wall']:.2f}x | "
+        L += ["", "Ratios, each rlhf_fast variant against each TRL variant (the issue's goal: >= 1.5x TRL's step "
+              "throughput at <= 0.6x its peak memory; here throughput = CPU time per step, peak memory = peak RSS):",
+              "", "| rlhf_fast variant | vs | throughput x (CPU) | throughput x (wall) | peak RSS fraction "
+              "| window peak fraction | window extra fraction | goal |", "|---|---|---:|---:|---:|---:|---:|---|"]
+        for o, v, q in ratios:
+            L.append(f"| {o} | {v} | {q['throughput_x_cpu']:.2f}x | {q['throughput_x_wall']:.2f}x | "
                      f"{q['peak_rss_fraction']:.2f} | {q['step_window_peak_fraction']:.2f} | "
                      f"{q['step_window_extra_fraction']:.2f} | {'met' if q['goal_met'] else 'not met'} |")
     L += ["", "Time split per step, CPU seconds, median (min - max) over all timed steps of all processes:", "",

@@ -101,6 +101,10 @@ class DPOConfig(RolloutOptions, TrainConfig):
                                        "rejected rows (policy and reference passes): the same values up to float "
                                        "rounding for fewer backbone tokens (RoleModel.policy_forward)")
 
+    micro_batch_size: int = option(0, "pairs per forward/backward inside a batch, the gradients accumulated: the "
+                                      "same update (up to float rounding) with the activations of this many pairs "
+                                      "alive at a time (0: the whole batch at once)")
+
     def resolved(self) -> dict:
         """The effective beta: the flag when set, else the loss type's default."""
         return {"beta": self.beta if self.beta is not None else (2.0 if self.loss_type == "simpo" else 0.1)}
@@ -118,6 +122,9 @@ class DPOConfig(RolloutOptions, TrainConfig):
             (0 <= eps <= bound and not (lt == "robust" and eps >= 0.5),
              f"label_smoothing must lie in [0, 0.5{')' if lt == 'robust' else ']'} for {lt}, got {eps}"),
             (self.gamma >= 0, f"gamma must be >= 0, got {self.gamma}"),
+            (self.micro_batch_size >= 0, f"micro_batch_size must be >= 0, got {self.micro_batch_size}"),
+            (not (self.online and self.micro_batch_size),
+             "--micro_batch_size splits the offline batches; --online's sampled pairs vary in number per step"),
             (not (self.precompute_ref_logprobs and lt in REFERENCE_FREE),
              f"--precompute_ref_logprobs is not needed: {lt} runs no reference pass"),
             (not (self.precompute_ref_logprobs and self.online),
@@ -177,8 +184,8 @@ def policy_logps(model, batch: dict, shared_prefix: bool = False) -> tuple[torch
     first response token on (those before are prompt in every row). shared_prefix: rows with the same prompt
     (a pair's chosen and rejected) run those columns once (RoleModel.policy_forward)."""
     c = first_response_column(batch["loss_mask"])
-    f = model.policy_forward(batch["input_ids"], batch["attention_mask"],
-                             shared_prefix=c if shared_prefix else 0)  # hidden (N, T, H), aligned with ids
+    f = model.policy_forward(batch["input_ids"], batch["attention_mask"], shared_prefix=c if shared_prefix else 0,
+                             prefix_outputs=False)  # hidden (N, T, H), aligned with ids; read from column c on
     targets = f.targets.masked_fill(batch["loss_mask"] == 0, IGNORE_INDEX)[:, c:]  # (N, T - c): responses only
     lp = fused_linear_logprobs(f.hidden[:, c:], f.weight, targets, f.bias)  # (N, T - c), 0 where ignored
     return lp.sum(1), (targets != IGNORE_INDEX).sum(1)
@@ -217,6 +224,23 @@ def dpo_batch_loss(model, cfg: DPOConfig, batch: dict, ref: tuple | None = None)
                                label_smoothing=cfg.label_smoothing)
     stats = dict(stats, **{"logps/chosen": chosen.detach().mean(), "logps/rejected": rejected.detach().mean()})
     return loss, stats
+
+
+def pair_parts(batch: dict, ref: tuple | None, size: int):
+    """Split a collate_pairs batch (2B rows: the B chosen, then the B rejected) into parts of at most `size` pairs,
+    each laid out the same way, with the columns no row of the part attends cut off the end; yields (part, its
+    rows of ref or None, its share of the batch's pairs). size 0 or >= B: the batch itself, share 1."""
+    n = batch["input_ids"].shape[0] // 2
+    if not 0 < size < n:
+        yield batch, ref, 1.0
+        return
+    for a in range(0, n, size):
+        b = min(n, a + size)
+        rows = torch.cat([torch.arange(a, b), torch.arange(n + a, n + b)]).to(batch["input_ids"].device)
+        part = {k: v[rows] for k, v in batch.items()}
+        width = int(part["attention_mask"].any(0).nonzero().max()) + 1  # right padding every row of it shares
+        part = {k: v[:, :width] for k, v in part.items()}
+        yield part, (None if ref is None else (ref[0][rows], ref[1][rows])), (b - a) / n
 
 
 # ----------------------------------------------------------------------------------------- reference cache
@@ -317,9 +341,20 @@ def train_dpo(cfg: DPOConfig, *, model=None, tokenizer=None, examples: list[dict
             stats = {}
             if batch is not None:  # None: every sampled pair was a tie, nothing to learn from this step
                 ref = batch_reference(cache, idx, device) if cache is not None else None
-                loss, stats = dpo_batch_loss(model, cfg, batch, ref)
-                loss = loss * D.share(len(idx))  # torchrun: this process's share of the mean over the global pairs
-                loss.backward()
+                if ref is None and cfg.loss_type not in REFERENCE_FREE and \
+                        0 < cfg.micro_batch_size < batch["input_ids"].shape[0] // 2:
+                    # the reference's no-grad pass keeps no activations: one pass over the whole batch, before the
+                    # policy's parts (fewer, larger matrix products; its peak passes before theirs begins)
+                    ref = reference_logps(model, batch, cfg.shared_prefix)
+                loss = torch.zeros((), device=device)
+                for part, part_ref, share in pair_parts(batch, ref, cfg.micro_batch_size):
+                    part_loss, part_stats = dpo_batch_loss(model, cfg, part, part_ref)
+                    # torchrun: this process's share of the mean over the global pairs; a part's, of its batch's
+                    part_loss = part_loss * (D.share(len(idx)) * share)
+                    part_loss.backward()
+                    loss = loss + part_loss.detach()
+                    for k, v in part_stats.items():  # the batch's means, weighted by the parts' pairs
+                        stats[k] = stats.get(k, 0.0) + v * share
                 stats.update(grad_norm=run.apply(loss), loss=run.loss)
                 run.tokens += int(batch["attention_mask"].sum())
             if updates is not None and step % cfg.ref_update_every == 0:

@@ -335,7 +335,7 @@ def test_shared_prompt_pass_equals_the_plain_pass(tiny_model, monkeypatch):
     batch = collate_pairs(pairs, 0)
     calls = []
     real = RoleModel._hidden_shared_prefix
-    monkeypatch.setattr(RoleModel, "_hidden_shared_prefix", lambda self, *a: calls.append(a[-1]) or real(self, *a))
+    monkeypatch.setattr(RoleModel, "_hidden_shared_prefix", lambda self, *a: calls.append(a[2]) or real(self, *a))
     params = model.role_parameters("policy")
     out = {}
     for share in (False, True):
@@ -348,3 +348,45 @@ def test_shared_prompt_pass_equals_the_plain_pass(tiny_model, monkeypatch):
         torch.testing.assert_close(out[True][1][k], out[False][1][k], rtol=1e-5, atol=1e-5, msg=k)
     for a, b in zip(out[True][2], out[False][2]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("lt,pre", [("sigmoid", False), ("ipo", True), ("simpo", False)])
+def test_micro_batches_make_the_whole_batch_update(tiny_model, tmp_path, monkeypatch, lt, pre):
+    """micro_batch_size splits each batch into parts of that many pairs (here 3 of 8: parts of 3, 3 and 2, each
+    with its own padding width) and accumulates their gradients: the weights and the logged metrics equal the
+    whole batch's up to float rounding, with every loss type's part of the reference (none, per part, cached)."""
+    from rlhf_fast.trainers import dpo
+
+    examples = token_rule_pairs(16, seed=5)
+    sizes = []
+    real = dpo.dpo_batch_loss
+    monkeypatch.setattr(dpo, "dpo_batch_loss", lambda m, c, b, r=None: sizes.append(tuple(b["input_ids"].shape))
+                        or real(m, c, b, r))
+    runs = {}
+    for mb in (0, 3):
+        sizes.clear()
+        runs[mb] = train_dpo(cfg(tiny_model, "", tmp_path / str(mb), batch_size=8, micro_batch_size=mb,
+                                 loss_type=lt, precompute_ref_logprobs=pre), examples=examples)
+        runs[mb]["sizes"] = list(sizes)
+    assert [s[0] for s in runs[0]["sizes"]] == [16, 16]
+    assert [s[0] for s in runs[3]["sizes"]] == [6, 6, 4] * 2  # 2 steps x (3 + 3 + 2 pairs)
+    assert any(s[1] < runs[0]["sizes"][0][1] for s in runs[3]["sizes"])  # a part cut to its own padding
+    a, b = (dict(runs[k]["model"].named_parameters()) for k in (0, 3))
+    for n in a:  # Adam's first steps are about lr (1e-2) per weight whatever the gradient's size: rounding in a
+        # near-zero gradient moves a weight by up to a few 1e-6, a part left out would by about 1e-2
+        torch.testing.assert_close(a[n], b[n], rtol=0, atol=2e-5, msg=n)
+    rows = [[json.loads(ln) for ln in open(tmp_path / str(k) / "metrics.jsonl")] for k in (0, 3)]
+    for r0, r1 in zip(*rows):
+        for k in ("loss", "grad_norm", "rewards/chosen", "rewards/margins", "logps/chosen", "logps/rejected"):
+            assert r1[k] == pytest.approx(r0[k], rel=1e-5, abs=1e-6), k
+    # step 1: the policy is the reference, every margin a rounding-level tie; step 2's are real
+    assert rows[1][1]["rewards/accuracies"] == rows[0][1]["rewards/accuracies"]
+
+
+def test_micro_batches_refuse_online(tiny_model, data_files, tmp_path):
+    with pytest.raises(ConfigError, match="micro_batch_size"):
+        train_dpo(cfg(tiny_model, data_files["pairs"], tmp_path / "out", online=True, reward_funcs="format",
+                      micro_batch_size=2))
+    with pytest.raises(ConfigError, match="micro_batch_size must be >= 0"):
+        train_dpo(cfg(tiny_model, data_files["pairs"], tmp_path / "out", micro_batch_size=-1))
+    assert not (tmp_path / "out").exists()

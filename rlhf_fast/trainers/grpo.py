@@ -298,9 +298,10 @@ def grpo_minibatch_loss(model, cfg: GRPOConfig, b: dict, idx: torch.Tensor) -> t
     opts = cfg.resolved()
     seq, attn, mask = b["seq"][idx], b["attn"][idx], b["mask"][idx]
     prefix = int(b.get("first_completion", 0)) if cfg.shared_prefix else 0  # a group's prompt columns, run once
-    f = model.policy_forward(seq, attn, shared_prefix=prefix)  # hidden (b, T, H) aligned with seq
-    m = mask * f.mask
     c = 0 if opts["loss_agg"] == "seq-mean-token-sum-norm" else int(b.get("first_completion", 0))
+    # scored from column c on: the prefix pass's last layer then runs in full at the prompt's last column only
+    f = model.policy_forward(seq, attn, shared_prefix=prefix, prefix_outputs=c < prefix)  # hidden (b, T, H)
+    m = mask * f.mask
     hidden, targets, m = f.hidden[:, c:], f.targets[:, c:], m[:, c:]  # (b, T - c, H), (b, T - c)
     adv = b["adv"][idx] if b["adv"].dim() == 1 else b["adv"][idx][:, c:]
     in_loss_kl = cfg.beta > 0 and cfg.kl_estimator != "full"
@@ -318,7 +319,7 @@ def grpo_minibatch_loss(model, cfg: GRPOConfig, b: dict, idx: torch.Tensor) -> t
         stats["kl"] = st["kl"]
     if cfg.beta > 0 and cfg.kl_estimator == "full":
         with model.role("reference"), torch.no_grad():
-            ref_hidden = model.policy_forward(seq, attn, shared_prefix=prefix).hidden
+            ref_hidden = model.policy_forward(seq, attn, shared_prefix=prefix, prefix_outputs=c < prefix).hidden
         kl = fused_linear_kl(hidden, ref_hidden[:, c:], f.weight, m, f.bias, temperature=cfg.temperature)
         kl_mean = (kl * m).sum() / m.sum().clamp(min=1)
         pg = pg + cfg.beta * kl_mean
@@ -411,8 +412,9 @@ def train_grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, examples: list[di
                 # the columns before the first completion token are prompt in every row: a group shares them
                 b["first_completion"] = rollout.first_response_column(b["mask"])
                 prefix = b["first_completion"] if cfg.shared_prefix else 0
+                # old and reference log-probs are read on the completion columns only (0 before them)
                 b["old"] = None if on_policy and not vllm else model.logprobs(
-                    b["seq"], b["attn"], temperature=cfg.temperature, shared_prefix=prefix)
+                    b["seq"], b["attn"], temperature=cfg.temperature, shared_prefix=prefix, start=prefix)
                 rollout_stats = {}
                 if vllm:
                     w, rollout_stats = rollout.importance_correction(
@@ -422,7 +424,7 @@ def train_grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, examples: list[di
                         b["adv"] = (b["adv"][:, None] if b["adv"].dim() == 1 else b["adv"]) * w
                 if cfg.beta > 0 and cfg.kl_estimator != "full":
                     b["ref"] = model.logprobs(b["seq"], b["attn"], role="reference", temperature=cfg.temperature,
-                                              shared_prefix=prefix)
+                                              shared_prefix=prefix, start=prefix)
             N = b["seq"].shape[0]
             stats: dict[str, list] = {}
             for _ in range(cfg.num_iterations):

@@ -172,7 +172,7 @@ def test_shared_prompt_pass_trains_as_the_plain_pass(tiny_model, data_files, tmp
     iterations, beta > 0) has the plain passes' loss and gradient norm."""
     calls = []
     real = RoleModel._hidden_shared_prefix
-    monkeypatch.setattr(RoleModel, "_hidden_shared_prefix", lambda self, *a: calls.append(a[-1]) or real(self, *a))
+    monkeypatch.setattr(RoleModel, "_hidden_shared_prefix", lambda self, *a: calls.append(a[2]) or real(self, *a))
     rows = {}
     for share in (False, True):
         out = tmp_path / str(share)

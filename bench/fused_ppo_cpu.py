@@ -1,8 +1,15 @@
-"""The fused PPO policy loss on the CPU: the torch backend's one-pass token level (the logits of a chunk formed
-once, their gradient used right away) against the composition it replaced (the chunked fused log-prob op + the
-per-token formula under autograd, whose backward recomputes the logits). Run from the repo root:
+"""One-pass fused ops on the CPU, torch backend, against the two-pass paths they replaced. Run from the repo root:
 
-    python bench/fused_ppo_cpu.py [--reps 7 --threads 1] -> bench/results/cpu-fused-ppo-<date>.{md,json}
+    python bench/fused_ppo_cpu.py [--op ppo|logprobs] [--reps 7 --threads 1]
+        -> bench/results/cpu-fused-ppo-<date>.{md,json} (--op ppo, the default)
+        -> bench/results/cpu-fused-logprobs-<date>.{md,json} (--op logprobs)
+
+--op ppo: `fused_linear_ppo_loss`'s one-pass token level (the logits of a chunk formed once, their gradient used
+right away) against the composition it replaced (the chunked log-prob op, whose backward recomputes the logits,
++ the per-token formula under autograd).
+--op logprobs: `fused_linear_logprobs` with a frozen head (rlhf_fast::fused_linear_logprobs_frozen: each token's
+derivative in its hidden state formed in the forward) against the two-pass op (rlhf_fast::fused_linear_logprobs,
+whose backward recomputes the logits), under a loss sum(g * logprobs) with fixed random g.
 
 Forward + backward into the hidden states (the lm_head weight frozen, as under LoRA), fp32, CPU time of this
 process, the two paths alternating within each repetition (order swapped every repetition), medians with
@@ -22,6 +29,7 @@ import torch
 
 from rlhf_fast.bench.measure import cpu_name, git_commit
 from rlhf_fast.ops import fused_linear_logprobs, fused_linear_ppo_loss
+from rlhf_fast.ops.logprobs import linear_logprobs_op
 from rlhf_fast.ops.losses import agg_weights, ppo_per_token
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,9 +43,16 @@ SHAPES = {
 }
 
 
+def two_pass_logprobs(hidden, weight, targets):
+    """The two-pass log-prob op (its backward recomputes the logits), whatever the weight needs."""
+    lp = linear_logprobs_op(hidden.reshape(-1, hidden.shape[-1]), weight, None, targets.reshape(-1), 1.0, -100,
+                            False, "torch")[0]
+    return lp.reshape(targets.shape)
+
+
 def composition(hidden, weight, targets, old, adv, mask, clip):
-    """What the torch backend ran before: log-probs from the fused op, then the formula under autograd."""
-    lp = fused_linear_logprobs(hidden, weight, targets, backend="torch")
+    """What the torch backend ran before: log-probs from the two-pass op, then the formula under autograd."""
+    lp = two_pass_logprobs(hidden, weight, targets)
     a = adv[:, None] if adv.dim() == 1 else adv
     l, _, _ = ppo_per_token(lp, old, a, clip, clip, None)
     w = agg_weights(mask.bool(), "token-mean", torch.float32)
@@ -46,6 +61,21 @@ def composition(hidden, weight, targets, old, adv, mask, clip):
 
 def one_pass(hidden, weight, targets, old, adv, mask, clip):
     return fused_linear_ppo_loss(hidden, weight, targets, old, adv, mask, clip_low=clip, backend="torch")[0]
+
+
+def frozen_logprobs(hidden, weight, targets, old, adv, mask, clip):
+    """sum(g * logprobs) through the frozen-head one pass (g: `old`, a fixed random (B, T) tensor here)."""
+    return (fused_linear_logprobs(hidden, weight, targets, backend="torch") * old).sum()
+
+
+def two_pass_sum(hidden, weight, targets, old, adv, mask, clip):
+    return (two_pass_logprobs(hidden, weight, targets) * old).sum()
+
+
+OPS = {"ppo": {"one_pass": one_pass, "composition": composition},
+       "logprobs": {"one_pass": frozen_logprobs, "composition": two_pass_sum}}
+TITLES = {"ppo": "fused_linear_ppo_loss on the CPU, torch backend: one pass vs the composition",
+          "logprobs": "fused_linear_logprobs with a frozen head on the CPU, torch backend: one pass vs the two-pass op"}
 
 
 def case(shape: dict, seed: int = 0):
@@ -70,9 +100,9 @@ def run_once(fn, args):
     return time.process_time() - t, loss.detach(), grad
 
 
-def measure(name: str, reps: int) -> dict:
+def measure(name: str, reps: int, op: str = "ppo") -> dict:
     args = case(SHAPES[name])
-    paths = {"one_pass": one_pass, "composition": composition}
+    paths = OPS[op]
     for fn in paths.values():  # warm-up
         run_once(fn, args)
     times: dict[str, list[float]] = {k: [] for k in paths}
@@ -96,12 +126,15 @@ def _cell(r: dict, k: str) -> str:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# fused_linear_ppo_loss on the CPU, torch backend: one pass vs the composition ({report['date']})", "",
+    op = report.get("op", "ppo")
+    what = ("token-mean, clip 0.2" if op == "ppo" else "loss sum(g * logprobs), g fixed random")
+    lines = [f"# {TITLES[op]} ({report['date']})", "",
              f"CPU: {report['cpu']}, {report['threads']} torch thread(s); torch {report['torch']}; commit "
              f"{report['commit']}. Forward + backward into the hidden states (lm_head weight frozen), fp32, "
-             f"token-mean, clip 0.2; CPU seconds of this process, {report['reps']} repetitions alternating after a "
+             f"{what}; CPU seconds of this process, {report['reps']} repetitions alternating after a "
              "warm-up; median (min - max).", "",
-             "| shape | one pass s | composition s | speedup | max abs diff loss | max abs diff grad |",
+             f"| shape | one pass s | {'composition' if op == 'ppo' else 'two-pass op'} s | speedup "
+             "| max abs diff loss | max abs diff grad |",
              "|---|---:|---:|---:|---:|---:|"]
     for name, r in report["results"].items():
         s = r["shape"]
@@ -113,6 +146,7 @@ def markdown(report: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--op", choices=tuple(OPS), default="ppo")
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--shapes", default=",".join(SHAPES))
@@ -121,10 +155,10 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     date = datetime.date.today().isoformat()
     report = {"date": date, "cpu": cpu_name(), "threads": a.threads, "torch": torch.__version__,
-              "commit": git_commit(), "reps": a.reps,
-              "results": {n: measure(n, a.reps) for n in a.shapes.split(",")}}
+              "commit": git_commit(), "reps": a.reps, "op": a.op,
+              "results": {n: measure(n, a.reps, a.op) for n in a.shapes.split(",")}}
     os.makedirs(a.out, exist_ok=True)
-    base = os.path.join(a.out, f"cpu-fused-ppo-{date}")
+    base = os.path.join(a.out, f"cpu-fused-{a.op}-{date}")
     with open(base + ".json", "w") as f:
         json.dump(report, f, indent=2)
     with open(base + ".md", "w") as f:

@@ -256,6 +256,23 @@ def test_demo_report_keys_and_sanity(demo_dir):
         assert kept[0]["proxy_reward"] == max(p["proxy_reward"] for p in later), run
 
 
+def test_demo_kl_runs_use_the_adaptive_controller(demo_dir):
+    """The KL run and its control steer their coefficient to kl_target (the demo's default); the no-KL run has no
+    penalty to steer. Read back from each run's config and metrics, and the report's row names."""
+    cfgs = {run: json.loads((demo_dir / "work" / run / "config.json").read_text())
+            for run in ("ppo", "ppo_no_kl", "ppo_kl_control")}
+    r = json.loads((demo_dir / "report.json").read_text())
+    for run in ("ppo", "ppo_kl_control"):
+        assert cfgs[run]["kl_controller"] == "adaptive" and cfgs[run]["kl_coef"] == r["config"]["kl_coef"] > 0
+        assert cfgs[run]["kl_target"] == r["config"]["kl_target"]
+        assert r[run]["kl_label"].startswith("adaptive KL (target")
+    assert cfgs["ppo_no_kl"]["kl_controller"] == "fixed" and cfgs["ppo_no_kl"]["kl_coef"] == 0.0
+    coefs = [json.loads(line)["objective/kl_coef"] for line in open(demo_dir / "work" / "ppo" / "metrics.jsonl")]
+    assert len(set(coefs)) > 1  # the controller moved it
+    md = (demo_dir / "report.md").read_text()
+    assert "| PPO, adaptive KL (target" in md and "| PPO, no KL penalty" in md
+
+
 def test_demo_saved_policy_is_the_kept_checkpoint(demo_dir):
     """DIR/model holds the KL run's kept checkpoint: re-evaluated on the monitor prompts with the run's seed it
     gives that curve point's figures again (a run that kept its last step instead would not, unless they tie)."""
@@ -348,7 +365,7 @@ def test_demo_seeds_bad_input_exits_2(tmp_path):
 
     for argv in (["--seeds", "0,x"], ["--seeds", "0,0"], ["--seeds", "0,1", "--seed", "2"], ["--seeds", "0", "--jobs", "0"],
                  ["--ppo_keep", "best"], ["--seeds", "0,1", "--ppo_keep", "first"], ["--labeler_mention_bonus", "-1"],
-                 ["--labeler_beta", "0"]):
+                 ["--labeler_beta", "0"], ["--kl_controller", "pid"], ["--kl_target", "0"], ["--kl_horizon", "-5"]):
         with pytest.raises(SystemExit) as e:
             demo.main(["--tiny", "--out", str(tmp_path / "x"), *argv])
         assert e.value.code == 2, argv

@@ -73,11 +73,13 @@ def _ppo_rows(r: dict) -> list[tuple[str, dict]]:
         kept = f", kept step {b['kept_step']}" if "kept_step" in b else ""
         return what + extra + kept
 
-    rows = [(name(r["ppo"], f"kl_coef={r['ppo']['kl_coef']}"), r["ppo"]),
+    def penalty(b: dict) -> str:  # reports before the adaptive controller carry kl_coef only
+        return b.get("kl_label") or f"kl_coef={b['kl_coef']}"
+
+    rows = [(name(r["ppo"], penalty(r["ppo"])), r["ppo"]),
             (name(r["ppo_no_kl"], "no KL penalty"), r["ppo_no_kl"])]
     if r.get("ppo_kl_control"):
-        rows.append((name(r["ppo_kl_control"], f"kl_coef={r['ppo_kl_control']['kl_coef']} (control)"),
-                     r["ppo_kl_control"]))
+        rows.append((name(r["ppo_kl_control"], f"{penalty(r['ppo_kl_control'])} (control)"), r["ppo_kl_control"]))
     return rows
 
 

@@ -91,6 +91,14 @@ class DemoConfig:
     ppo_epochs: int = 4
     ppo_minibatches: int = 2
     kl_coef: float = 0.2
+    # the KL runs' controller: "adaptive" (Ziegler et al. 2019: the coefficient, from kl_coef, moves so the policy's
+    # KL to SFT tracks kl_target nats; horizon in sequences, 640 = 10 steps of 64) or "fixed" (kl_coef throughout).
+    # A fixed 0.2 left each seed at its own KL: 2026-12-07, seeds 0-2, win rates 0.83 / 0.66 / 0.48 at 2.4 / 1.5 /
+    # 7.2 nats (seed 2 over-optimised its reward model); adaptive to 2.5 nats, on the same seeds' reward models of an
+    # earlier run: 0.85 / 0.71 / 0.77 at 3.1 / 2.5 / 2.6 nats (docs/demo.md)
+    kl_controller: str = "adaptive"
+    kl_target: float = 2.5
+    kl_horizon: float = 640.0
     eval_every: int = 10
     monitor_prompts: int = 128
     # which checkpoint of each PPO run is evaluated and reported: "best_proxy" (the eval point after step 0 with the
@@ -286,8 +294,18 @@ def _ppo_config(cfg: DemoConfig, work: str, name: str, kl_coef: float, steps: in
                      seed=cfg.seed, max_length=40, batch_size=cfg.ppo_batch, max_steps=steps,
                      response_length=RESPONSE_LENGTH, ppo_epochs=cfg.ppo_epochs,
                      num_minibatches=cfg.ppo_minibatches, kl_coef=kl_coef, missing_eos_penalty=1.0,
+                     # the controller steers a penalty: the no-KL run (kl_coef 0) has none to steer
+                     kl_controller=cfg.kl_controller if kl_coef > 0 else "fixed", kl_target=cfg.kl_target,
+                     kl_horizon=cfg.kl_horizon,
                      progress=cfg.progress, optim=OptimConfig(lr=cfg.ppo_lr if lr is None else lr),
                      lora=LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha))
+
+
+def kl_label(cfg: DemoConfig) -> str:
+    """How the KL runs' penalty is set, for tables and plot legends."""
+    if cfg.kl_controller == "adaptive":
+        return f"adaptive KL (target {cfg.kl_target:g} nats, from kl_coef {cfg.kl_coef:g})"
+    return f"kl_coef={cfg.kl_coef:g}"
 
 
 def run_ppo(cfg: DemoConfig, work: str, name: str, model, tokenizer, kl_coef: float, steps: int,
@@ -654,7 +672,7 @@ def run(cfg: DemoConfig) -> dict:
     def ppo_block(e: dict, kl_coef: float, lr: float, steps: int, curve_: list[dict]) -> dict:
         return {"gold_score": e["gold_score"], "gold_win_rate_vs_sft": task.win_rate(e["gold"], sft_eval["gold"]),
                 "kl": e["kl"], "proxy_reward": e["proxy_reward"], "kl_coef": kl_coef, "lr": lr, "steps": steps,
-                "kept_step": kept_step(curve_)}
+                "kept_step": kept_step(curve_), "kl_label": kl_label(cfg) if kl_coef > 0 else "no KL penalty"}
 
     report = {
         "sft": {"gold_score": sft_eval["gold_score"], "proxy_reward": sft_eval["proxy_reward"],
@@ -682,8 +700,8 @@ def run(cfg: DemoConfig) -> dict:
         "stage_cpu_seconds": stage_cpu,
     }
     t = time.perf_counter()
-    curves = {f"kl_coef={cfg.kl_coef}": curve, f"no KL (lr {cfg.no_kl_lr:g})": curve_no_kl,
-              f"kl_coef={cfg.kl_coef}, lr {cfg.no_kl_lr:g} (control)": curve_control}
+    curves = {kl_label(cfg): curve, f"no KL (lr {cfg.no_kl_lr:g})": curve_no_kl,
+              f"{kl_label(cfg)}, lr {cfg.no_kl_lr:g} (control)": curve_control}
     if extra:
         curves[f"no KL, ensemble of {cfg.ensemble_members} ({cfg.ensemble_reduce})"] = extra["ensemble"]["curve"]
     report["plots"] = plots(out, curves,
@@ -846,6 +864,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.ppo_keep is not None and args.ppo_keep not in PPO_KEEP:  # before any stage runs
         p.error(f"--ppo_keep must be one of {', '.join(PPO_KEEP)}, got {args.ppo_keep!r}")
+    if args.kl_controller is not None and args.kl_controller not in ("fixed", "adaptive"):
+        p.error(f"--kl_controller must be fixed or adaptive, got {args.kl_controller!r}")
+    for flag in ("kl_target", "kl_horizon"):
+        if getattr(args, flag) is not None and not getattr(args, flag) > 0:
+            p.error(f"--{flag} must be > 0, got {getattr(args, flag)}")
     try:  # the labeler's own checks, before any stage runs
         task.Labeler(**{k: v for k, v in (("beta", args.labeler_beta), ("mention_bonus", args.labeler_mention_bonus))
                         if v is not None})

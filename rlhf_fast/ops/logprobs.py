@@ -39,61 +39,38 @@ def _logits_block(h, weight, bias, v0, v1, temperature, dtype):
 
 def torch_linear_logprobs_fwd(hidden, weight, targets, bias, temperature, ignore_index, need_entropy):
     """Torch backend forward. hidden (N, H), weight (V, H) -> logprobs (N,), entropy (N,) | None, lse (N,)."""
-    n, v = hidden.shape[0], weight.shape[0]
-    dtype = _checks.compute_dtype(hidden, weight)
-    lse = torch.empty(n, dtype=dtype, device=hidden.device)
-    lp = torch.empty(n, dtype=dtype, device=hidden.device)
-    ent = torch.empty(n, dtype=dtype, device=hidden.device) if need_entropy else None
-    bn, bv = _blocks(n, v)
-    for r0 in range(0, n, bn):
-        r1 = min(n, r0 + bn)
-        h, t = hidden[r0:r1], targets[r0:r1]
-        m = torch.full((r1 - r0,), float("-inf"), dtype=dtype, device=hidden.device)
-        s = torch.zeros_like(m)  # sum exp(z - m)
-        sz = torch.zeros_like(m)  # sum exp(z - m) * z
-        zt = torch.zeros_like(m)  # target logit
-        for v0 in range(0, v, bv):
-            v1 = min(v, v0 + bv)
-            z = _logits_block(h, weight, bias, v0, v1, temperature, dtype)
-            m_new = torch.maximum(m, z.max(dim=1).values)
-            scale = torch.exp(m - m_new)
-            e = torch.exp(z - m_new[:, None])
-            s = s * scale + e.sum(dim=1)
-            if need_entropy:
-                sz = sz * scale + (e * z).sum(dim=1)
-            m = m_new
-            inside = (t >= v0) & (t < v1)
-            zt = torch.where(inside, z.gather(1, (t - v0).clamp(0, v1 - v0 - 1)[:, None])[:, 0], zt)
-        lse[r0:r1] = m + torch.log(s)
-        lp[r0:r1] = zt - lse[r0:r1]
-        if need_entropy:
-            ent[r0:r1] = lse[r0:r1] - sz / s
-    valid = targets != ignore_index
-    lp = torch.where(valid, lp, 0.0)
-    if need_entropy:
-        ent = torch.where(valid, ent, 0.0)
+    lp, ent, lse, _, _ = _online_pass(hidden, weight, targets, bias, temperature, ignore_index, need_entropy, False)
     return lp, ent, lse
 
 
 def torch_linear_logprobs_frozen_fwd(hidden, weight, targets, bias, temperature, ignore_index, need_entropy):
-    """Torch backend, one pass for a frozen head: the forward of torch_linear_logprobs_fwd that also returns each
-    token's derivatives in its own hidden state, so the backward needs no logits.
+    """Torch backend, one pass for a frozen head: torch_linear_logprobs_fwd that also returns each token's
+    derivatives in its own hidden state, so the backward needs no logits.
 
     With z = (h W^T + b) / T, p = softmax(z), y the target and zbar = sum_v p_v z_v:
         dlogp/dh = (W_y - sum_v p_v W_v) / T
         dH/dh    = -(sum_v p_v z_v W_v - zbar sum_v p_v W_v) / T      (H: the entropy)
     Both depend on the token's own row only, so for any loss of the log-probs (and entropies) the backward is
     grad_h = g_lp * dlogp/dh + g_H * dH/dh; the weight and bias gradients are not available (frozen head).
-    Accumulated over vocabulary blocks with the online log-sum-exp's rescaling.
     Returns logprobs (N,), entropy (N,) | None, dlogp/dh (N, H), dH/dh (N, H) | None, in the compute dtype.
     """
+    lp, ent, _, d_lp, d_ent = _online_pass(hidden, weight, targets, bias, temperature, ignore_index, need_entropy,
+                                           True)
+    return lp, ent, d_lp, d_ent
+
+
+def _online_pass(hidden, weight, targets, bias, temperature, ignore_index, need_entropy, hidden_grads):
+    """The torch backend's forward over (row, vocabulary) blocks with an online log-sum-exp. hidden_grads: also
+    accumulate sum_v e_v W_v (and sum_v e_v z_v W_v for the entropy), rescaled with the running max as the sums
+    are, for the frozen head's derivatives (torch_linear_logprobs_frozen_fwd).
+    Returns lp (N,), ent (N,) | None, lse (N,), dlogp/dh (N, H) | None, dH/dh (N, H) | None."""
     n, v, hd = hidden.shape[0], weight.shape[0], hidden.shape[1]
-    dtype = _checks.compute_dtype(hidden, weight)
-    dev = hidden.device
+    dtype, dev = _checks.compute_dtype(hidden, weight), hidden.device
+    lse = torch.empty(n, dtype=dtype, device=dev)
     lp = torch.empty(n, dtype=dtype, device=dev)
-    d_lp = torch.empty(n, hd, dtype=dtype, device=dev)
     ent = torch.empty(n, dtype=dtype, device=dev) if need_entropy else None
-    d_ent = torch.empty(n, hd, dtype=dtype, device=dev) if need_entropy else None
+    d_lp = torch.empty(n, hd, dtype=dtype, device=dev) if hidden_grads else None
+    d_ent = torch.empty(n, hd, dtype=dtype, device=dev) if hidden_grads and need_entropy else None
     valid = targets != ignore_index
     bn, bv = _blocks(n, v)
     for r0 in range(0, n, bn):
@@ -101,39 +78,44 @@ def torch_linear_logprobs_frozen_fwd(hidden, weight, targets, bias, temperature,
         h, t = hidden[r0:r1], targets[r0:r1]
         m = torch.full((r1 - r0,), float("-inf"), dtype=dtype, device=dev)
         s = torch.zeros_like(m)  # sum exp(z - m)
-        sz = torch.zeros_like(m)  # sum exp(z - m) z
+        sz = torch.zeros_like(m)  # sum exp(z - m) * z
         zt = torch.zeros_like(m)  # target logit
-        aw = torch.zeros(r1 - r0, hd, dtype=dtype, device=dev)  # sum exp(z - m) W_v
-        azw = torch.zeros_like(aw) if need_entropy else None  # sum exp(z - m) z W_v
+        aw = torch.zeros(r1 - r0, hd, dtype=dtype, device=dev) if hidden_grads else None  # sum exp(z - m) W_v
+        azw = torch.zeros_like(aw) if d_ent is not None else None  # sum exp(z - m) z W_v
         for v0 in range(0, v, bv):
             v1 = min(v, v0 + bv)
-            w = weight[v0:v1].to(dtype)
             z = _logits_block(h, weight, bias, v0, v1, temperature, dtype)
             m_new = torch.maximum(m, z.max(dim=1).values)
             scale = torch.exp(m - m_new)
             e = torch.exp(z - m_new[:, None])
             s = s * scale + e.sum(dim=1)
-            aw = torch.addmm(aw * scale[:, None], e, w)
+            ez = e * z if need_entropy else None
             if need_entropy:
-                ez = e * z
                 sz = sz * scale + ez.sum(dim=1)
-                azw = torch.addmm(azw * scale[:, None], ez, w)
+            if hidden_grads:
+                w = weight[v0:v1].to(dtype)
+                aw = torch.addmm(aw * scale[:, None], e, w)
+                if azw is not None:
+                    azw = torch.addmm(azw * scale[:, None], ez, w)
             m = m_new
             inside = (t >= v0) & (t < v1)
             zt = torch.where(inside, z.gather(1, (t - v0).clamp(0, v1 - v0 - 1)[:, None])[:, 0], zt)
-        ok = valid[r0:r1, None]
-        pw = aw / s[:, None]  # sum_v p_v W_v
-        w_t = weight[t.clamp(0, v - 1)].to(dtype)  # (bn, H) the targets' rows
-        d_lp[r0:r1] = torch.where(ok, (w_t - pw) / temperature, 0.0)
-        lp[r0:r1] = zt - (m + torch.log(s))
+        lse[r0:r1] = m + torch.log(s)
+        lp[r0:r1] = zt - lse[r0:r1]
         if need_entropy:
-            zbar = sz / s
-            ent[r0:r1] = m + torch.log(s) - zbar
-            d_ent[r0:r1] = torch.where(ok, -(azw / s[:, None] - zbar[:, None] * pw) / temperature, 0.0)
+            ent[r0:r1] = lse[r0:r1] - sz / s
+        if hidden_grads:
+            ok = valid[r0:r1, None]
+            pw = aw / s[:, None]  # sum_v p_v W_v
+            w_t = weight[t.clamp(0, v - 1)].to(dtype)  # (bn, H) the targets' rows
+            d_lp[r0:r1] = torch.where(ok, (w_t - pw) / temperature, 0.0)
+            if d_ent is not None:
+                zbar = (sz / s)[:, None]
+                d_ent[r0:r1] = torch.where(ok, -(azw / s[:, None] - zbar * pw) / temperature, 0.0)
     lp = torch.where(valid, lp, 0.0)
     if need_entropy:
         ent = torch.where(valid, ent, 0.0)
-    return lp, ent, d_lp, d_ent
+    return lp, ent, lse, d_lp, d_ent
 
 
 def torch_linear_logprobs_bwd(hidden, weight, targets, bias, lse, entropy, grad_logprobs, grad_entropy,
@@ -337,11 +319,9 @@ def _frozen_backward(ctx, grad_lp, grad_ent, _g1, _g2):
     if any(ctx.needs_input_grad[1:3]):
         raise RuntimeError("fused_linear_logprobs_frozen has no weight or bias gradient: fused_linear_logprobs "
                            "takes this path only for a head that needs none")
-    gh = torch.zeros_like(d_lp)
-    if grad_lp is not None:
-        gh = gh + grad_lp.to(gh.dtype)[:, None] * d_lp
+    gh = grad_lp.to(d_lp.dtype)[:, None] * d_lp if grad_lp is not None else torch.zeros_like(d_lp)
     if need_entropy and grad_ent is not None:
-        gh = gh + grad_ent.to(gh.dtype)[:, None] * d_ent
+        gh += grad_ent.to(gh.dtype)[:, None] * d_ent
     return gh.to(dtype), None, None, None, None, None, None
 
 

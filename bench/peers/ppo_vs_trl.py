@@ -71,8 +71,9 @@ and a split from timers wrapped around functions from outside, in the child only
                                   TRL: no forward: selective_log_softmax over generate()'s stored logits
                    exp_reference  the reference forward + log-probs (rlhf_fast: adapters off; TRL: ref model, or
                                   the policy with the adapter disabled)
-                   exp_values     the critic forward (rlhf_fast: critic adapter + value head; TRL: get_reward on
-                                  the value model)
+                   exp_values     the critic forward (rlhf_fast: critic adapter + value head, none with one
+                                  minibatch: the first update's critic forward gives the old values, counted
+                                  under loss_forward; TRL: get_reward on the value model)
                    exp_reward     the reward forward (rlhf_fast: reward adapter + score head; TRL: get_reward on
                                   the reward model)
                    exp_gc_collect TRL's gc.collect() there
@@ -970,8 +971,10 @@ DIFFERENCES = [
     "as TRL's reward model is; the scores differ in value, not in cost.",
     "Critic: TRL trains the whole value model (also in trl_peft); rlhf_fast trains the critic adapter + value "
     "head. TRL's update runs policy and value in one wrapper forward (the critic backbone returns all hidden "
-    "states); rlhf_fast runs a policy forward and a critic forward, each term's backward before the next forward "
-    "(one graph alive at a time).",
+    "states); rlhf_fast runs a critic forward and a policy forward, each term's backward before the next forward "
+    "(one graph alive at a time). With one minibatch (these settings) rlhf_fast's experience step has no critic "
+    "forward: the first update's critic forward, at the rollout's weights, gives the old values (since "
+    "2026-12-07); TRL runs a separate value forward in its experience step.",
     "Gradient clipping: none on either side (TRL 1.12's PPO loop never clips, whatever max_grad_norm says; "
     "rlhf_fast max_grad_norm 0). rlhf_fast still computes the gradient norm and checks the update for "
     "finiteness (undoing it if not) in its optimizer phase; TRL logs no gradient norm.",

@@ -675,7 +675,7 @@ class RoleModel(nn.Module):
     @torch.no_grad()
     def experience(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, temperature: float = 1.0,
                    mode: str = "sequential", start: int = 0,
-                   policy_logprobs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                   policy_logprobs: torch.Tensor | None = None, critic: bool = True) -> dict[str, torch.Tensor]:
         """The PPO experience step for all four roles, without gradients, in eval mode.
 
         Returns {"logprobs": (B, T), "ref_logprobs": (B, T), "values": (B, T), "scores": (B,)}, fp32, equal to
@@ -684,6 +684,8 @@ class RoleModel(nn.Module):
         first response column, as the prompt's tokens carry no loss and no KL).
         policy_logprobs: (B, T) the policy's log-probs already at hand (the rollout's, generate(return_logprobs=
         True)): returned as "logprobs" and the policy forward is skipped (sequential mode only).
+        critic=False: no critic forward, "values" is None (PPO with one minibatch takes the old values from its
+        first update's critic forward instead, trainers/ppo.py).
         mode: "sequential" (four forwards over the shared base, one after the other) or "mixed" (one forward of
         4B rows with peft's per-row adapter_names, "__base__" for the reference). Sequential is the default:
         mixed ran at 0.83-0.99x its speed on the CPU (bench/results/cpu-role-model-2026-11-22.md; peft
@@ -708,25 +710,27 @@ class RoleModel(nn.Module):
                 with self.role("reference"):
                     h = self._hidden(input_ids, attention_mask)
                 ref = self._logprobs_from_hidden(h, input_ids, attention_mask, temperature, start=start)
-                with self.role("critic"):
-                    h = self._hidden(input_ids, attention_mask)
-                values = self._values_from_hidden(h, attention_mask)
+                values = None
+                if critic:
+                    with self.role("critic"):
+                        h = self._hidden(input_ids, attention_mask)
+                    values = self._values_from_hidden(h, attention_mask)
                 with self.role("reward"):
                     h = self._hidden(input_ids, attention_mask)
                 scores = self._scores_from_hidden(h, attention_mask)
             else:
                 b = input_ids.shape[0]
-                names = ["policy"] * b + ["__base__"] * b + ["critic"] * b + ["reward"] * b
-                ids4, mask4 = input_ids.repeat(4, 1), attention_mask.repeat(4, 1)
+                roles = ["policy", "__base__"] + (["critic"] if critic else []) + ["reward"]
+                names = [r for r in roles for _ in range(b)]
+                ids, mask = input_ids.repeat(len(roles), 1), attention_mask.repeat(len(roles), 1)
                 # peft's own per-row adapter routing (what PeftModel.forward(adapter_names=...) uses), applied
                 # around the backbone so the lm_head is never run.
                 with self.peft.base_model._enable_peft_forward_hooks(adapter_names=names):
-                    h = self._hidden(ids4, mask4)
-                hp, hr, hc, hs = h.split(b)
-                lp = self._logprobs_from_hidden(hp, input_ids, attention_mask, temperature, start=start)
-                ref = self._logprobs_from_hidden(hr, input_ids, attention_mask, temperature, start=start)
-                values = self._values_from_hidden(hc, attention_mask)
-                scores = self._scores_from_hidden(hs, attention_mask)
+                    h = dict(zip(roles, self._hidden(ids, mask).split(b)))
+                lp = self._logprobs_from_hidden(h["policy"], input_ids, attention_mask, temperature, start=start)
+                ref = self._logprobs_from_hidden(h["__base__"], input_ids, attention_mask, temperature, start=start)
+                values = self._values_from_hidden(h["critic"], attention_mask) if critic else None
+                scores = self._scores_from_hidden(h["reward"], attention_mask)
         return {"logprobs": lp, "ref_logprobs": ref, "values": values, "scores": scores}
 
     # -- generation, save / load (models/generation.py, models/io.py) -----------------------------------------

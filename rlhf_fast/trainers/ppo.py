@@ -1,7 +1,8 @@
 """PPO against a learned reward model, all four roles on one base (InstructGPT's recipe, Ouyang et al. 2022).
 
-Each step: sample a batch of prompts; rollout with the policy adapter (RoleModel.generate); one experience
-forward for log-probs, reference log-probs, values and scores; reward shaping and advantages in one pass
+Each step: sample a batch of prompts; rollout with the policy adapter (RoleModel.generate); experience
+forwards for reference log-probs, values and scores (the old log-probs come from the rollout; with one minibatch
+the old values from the first update's critic forward); reward shaping and advantages in one pass
 (ops.kl_penalized_gae: r_t = -beta * KL_t, plus the score on the last response token); then ppo_epochs
 passes over num_minibatches minibatches with ops.fused_linear_ppo_loss (policy, no (B, T, V) logits) and
 ops.value_loss (critic), plus an optional PTX term (next-token loss on pretraining text, InstructGPT's
@@ -170,12 +171,15 @@ def sampling_config(cfg: PPOConfig) -> rollout.SamplingConfig:
 
 @torch.no_grad()
 def make_experience(model, cfg: PPOConfig, prompts: dict, eos_id: int | None, ctl, moments,
-                    reward_fn=None, ensemble=None, engine=None) -> dict:
+                    reward_fn=None, ensemble=None, engine=None, critic: bool = True) -> dict:
     """Generate, score and compute advantages for one batch of prompts (left-padded prompt_ids/prompt_mask).
     ensemble: an rl.ensemble.EnsembleReward whose reduced score replaces the reward head's (an extra forward per
     member: experience() already scored member 0, kept as it is for the single-model path).
     engine: the vLLM engine (--rollout vllm): it samples; the old log-probs are still the trainer's own, and with
-    rollout_is_correction tis the advantages are weighted per token (rollout.importance_correction)."""
+    rollout_is_correction tis the advantages are weighted per token (rollout.importance_correction).
+    critic=False: no critic forward here; "values", "adv", "returns" and "kl" stay None until
+    complete_experience gets the old values (train_ppo: from the first update's critic forward, at the very weights
+    this forward would have used)."""
     want = cfg.old_logprobs == "generation" and engine is None and model.lm_head.weight.dtype == torch.float32
     ro = rollout.sample(model, prompts["prompt_ids"], prompts["prompt_mask"], sampling_config(cfg),
                         eos_token_id=eos_id, engine=engine, policy_logprobs=want)
@@ -185,7 +189,8 @@ def make_experience(model, cfg: PPOConfig, prompts: dict, eos_id: int | None, ct
     # tokens carry no loss and no KL)
     first = rollout.first_response_column(mask)
     exp = model.experience(ro.sequences, ro.attention_mask, temperature=cfg.temperature, start=first,
-                           policy_logprobs=ro.policy_logprobs)  # (B, T) each (log-probs 0 before `first`), (B,)
+                           policy_logprobs=ro.policy_logprobs, critic=critic)  # (B, T) each (log-probs 0 before
+    #                                                                           `first`), (B,)
     raw = exp["scores"].float() if reward_fn is None else rollout.score(model, ro, reward_fn)  # (B,)
     if reward_fn is None and ensemble is not None:
         raw = ensemble(ro.sequences, ro.attention_mask)  # (B,) reduced over the K members
@@ -193,21 +198,34 @@ def make_experience(model, cfg: PPOConfig, prompts: dict, eos_id: int | None, ct
     distributed = D.world() > 1  # torchrun: score moments and whitening over the global batch
     scores = advantages.shape_scores(raw, ro.has_eos, moments=moments if cfg.normalize_scores else None,
                                      clip=cfg.score_clip, gather=D.all_gather_cat if distributed else None)
-    lp, ref, values = exp["logprobs"].float(), exp["ref_logprobs"].float(), exp["values"].float()
-    a = advantages.ppo_advantages(lp, ref, values, scores, mask, kl_coef=ctl.value, gamma=cfg.gamma, lam=cfg.lam,
-                                  estimator=cfg.kl_estimator, whiten=cfg.whiten_advantages,
-                                  reduce=D.all_reduce if distributed else None)
-    adv, rollout_stats = a["advantages"], {"rollout/old_logprobs_from_generation": float(from_generation)}
-    if ro.logprobs is not None:  # vLLM sampled: its log-probs against the trainer's (the ratio's old ones)
-        w, is_stats = rollout.importance_correction(lp, ro.logprobs, mask, mode=cfg.rollout_is_correction,
+    lp, ref = exp["logprobs"].float(), exp["ref_logprobs"].float()
+    b = {"seq": ro.sequences, "attn": ro.attention_mask, "mask": mask, "logprobs": lp, "ref_logprobs": ref,
+         "first_response": first, "width": D.global_width(prompts["prompt_ids"].shape[1], ro.sequences.shape[1]),
+         "rollout_stats": {"rollout/old_logprobs_from_generation": float(from_generation)},
+         "engine_logprobs": ro.logprobs, "kl_coef": ctl.value, "scores": scores, "raw_scores": raw,
+         "has_eos": ro.has_eos, "entropy": (-lp * mask).sum(1),
+         "values": None, "adv": None, "returns": None, "kl": None}
+    if critic:
+        complete_experience(cfg, b, exp["values"].float())
+    return b
+
+
+def complete_experience(cfg: PPOConfig, b: dict, values: torch.Tensor) -> None:
+    """The advantages of make_experience's batch b from the critic's old values (B, T), in place: GAE on
+    r_t = -kl_coef * KL_t plus the score on the last response token, whitened over the (global) batch; the
+    vLLM importance weights; b's "values", "adv", "returns" and "kl" (B,) set."""
+    distributed = D.world() > 1
+    lp, mask = b["logprobs"], b["mask"]
+    a = advantages.ppo_advantages(lp, b["ref_logprobs"], values, b["scores"], mask, kl_coef=b["kl_coef"],
+                                  gamma=cfg.gamma, lam=cfg.lam, estimator=cfg.kl_estimator,
+                                  whiten=cfg.whiten_advantages, reduce=D.all_reduce if distributed else None)
+    adv = a["advantages"]
+    if b["engine_logprobs"] is not None:  # vLLM sampled: its log-probs against the trainer's (the ratio's old ones)
+        w, is_stats = rollout.importance_correction(lp, b["engine_logprobs"], mask, mode=cfg.rollout_is_correction,
                                                     cap=cfg.rollout_is_cap)
-        rollout_stats.update(is_stats)
+        b["rollout_stats"].update(is_stats)
         adv = adv if w is None else adv * w
-    return {"seq": ro.sequences, "attn": ro.attention_mask, "mask": mask, "logprobs": lp, "values": values,
-            "first_response": first,
-            "width": D.global_width(prompts["prompt_ids"].shape[1], ro.sequences.shape[1]),
-            "rollout_stats": rollout_stats, "adv": adv, "returns": a["returns"], "scores": scores, "raw_scores": raw,
-            "kl": a["kl"], "has_eos": ro.has_eos, "entropy": (-lp * mask).sum(1)}
+    b.update(values=values, adv=adv, returns=a["returns"], kl=a["kl"])
 
 
 class MinibatchRows(NamedTuple):
@@ -239,10 +257,13 @@ def ppo_policy_loss(model, cfg: PPOConfig, b: dict, rows: MinibatchRows | None) 
     process's share of it, and its statistics. No rows here (None): 0 and no statistics."""
     if rows is None:
         return torch.zeros((), device=b["seq"].device), {}
-    f = model.policy_forward(rows.seq, rows.attn)  # hidden (b, T, H) aligned with seq: hidden[:, t] scores token t
+    if b["adv"] is None:
+        raise ValueError("the batch has no advantages yet (make_experience(critic=False)): run ppo_value_loss "
+                         "first, its critic forward gives the old values")
     # only the columns from the first response token go through the lm head; seq-mean-token-sum-norm keeps the
     # whole width T, its normaliser
     c = 0 if cfg.loss_agg == "seq-mean-token-sum-norm" else b.get("first_response", 0)
+    f = model.policy_forward(rows.seq, rows.attn)  # hidden (b, T, H) aligned with seq: hidden[:, t] scores token t
     pg, pst = fused_linear_ppo_loss(f.hidden[:, c:], f.weight, f.targets[:, c:], b["logprobs"][rows.idx][:, c:],
                                     b["adv"][rows.idx][:, c:], (rows.mask * f.mask)[:, c:], f.bias,
                                     entropy_coef=cfg.entropy_coef,
@@ -254,10 +275,21 @@ def ppo_policy_loss(model, cfg: PPOConfig, b: dict, rows: MinibatchRows | None) 
 
 
 def ppo_value_loss(model, cfg: PPOConfig, b: dict, rows: MinibatchRows | None) -> tuple[torch.Tensor, dict]:
-    """vf_coef x the clipped value loss on `rows` (this process's share), and its statistics."""
+    """vf_coef x the clipped value loss on `rows` (this process's share), and its statistics.
+
+    A batch from make_experience(critic=False) has no old values yet: `rows` must then be all of its rows, and
+    this forward's values, detached, become them (complete_experience; the clip around them is then inactive, as
+    in any first update of a step: the critic has not moved since the rollout)."""
     if rows is None:
         return torch.zeros((), device=b["seq"].device), {}
     values = model.values(rows.seq, rows.attn)  # (b, T)
+    if b["values"] is None:
+        if rows.empty or rows.idx.numel() != b["seq"].shape[0]:
+            raise ValueError("the old values come from a critic forward over the whole rollout batch (one "
+                             f"minibatch), got {rows.idx.numel()} of its {b['seq'].shape[0]} rows")
+        old = torch.empty_like(values, dtype=torch.float32)
+        old[rows.idx] = values.detach().float()
+        complete_experience(cfg, b, old)
     vl, vst = value_loss(values, b["values"][rows.idx], b["returns"][rows.idx], rows.mask, clip=cfg.value_clip,
                          agg=cfg.loss_agg)
     stats = {"loss/value_avg": vl.detach(), "val/clipfrac_avg": vst["clipfrac"]}
@@ -272,8 +304,8 @@ def ppo_minibatch_loss(model, cfg: PPOConfig, b: dict, idx: torch.Tensor) -> tup
     critic's forward: the update holds one backbone's activations at a time, not two); the gradients are the same,
     since the two terms train disjoint parameters."""
     rows = minibatch_rows(cfg, b, idx)
+    vl, vst = ppo_value_loss(model, cfg, b, rows)  # first: on a batch without old values it gives them
     pg, pst = ppo_policy_loss(model, cfg, b, rows)
-    vl, vst = ppo_value_loss(model, cfg, b, rows)
     return pg + vl, pst | vst
 
 
@@ -348,7 +380,10 @@ def train_ppo(cfg: PPOConfig, *, model=None, tokenizer=None, prompts: list[dict]
             examples = [prompts[i] for i in run.sampler.next()]
             batch = {k: v.to(device) for k, v in collate_prompts(examples, pad_id).items()}
             rfn = reward_fn if funcs is None else text_reward_fn(funcs, tokenizer, examples)
-            b = make_experience(model, cfg, batch, eos_id, ctl, moments, rfn, ensemble, engine)
+            # one minibatch: the first update's critic forward, over the whole batch at the rollout's weights, gives
+            # the old values, and the experience step skips that forward
+            b = make_experience(model, cfg, batch, eos_id, ctl, moments, rfn, ensemble, engine,
+                                critic=cfg.num_minibatches > 1)
             beta = ctl.value
             B = b["seq"].shape[0]
             stats: dict[str, list] = {}
@@ -356,12 +391,13 @@ def train_ppo(cfg: PPOConfig, *, model=None, tokenizer=None, prompts: list[dict]
                 # one permutation of the global batch (rank 0's under torchrun); this process's rows of each part
                 for idx in D.minibatches(B, cfg.num_minibatches, device):
                     idx = idx.to(device)
-                    # each term's backward before the next forward: one graph alive at a time (ppo_minibatch_loss)
+                    # each term's backward before the next forward: one graph alive at a time (ppo_minibatch_loss);
+                    # the critic's first, as its forward may complete the experience
                     rows = minibatch_rows(cfg, b, idx)
-                    pg, st = ppo_policy_loss(model, cfg, b, rows)
-                    _backward(pg)
                     vl, vst = ppo_value_loss(model, cfg, b, rows)
                     _backward(vl)
+                    pg, st = ppo_policy_loss(model, cfg, b, rows)
+                    _backward(pg)
                     loss, st = pg.detach() + vl.detach(), st | vst
                     if ptx_sampler is not None:
                         tb = collate_texts([ptx_examples[i] for i in ptx_sampler.next()], pad_id)

@@ -142,6 +142,11 @@ def test_experience_equals_single_role_calls(arch, mode, model_of):
         assert part[key].shape == single[key].shape and not part[key][:, :3].any(), key
         assert_close(part[key][:, 3:], single[key][:, 3:].double(), torch.float32, msg=key)
     assert torch.equal(part["values"], exp["values"]) and torch.equal(part["scores"], exp["scores"])
+    # without the critic: no values, the other three as before
+    no_critic = model.experience(ids, mask, mode=mode, temperature=0.7, critic=False)
+    assert no_critic["values"] is None
+    for key in ("logprobs", "ref_logprobs", "scores"):
+        assert_close(no_critic[key], single[key].double(), torch.float32, msg=key)
     given = model.experience(ids, mask, temperature=0.7, policy_logprobs=single["logprobs"] + 1)
     assert torch.equal(given["logprobs"], single["logprobs"] + 1)  # the caller's, not a forward's
     with pytest.raises(ValueError, match="start"):

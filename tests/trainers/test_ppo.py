@@ -218,7 +218,7 @@ def test_old_logprobs_from_generation_equal_the_recomputed_ones(tiny_model, data
             out[how] = make_experience(model, c, prompts, None, kl_controller(c), kl_control.RunningMoments())
         finally:
             hook.remove()
-        out[how]["full_forwards"] = [r for r, t in forwards if t == out[how]["seq"].shape[1]]
+        out[how]["forwards"] = forwards
     gen, rec = out["generation"], out["recompute"]
     assert torch.equal(gen["seq"], rec["seq"]) and torch.equal(gen["mask"], rec["mask"])
     assert gen["rollout_stats"]["rollout/old_logprobs_from_generation"] == 1.0
@@ -230,8 +230,67 @@ def test_old_logprobs_from_generation_equal_the_recomputed_ones(tiny_model, data
     with torch.no_grad():
         full = model.logprobs(rec["seq"], rec["attn"], "policy", temperature=0.7)
     assert_close(rec["logprobs"][:, 4:], full[:, 4:].double(), torch.float32)
-    # over the whole sequences: reference, critic and reward; recompute adds the policy's
-    assert len(gen["full_forwards"]) == 3 and len(rec["full_forwards"]) == 4
+    # after the rollout's prefill (over the prompts): over the whole sequences, reference, critic and reward;
+    # recompute adds the policy's
+    t = gen["seq"].shape[1]
+    for o, n in ((gen, 3), (rec, 4)):
+        assert [w for _, w in o["forwards"]] == [4] + [t] * n, o["forwards"]
+        assert [r for r, _ in o["forwards"][-2:]] == ["critic", "reward"]
+
+
+def test_one_minibatch_takes_the_old_values_from_the_first_critic_forward(tiny_model, data_files, tmp_path):
+    """With one minibatch train_ppo skips the experience step's critic forward (make_experience(critic=False)):
+    the first update's critic forward, over the whole batch at the rollout's weights, gives the old values, and
+    with them the same advantages, returns, losses and gradients as the experience step's no-grad forward."""
+    from rlhf_fast.data.collate import collate_prompts
+    from rlhf_fast.rl import kl_control
+    from rlhf_fast.trainers.ppo import kl_controller, make_experience
+
+    model = RoleModel.from_pretrained(tiny_model).eval()
+    perturb(model.role_parameters("policy") + model.role_parameters("critic"))
+    prompts = collate_prompts([{"prompt_ids": p} for p in ([5, 6, 7], [8, 9], [10, 11, 12, 13], [14])], 0)
+    c = cfg(tiny_model, data_files, tmp_path, num_minibatches=1, kl_coef=0.3, temperature=0.7)
+    policy, critic = model.role_parameters("policy"), model.role_parameters("critic")
+    out = {}
+    for with_critic in (True, False):
+        torch.manual_seed(0)
+        forwards = []  # the active adapter of every backbone forward
+        hook = model.backbone.register_forward_pre_hook(
+            lambda mod, a, k, seen=forwards: seen.append(model._active), with_kwargs=True)
+        try:
+            b = make_experience(model, c, prompts, None, kl_controller(c), kl_control.RunningMoments(),
+                                critic=with_critic)
+            experience_forwards = list(forwards)
+            rows = minibatch_rows(c, b, torch.tensor([2, 0, 3, 1]))  # a permutation, as D.minibatches draws it
+            if not with_critic:
+                assert b["values"] is None and b["adv"] is None
+                with pytest.raises(ValueError, match="no advantages yet"):
+                    ppo_policy_loss(model, c, b, rows)
+                with pytest.raises(ValueError, match="whole rollout batch"):
+                    ppo_value_loss(model, c, b, minibatch_rows(c, b, torch.tensor([0, 1])))
+                assert b["values"] is None  # the refused call left the batch as it was
+            vl, vst = ppo_value_loss(model, c, b, rows)
+            critic_grads = torch.autograd.grad(vl, critic)
+            pg, pst = ppo_policy_loss(model, c, b, rows)
+            policy_grads = torch.autograd.grad(pg, policy)
+        finally:
+            hook.remove()
+        out[with_critic] = dict(b=b, forwards=experience_forwards, vl=vl, pg=pg, grads=critic_grads + policy_grads,
+                                clipfrac=vst["val/clipfrac_avg"])
+    full, deferred = out[True], out[False]
+    assert full["forwards"].count("critic") == 1 and "critic" not in deferred["forwards"]
+    assert len(deferred["forwards"]) == len(full["forwards"]) - 1
+    assert torch.equal(full["b"]["seq"], deferred["b"]["seq"])
+    m = full["b"]["mask"].bool()
+    for k in ("values", "adv", "returns"):
+        assert_close(deferred["b"][k][m], full["b"][k][m].double(), torch.float32)
+    assert_close(deferred["b"]["kl"], full["b"]["kl"].double(), torch.float32)
+    assert float(full["b"]["kl"].abs().sum()) > 0  # a perturbed policy: the KL term shapes the advantages
+    assert_close(deferred["vl"], full["vl"].double(), torch.float32)
+    assert_close(deferred["pg"], full["pg"].double(), torch.float32)
+    for g, r in zip(deferred["grads"], full["grads"], strict=True):
+        assert_close(g, r.double(), torch.float32)
+    assert float(deferred["clipfrac"]) == 0.0  # values equal to the old ones: the value clip is inactive
 
 
 def test_triton_run_trains_like_a_torch_run(tiny_model, data_files, tmp_path, monkeypatch):

@@ -225,12 +225,13 @@ def test_demo_report_keys_and_sanity(demo_dir):
         assert 0.0 <= r[run]["gold_win_rate_vs_sft"] <= 1.0
         assert all(v == v for v in r[run].values())  # no NaN
     c, n = r["config"], r["ppo_no_kl"]
-    # the control differs from the no-KL run in the penalty only
+    # the control differs from the no-KL run in the penalty (and its length, control_steps)
     assert (n["kl_coef"], n["lr"], n["steps"]) == (0.0, c["no_kl_lr"], c["no_kl_steps"])
     assert (r["ppo_kl_control"]["kl_coef"], r["ppo_kl_control"]["lr"], r["ppo_kl_control"]["steps"]) == (
-        c["kl_coef"], c["no_kl_lr"], c["no_kl_steps"])
+        c["kl_coef"], c["no_kl_lr"], c["control_steps"])
     assert (r["ppo"]["lr"], r["ppo"]["steps"]) == (c["ppo_lr"], c["ppo_steps"])
-    assert [p["step"] for p in r["curves"]["ppo_kl_control"]][-1] == c["no_kl_steps"]
+    assert [p["step"] for p in r["curves"]["ppo_kl_control"]][-1] == c["control_steps"]
+    assert [p["step"] for p in r["curves"]["ppo_no_kl"]][-1] == c["no_kl_steps"]
     p = r["params"]
     assert p["trainable"] > 0 and p["total"] == p["base"] + p["trainable"]
     bon = r["best_of_n"]

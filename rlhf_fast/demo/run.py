@@ -80,12 +80,22 @@ class DemoConfig:
     rm_batch: int = 64
     # PPO
     ppo_steps: int = 120
-    no_kl_steps: int = 240          # the no-KL run goes on longer: over-optimisation takes time to show
+    # the no-KL run goes on longer: over-optimisation takes time to show. At 240 steps (2026-12-07, seeds 0-2) it
+    # hacked the reward model clearly on seed 2 only: on seeds 0 and 1 the policy first collapses (proxy and gold
+    # fall together) and only later climbs the reward model's score in degenerate text; at 480 steps its best-proxy
+    # point lies there on both (held-out proxy 3.21 / 0.78 against the SFT model's -0.44 / -0.17, gold -10.0 / -11.1
+    # against 2.32 / 2.33; docs/demo.md)
+    no_kl_steps: int = 480
     # ... and takes larger steps: on these bases 240 steps at ppo_lr without the penalty did not hack the reward
     # model (seeds 0 and 1: gold 3.30 / 2.65 above SFT's 2.40 / 2.27 at 13 nats), nor 400 steps at 7e-3 (gold 2.41 /
     # 2.79, 9-16 nats: the policy settles); at 1e-2 the gold collapses on every seed (docs/demo.md).
-    # The control run (the KL penalty on, no_kl_lr, no_kl_steps) differs from the no-KL run in the penalty only.
     no_kl_lr: float = 1e-2
+    # The control run: the KL penalty on at no_kl_lr, from the same state, for control_steps (the no-KL run's first
+    # 240 steps are where its gold falls: the curves compare the two there; 480 would not fit make demo's 15 minutes)
+    control_steps: int = 240
+    # PPO prompts (train split, after the labeled pairs' prompts): the PPO runs draw their batches from this pool
+    # (64 x 360, the pool of 120 + 240 steps; the 480-step no-KL run goes round it a second time)
+    ppo_prompts: int = 23040
     ppo_batch: int = 64
     ppo_lr: float = 3e-3
     ppo_epochs: int = 4
@@ -152,7 +162,7 @@ class DemoConfig:
         """A miniature for tests: same stages, toy sizes (well under a minute)."""
         small = dict(hidden_size=128, num_layers=1, pretrain_steps=30, pretrain_batch=16,
                      sft_examples=64, sft_epochs=1, lora_r=1, pair_prompts=96, val_pair_prompts=48, rm_epochs=1,
-                     rm_batch=16, ppo_steps=3, no_kl_steps=3, ppo_batch=16, ppo_epochs=1, ppo_minibatches=1, eval_every=2,
+                     rm_batch=16, ppo_steps=3, no_kl_steps=3, control_steps=3, ppo_prompts=96, ppo_batch=16, ppo_epochs=1, ppo_minibatches=1, eval_every=2,
                      monitor_prompts=16, eval_prompts=200, progress=False, pretrained="never",
                      count_sft_examples=32, count_sft_epochs=1, dpo_batch=16, dpo_epochs=1, grpo_steps=2, grpo_prompts=4, grpo_generations=4,
                      count_eval_prompts=200, bon_samples=8, bon_ns="1,2,8")
@@ -596,7 +606,7 @@ def run(cfg: DemoConfig) -> dict:
     model.eval()
     heldout = task.make_prompts(cfg.eval_prompts, split="heldout", seed=cfg.seed + 100)
     monitor = task.make_prompts(cfg.monitor_prompts, split="heldout", seed=cfg.seed + 200)
-    train_prompts = task.make_prompts(cfg.pair_prompts + cfg.val_pair_prompts + cfg.ppo_batch * (cfg.ppo_steps + cfg.no_kl_steps),
+    train_prompts = task.make_prompts(cfg.pair_prompts + cfg.val_pair_prompts + cfg.ppo_prompts,
                                       split="train", seed=cfg.seed + 300)
 
     # Labeled pairs of SFT samples (the labeler is the only reader of the gold here).
@@ -643,7 +653,7 @@ def run(cfg: DemoConfig) -> dict:
     t = lap("ppo_no_kl", t)
     # The control: the no-KL run's learning rate and steps with the KL penalty back on.
     model_control, curve_control = run_ppo(cfg, work, "ppo_kl_control", model_control, tok, cfg.kl_coef,
-                                           cfg.no_kl_steps, monitor, lr=cfg.no_kl_lr)
+                                           cfg.control_steps, monitor, lr=cfg.no_kl_lr)
     control_eval = evaluate(model_control, tok, heldout, seed=cfg.seed + 1000)
     del model_control
     t = lap("ppo_kl_control", t)
@@ -684,7 +694,7 @@ def run(cfg: DemoConfig) -> dict:
                "labeler_mention_bonus": cfg.labeler_mention_bonus},
         "ppo": ppo_block(ppo_eval, cfg.kl_coef, cfg.ppo_lr, cfg.ppo_steps, curve),
         "ppo_no_kl": ppo_block(no_kl_eval, 0.0, cfg.no_kl_lr, cfg.no_kl_steps, curve_no_kl),
-        "ppo_kl_control": ppo_block(control_eval, cfg.kl_coef, cfg.no_kl_lr, cfg.no_kl_steps, curve_control),
+        "ppo_kl_control": ppo_block(control_eval, cfg.kl_coef, cfg.no_kl_lr, cfg.control_steps, curve_control),
         "best_of_n": bon,
         "dpo": dpo[0] if dpo else None,
         "dpo_sweep": dpo,

@@ -91,7 +91,7 @@ class DemoConfig:
     # 2.79, 9-16 nats: the policy settles); at 1e-2 the gold collapses on every seed (docs/demo.md).
     no_kl_lr: float = 1e-2
     # The control run: the KL penalty on at no_kl_lr, from the same state, for control_steps (the no-KL run's first
-    # 240 steps are where its gold falls: the curves compare the two there; 480 would not fit make demo's 15 minutes)
+    # 240 steps are where its gold falls: the curves compare the two there; 480 would add about 170 s of CPU)
     control_steps: int = 240
     # PPO prompts (train split, after the labeled pairs' prompts): the PPO runs draw their batches from this pool
     # (64 x 360, the pool of 120 + 240 steps; the 480-step no-KL run goes round it a second time)
@@ -651,7 +651,7 @@ def run(cfg: DemoConfig) -> dict:
                                         monitor, lr=cfg.no_kl_lr)
     no_kl_eval = evaluate(model_no_kl, tok, heldout, seed=cfg.seed + 1000)
     t = lap("ppo_no_kl", t)
-    # The control: the no-KL run's learning rate and steps with the KL penalty back on.
+    # The control: the no-KL run's learning rate with the KL penalty back on, for control_steps.
     model_control, curve_control = run_ppo(cfg, work, "ppo_kl_control", model_control, tok, cfg.kl_coef,
                                            cfg.control_steps, monitor, lr=cfg.no_kl_lr)
     control_eval = evaluate(model_control, tok, heldout, seed=cfg.seed + 1000)

@@ -10,9 +10,26 @@ addmm whose alpha carries the scaling:
 
     y = addmm(x W^T + b, x A^T, B^T, alpha=scaling)     # x (N, in), A (r, in), B (out, r), W (out, in)
 
-so the scaling and the add ride inside the last GEMM. The value is PEFT's up to rounding (the sum is associated
-differently; the tests hold it to 1e-12 in float64), so a run is not bit for bit the run PEFT's forward would
-give. Forward + backward of whole backbones: bench/results/cpu-lean-lora-2026-12-06.md.
+so the scaling and the add ride inside the last GEMM.
+
+The adapter's GEMMs are skinny (r = 1-64 columns) and run far below the base GEMM's efficiency: on SmolLM2-135M
+at r = 16 they add about 5% to the multiply-adds of a forward and about 17% to its time. When a call has many rows
+(N >= MERGE_ROWS_PER_RANK x r) the layer merges the adapter into the weight for that call instead:
+
+    no grad:    y = x (W + s B A)^T + b                                   # one GEMM over x; W + s B A: (out, in)
+    with grad:  y = x (W + s B A)^T + b,  and x A^T kept for dB
+                backward:  [dx | g B] = g [W + s B A | B]                 # one GEMM gives dx and the g B that dA needs
+                           dA = s (g B)^T x,  dB = s g^T (x A^T)
+
+The merged weight is built per call (out x in floats, freed when the call returns; the backward builds it again,
+next to B, rather than holding a second copy of every weight), at out x in x r multiply-adds: 1/16 of the call's
+GEMM at the threshold, where the two paths measured even (CPU, SmolLM2 shapes, r = 16: 256 rows). Decode steps
+(a few rows) keep the addmm path. (The forward could take x A^T from the same GEMM, [W + s B A ; A], but y would
+then be a strided view, which autograd forbids to modify in place.)
+
+Every path computes PEFT's value up to rounding (the sums are associated differently; the tests hold values and
+gradients to 1e-10 - 1e-12 in float64), so a run is not bit for bit the run PEFT's forward would give. Forward +
+backward of whole backbones: bench/results/cpu-lean-lora-*.md.
 
 Only the plain case takes this path: one active adapter, vanilla LoRA (no DoRA or other variant), no dropout
 (none configured, or the module in eval mode), an nn.Linear base, no LoRA bias, input, base and adapter in one
@@ -42,9 +59,51 @@ class LeanLoraLinear(PeftLoraLinear):
         if (not (isinstance(drop, nn.Identity) or (type(drop) is nn.Dropout and not drop.training))
                 or lora_b.bias is not None or not (x.dtype == a.dtype == b.dtype == base.weight.dtype)):
             return super().forward(x)
-        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        y = torch.addmm(F.linear(x2, base.weight, base.bias), F.linear(x2, a), b.t(), alpha=self.scaling[name])
+        x2, s = x.reshape(-1, x.shape[-1]), self.scaling[name]  # (N, in)
+        if x2.shape[0] < MERGE_ROWS_PER_RANK * a.shape[0]:
+            y = torch.addmm(F.linear(x2, base.weight, base.bias), F.linear(x2, a), b.t(), alpha=s)
+        elif not torch.is_grad_enabled() or not (x2.requires_grad or a.requires_grad or b.requires_grad):
+            y = F.linear(x2, torch.addmm(base.weight, b, a, alpha=s), base.bias)
+        elif base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+            return super().forward(x)  # a trainable base: PEFT's forward gives its gradient
+        else:
+            y = _MergedLora.apply(x2, base.weight, base.bias, a, b, s)
         return y.view(*x.shape[:-1], y.shape[-1])
+
+
+# A call merges the adapter into its weight when it has at least this many rows per unit of rank (module doc).
+MERGE_ROWS_PER_RANK = 16
+
+
+class _MergedLora(torch.autograd.Function):
+    """y = x (W + s B A)^T + bias with gradients for x, A and B (W and bias frozen); shapes in the module doc."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, scaling):
+        y = F.linear(x, torch.addmm(weight, b, a, alpha=scaling), bias)  # (N, out)
+        ctx.save_for_backward(x, weight, a, b, F.linear(x, a) if ctx.needs_input_grad[4] else None)
+        ctx.scaling = scaling
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, a, b, xa = ctx.saved_tensors
+        s, (out, n_in), r = ctx.scaling, weight.shape, a.shape[0]
+        need_x, _, _, need_a, need_b, _ = ctx.needs_input_grad
+        dx = da = db = None
+        if need_x:
+            m = g.new_empty(out, n_in + r)  # [W + s B A | B]
+            torch.addmm(weight, b, a, alpha=s, out=m[:, :n_in])
+            m[:, n_in:] = b
+            dxg = g @ m  # (N, in + r)
+            dx, gb = dxg[:, :n_in], dxg[:, n_in:]
+        else:
+            gb = g @ b
+        if need_a:
+            da = (gb.t() @ x).mul_(s)
+        if need_b:
+            db = (g.t() @ xa).mul_(s)
+        return dx, None, None, da, db, None
 
 
 def install(module: nn.Module) -> int:

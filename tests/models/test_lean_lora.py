@@ -8,7 +8,7 @@ import torch
 from peft import LoraConfig
 from peft.tuners.lora import Linear as PeftLoraLinear
 
-from rlhf_fast.models import LoraSettings, RoleModel
+from rlhf_fast.models import LoraSettings, RoleModel, lean_lora
 from rlhf_fast.models.lean_lora import LeanLoraLinear
 
 
@@ -221,3 +221,121 @@ def test_lean_layer_gradcheck():
                 p.view(-1)[i] += eps
                 num.view(-1)[i] = (up - down) / (2 * eps)
         torch.testing.assert_close(gp, num, rtol=1e-6, atol=1e-8)
+
+
+# ----------------------------------------------------------------------------- the merged-weight path (many rows)
+def _force_merge(monkeypatch):
+    """Every call merges (threshold 1 row per unit of rank); returns a counter of the with-grad Function's calls."""
+    monkeypatch.setattr(lean_lora, "MERGE_ROWS_PER_RANK", 1)
+    calls = {"grad": 0}
+    apply = lean_lora._MergedLora.apply
+
+    def counting(*a):
+        calls["grad"] += 1
+        return apply(*a)
+
+    monkeypatch.setattr(lean_lora._MergedLora, "apply", counting)
+    return calls
+
+
+@pytest.mark.parametrize("role", ["policy", "critic", "reward"])
+def test_merged_path_matches_peft_float64_values_and_grads(tiny_model_factory, role, monkeypatch):
+    model = _build(tiny_model_factory)
+    ids, mask = _batch(model.lm_head.weight.shape[0])
+    calls = _force_merge(monkeypatch)
+    (h, g), (h_ref, g_ref) = _both_paths(model, role, ids, mask)
+    assert calls["grad"] == len(_lora_layers(model))  # the lean pass merged every layer (PEFT's pass never does)
+    torch.testing.assert_close(h, h_ref, rtol=1e-12, atol=1e-12)
+    assert g.keys() == g_ref.keys() and any(f"lora_B.{role}" in n for n in g)
+    for n in g:
+        torch.testing.assert_close(g[n], g_ref[n], rtol=1e-10, atol=1e-12, msg=n)
+    with torch.no_grad(), model.role(role):  # the no-grad merge (no Function, no x A^T)
+        h_ng = model.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert calls["grad"] == len(_lora_layers(model))
+    torch.testing.assert_close(h_ng, h_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_merged_path_float32(tiny_model_factory, monkeypatch):
+    model = _build(tiny_model_factory, dtype=torch.float32, r=4, alpha=8.0)
+    ids, mask = _batch(model.lm_head.weight.shape[0], b=2, t=11)
+    _force_merge(monkeypatch)
+    (h, g), (h_ref, g_ref) = _both_paths(model, "policy", ids, mask)
+    torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-5)
+    for n in g:
+        # float32 rounding of two association orders: within 1e-4 of the largest entry
+        torch.testing.assert_close(g[n], g_ref[n], rtol=1e-4, atol=1e-4 * float(g_ref[n].abs().max()), msg=n)
+
+
+def _layer(n_in=6, n_out=4, r=2, bias=False):
+    torch.manual_seed(0)
+    layer = PeftLoraLinear(torch.nn.Linear(n_in, n_out, bias=bias, dtype=torch.float64), "a",
+                           LoraConfig(r=r, lora_alpha=3), r=r, lora_alpha=3)
+    layer.base_layer.requires_grad_(False)
+    with torch.no_grad():
+        layer.lora_B["a"].weight.normal_()
+    return layer
+
+
+@pytest.mark.parametrize("rows", [31, 32])
+def test_merge_threshold_in_rows_per_rank(rows, monkeypatch):
+    # r = 2 at 16 rows per unit of rank: 32 rows merge, 31 take the addmm path; both give PEFT's value
+    layer = _layer()
+    calls = {"grad": 0}
+    apply = lean_lora._MergedLora.apply
+    monkeypatch.setattr(lean_lora._MergedLora, "apply", lambda *a: (calls.__setitem__("grad", calls["grad"] + 1),
+                                                                    apply(*a))[1])
+    x = torch.randn(rows, 6, dtype=torch.float64, requires_grad=True)
+    expect = PeftLoraLinear.forward(layer, x)
+    layer.__class__ = LeanLoraLinear
+    got = layer(x)
+    assert calls["grad"] == (rows >= 32)
+    torch.testing.assert_close(got, expect, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("need", ["all", "x", "adapter"])
+def test_merged_function_gradcheck(bias, need):
+    layer = _layer(n_in=5, n_out=3, r=2, bias=bias)
+    w, b0 = layer.base_layer.weight, layer.base_layer.bias
+    a = layer.lora_A["a"].weight.detach().clone().requires_grad_(need != "x")
+    b = layer.lora_B["a"].weight.detach().clone().requires_grad_(need != "x")
+    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=need != "adapter")
+    inputs = tuple(t for t in (x, a, b) if t.requires_grad)
+
+    def f(*ts):
+        it = iter(ts)
+        xx, aa, bb = (next(it) if t.requires_grad else t for t in (x, a, b))
+        return lean_lora._MergedLora.apply(xx, w, b0, aa, bb, 1.5)
+
+    assert torch.autograd.gradcheck(f, inputs)
+    expect = torch.nn.functional.linear(x, w, b0) + 1.5 * (x @ a.t()) @ b.t()
+    torch.testing.assert_close(f(*inputs), expect, rtol=1e-12, atol=1e-12)
+
+
+def test_merged_output_may_be_modified_in_place(monkeypatch):
+    # a model may scale a projection's output in place; the merged path's output is its own tensor, not a view
+    monkeypatch.setattr(lean_lora, "MERGE_ROWS_PER_RANK", 1)
+    layer = _layer()
+    a, b = layer.lora_A["a"].weight, layer.lora_B["a"].weight
+    x = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
+    ref = PeftLoraLinear.forward(layer, x).mul(2.0)
+    g_ref = torch.autograd.grad(ref.sin().sum(), (x, a, b))
+    layer.__class__ = LeanLoraLinear
+    y = layer(x)
+    y.mul_(2.0)
+    for got, want in zip(torch.autograd.grad(y.sin().sum(), (x, a, b)), g_ref):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_trainable_base_falls_back_to_peft(monkeypatch):
+    monkeypatch.setattr(lean_lora, "MERGE_ROWS_PER_RANK", 1)
+    layer = _layer()
+    layer.base_layer.weight.requires_grad_(True)  # e.g. a full fine-tune with an adapter on top
+    x = torch.randn(8, 6, dtype=torch.float64)
+    expect = PeftLoraLinear.forward(layer, x)
+    g_ref = torch.autograd.grad(expect.sum(), layer.base_layer.weight)[0]
+    layer.__class__ = LeanLoraLinear
+    monkeypatch.setattr(lean_lora._MergedLora, "apply", None)  # must not be reached
+    y = layer(x)
+    torch.testing.assert_close(y, expect, rtol=0, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(y.sum(), layer.base_layer.weight)[0], g_ref, rtol=0, atol=0)

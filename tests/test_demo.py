@@ -366,7 +366,8 @@ def test_demo_seeds_bad_input_exits_2(tmp_path):
 
     for argv in (["--seeds", "0,x"], ["--seeds", "0,0"], ["--seeds", "0,1", "--seed", "2"], ["--seeds", "0", "--jobs", "0"],
                  ["--ppo_keep", "best"], ["--seeds", "0,1", "--ppo_keep", "first"], ["--labeler_mention_bonus", "-1"],
-                 ["--labeler_beta", "0"], ["--kl_controller", "pid"], ["--kl_target", "0"], ["--kl_horizon", "-5"]):
+                 ["--labeler_beta", "0"], ["--kl_controller", "pid"], ["--kl_target", "0"], ["--kl_horizon", "-5"],
+                 ["--workers", "0"]):
         with pytest.raises(SystemExit) as e:
             demo.main(["--tiny", "--out", str(tmp_path / "x"), *argv])
         assert e.value.code == 2, argv
@@ -465,3 +466,29 @@ def test_run_refuses_an_unknown_ppo_keep_before_any_stage(tmp_path):
     with pytest.raises(ValueError, match="ppo_keep"):
         demo.run(demo.DemoConfig.tiny(ppo_keep="best", out=str(tmp_path / "x")))
     assert not (tmp_path / "x").exists()
+
+
+def test_demo_no_kl_run_in_its_own_process_gives_the_same_figures(demo_dir, tmp_path):
+    # demo_dir ran with the default workers=2 (the no-KL run in a spawned process beside the other stages); here
+    # everything runs in this process, one stage after another: every figure and curve must be the same
+    from rlhf_fast.demo import run as demo
+
+    out = tmp_path / "serial"
+    assert demo.main(["--tiny", "--workers", "1", "--out", str(out)]) == 0
+    parallel, serial = (json.loads((d / "report.json").read_text()) for d in (demo_dir, out))
+    assert parallel["config"]["workers"] == 2 and serial["config"]["workers"] == 1
+    assert "wait_for_ppo_no_kl" in parallel["stage_seconds"] and "wait_for_ppo_no_kl" not in serial["stage_seconds"]
+    assert parallel["stage_cpu_seconds"]["ppo_no_kl"] > 0  # the child's own CPU time, counted in the total
+    for r in (parallel, serial):
+        for k in ("stage_seconds", "stage_cpu_seconds", "wall_seconds", "cpu_seconds", "plots"):
+            r.pop(k)
+        r["config"].pop("workers"), r["config"].pop("out")
+    assert parallel == serial
+
+
+def test_demo_no_kl_process_failure_is_reported(tmp_path):
+    from rlhf_fast.demo import run as demo
+
+    proc = demo._start_no_kl_process((None, str(tmp_path), "", "", [], []))  # no config: fails in the child
+    with pytest.raises(RuntimeError, match="the no-KL run failed in its process"):
+        demo._join_no_kl_process(*proc)

@@ -1,13 +1,16 @@
-"""LoRA layer forward: rlhf_fast's LeanLoraLinear (one addmm carries B and the scaling) against PEFT's own
-forward, through a RoleModel's whole backbone on the CPU (run from the repo root):
+"""LoRA layer forward: rlhf_fast's LeanLoraLinear against PEFT's own forward, through a RoleModel's whole backbone
+on the CPU (run from the repo root):
 
     python bench/lean_lora.py [--models tiny,smollm2 --reps 5 --threads 1]
         -> bench/results/cpu-lean-lora-<date>.{md,json}
 
-Per model: the backbone's forward without grad (a rollout-side scoring pass) and forward + backward of a
-scalar of the hidden states with the policy adapter on (an update's pass), CPU time of this process, the two
-paths alternating within each repetition (PEFT first on even repetitions, lean first on odd), medians with
-min - max. Both paths run on the same model object: the layers' class is switched between repetitions.
+Three paths: `peft` (PEFT's forward), `addmm` (LeanLoraLinear's one-addmm path on every call: the merge
+threshold set out of reach) and `lean` (LeanLoraLinear as shipped: calls with >= MERGE_ROWS_PER_RANK x r rows
+merge the adapter into the weight for the call). Per model: the backbone's forward without grad (a rollout-side
+scoring pass) and forward + backward of a scalar of the hidden states with the policy adapter on (an update's
+pass), CPU time of this process, the paths alternating within each repetition (the order rotated each
+repetition), medians with min - max. All paths run on the same model object: the layers' class (and the
+threshold) are switched between passes.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 from peft.tuners.lora import Linear as PeftLoraLinear
 
 from rlhf_fast.bench.measure import cpu_name, git_commit
-from rlhf_fast.models import LoraSettings, RoleModel
+from rlhf_fast.models import LoraSettings, RoleModel, lean_lora
 from rlhf_fast.models.lean_lora import LeanLoraLinear
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,9 +62,12 @@ def measure(name: str, reps: int) -> dict:
     ids = torch.randint(0, model.lm_head.weight.shape[0], (shape["batch"], shape["seq"]),
                         generator=torch.Generator().manual_seed(0))
 
+    merge_rows = lean_lora.MERGE_ROWS_PER_RANK
+
     def use(path: str) -> None:
         for m in layers:
-            m.__class__ = LeanLoraLinear if path == "lean" else PeftLoraLinear
+            m.__class__ = PeftLoraLinear if path == "peft" else LeanLoraLinear
+        lean_lora.MERGE_ROWS_PER_RANK = float("inf") if path == "addmm" else merge_rows
 
     def fwd_bwd():
         model.zero_grad(set_to_none=True)
@@ -73,12 +79,12 @@ def measure(name: str, reps: int) -> dict:
         with torch.no_grad(), model.role("policy"):
             model.backbone(input_ids=ids)
 
-    times = {f"{p}/{k}": [] for p in ("peft", "lean") for k in ("forward", "forward_backward")}
-    for path in ("peft", "lean"):  # one untimed warm-up each
+    times = {f"{p}/{k}": [] for p in PATHS for k in ("forward", "forward_backward")}
+    for path in PATHS:  # one untimed warm-up each
         use(path)
         fwd_bwd()
     for rep in range(reps):
-        for path in (("peft", "lean") if rep % 2 == 0 else ("lean", "peft")):
+        for path in PATHS[rep % 3:] + PATHS[:rep % 3]:
             use(path)
             for kind, fn in (("forward", fwd), ("forward_backward", fwd_bwd)):
                 t = time.process_time()
@@ -87,25 +93,37 @@ def measure(name: str, reps: int) -> dict:
     use("lean")
     stats = {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "all": v} for k, v in times.items()}
     return {"model": name, "tokens": shape["batch"] * shape["seq"], **shape, "lora_layers": len(layers),
-            "times": stats,
+            "merge_rows_per_rank": merge_rows, "times": stats,
             "speedup": {k: stats[f"peft/{k}"]["median"] / stats[f"lean/{k}"]["median"]
-                        for k in ("forward", "forward_backward")}}
+                        for k in ("forward", "forward_backward")},
+            "merge_speedup": {k: stats[f"addmm/{k}"]["median"] / stats[f"lean/{k}"]["median"]
+                              for k in ("forward", "forward_backward")}}
+
+
+PATHS = ("peft", "addmm", "lean")
 
 
 def markdown(report: dict) -> str:
+    merge = report["results"][0]["merge_rows_per_rank"] if report["results"] else "?"
     lines = [f"# LoRA layer forward: LeanLoraLinear vs PEFT (CPU, {report['date']})", "",
-             f"CPU: {report['cpu']}, **{report['threads']} torch thread(s)**; {report['reps']} repetitions, the two "
-             "paths alternating, CPU time of the process; medians (min - max). LoRA r 16, alpha 32, on q, k, v, o, "
-             "gate, up and down projections, adapter B random (std 0.02); fp32. `forward`: the backbone without "
-             "grad; `forward_backward`: forward + backward of mean(h^2) with the policy adapter on.", "",
-             "| model | tokens | LoRA layers | pass | PEFT s | lean s | PEFT / lean |",
-             "|---|---:|---:|---|---:|---:|---:|"]
+             f"CPU: {report['cpu']}, **{report['threads']} torch thread(s)**; {report['reps']} repetitions, the "
+             "three paths alternating (order rotated each repetition), CPU time of the process; medians (min - "
+             "max). LoRA r 16, alpha 32, on q, k, v, o, gate, up and down projections, adapter B random (std 0.02); "
+             "fp32. `forward`: the backbone without grad; `forward_backward`: forward + backward of mean(h^2) with "
+             f"the policy adapter on. Paths: PEFT's forward; `addmm`: LeanLoraLinear's one-addmm path on every "
+             f"call; `lean`: LeanLoraLinear as shipped (calls with >= {merge} x r rows merge the adapter into the "
+             "weight for the call; every call here has that many).", "",
+             "| model | tokens | LoRA layers | pass | PEFT s | addmm s | lean s | PEFT / lean | addmm / lean |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+
+    def cell(t: dict) -> str:
+        return f"{t['median']:.3f} ({t['min']:.3f} - {t['max']:.3f})"
+
     for r in report["results"]:
         for kind in ("forward", "forward_backward"):
-            p, q = r["times"][f"peft/{kind}"], r["times"][f"lean/{kind}"]
-            lines.append(f"| {r['model']} | {r['batch']} x {r['seq']} | {r['lora_layers']} | {kind} | "
-                         f"{p['median']:.3f} ({p['min']:.3f} - {p['max']:.3f}) | "
-                         f"{q['median']:.3f} ({q['min']:.3f} - {q['max']:.3f}) | {r['speedup'][kind]:.3f}x |")
+            p, a, q = (r["times"][f"{path}/{kind}"] for path in PATHS)
+            lines.append(f"| {r['model']} | {r['batch']} x {r['seq']} | {r['lora_layers']} | {kind} | {cell(p)} | "
+                         f"{cell(a)} | {cell(q)} | {r['speedup'][kind]:.3f}x | {r['merge_speedup'][kind]:.3f}x |")
     lines += ["", f"versions: {report['versions']}; commit {report['commit']}.",
               f"Command: `{report['command']}`", ""]
     return "\n".join(lines)

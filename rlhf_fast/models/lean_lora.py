@@ -31,10 +31,10 @@ Every path computes PEFT's value up to rounding (the sums are associated differe
 gradients to 1e-10 - 1e-12 in float64), so a run is not bit for bit the run PEFT's forward would give. Forward +
 backward of whole backbones: bench/results/cpu-lean-lora-*.md.
 
-Only the plain case takes this path: one active adapter, vanilla LoRA (no DoRA or other variant), no dropout
+Only the plain case takes these paths: one active adapter, vanilla LoRA (no DoRA or other variant), no dropout
 (none configured, or the module in eval mode), an nn.Linear base, no LoRA bias, input, base and adapter in one
-dtype, no per-call adapter_names. Anything else, and the adapters-off reference pass (just the base layer), goes
-through PEFT's own forward unchanged.
+dtype, no per-call adapter_names, and for a merged call with gradients a frozen base. Anything else, and the
+adapters-off reference pass (just the base layer), goes through PEFT's own forward unchanged.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ from torch import nn
 
 
 class LeanLoraLinear(PeftLoraLinear):
-    """peft.tuners.lora.Linear with the plain single-adapter forward fused as one addmm (see the module doc)."""
+    """peft.tuners.lora.Linear with the plain single-adapter forward as one addmm, or with the adapter merged into
+    the weight for calls with many rows (see the module doc)."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if args or kwargs or self.disable_adapters or self.merged or len(self.active_adapters) != 1:

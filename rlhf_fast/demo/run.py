@@ -374,6 +374,16 @@ def run_ppo(cfg: DemoConfig, work: str, name: str, model, tokenizer, kl_coef: fl
     return model, curve
 
 
+def from_rm(rm_dir: str, sft_base: str, tokenizer):
+    """The reward-model stage's saved state (`rm_dir`'s adapters and heads on the SFT base `sft_base`), in eval
+    mode: where the no-KL run and its control start."""
+    from rlhf_fast.models import RoleModel
+
+    model = RoleModel.load(rm_dir, base=sft_base)
+    model.tokenizer = tokenizer
+    return model.eval()
+
+
 def no_kl_stage(cfg: DemoConfig, work: str, sft_base: str, rm_dir: str, monitor: list[str], heldout: list[str], *,
                 child: bool = False) -> dict:
     """The no-KL run: PPO without the penalty at no_kl_lr for no_kl_steps, from the reward-model stage's saved state
@@ -382,16 +392,13 @@ def no_kl_stage(cfg: DemoConfig, work: str, sft_base: str, rm_dir: str, monitor:
     It reads only files and seeds of its own (train_ppo seeds itself, evaluation draws from its own generators), so
     it gives the same figures in this process or, `child` (cfg.workers > 1), in a spawned one beside the other
     stages. Returns {"curve", "eval", "wall_seconds", "cpu_seconds"}."""
-    from rlhf_fast.models import RoleModel
-
     t, cpu = time.perf_counter(), time.process_time()
     if child:  # a fresh interpreter: the parent's thread setting; its progress bars would interleave with the parent's
         torch.set_num_threads(max(1, cfg.threads))
         cfg = dataclasses.replace(cfg, progress=False)
     tok = task.build_tokenizer()
-    model = RoleModel.load(rm_dir, base=sft_base)
-    model.tokenizer = tok
-    model, curve = run_ppo(cfg, work, "ppo_no_kl", model.eval(), tok, 0.0, cfg.no_kl_steps, monitor, lr=cfg.no_kl_lr)
+    model, curve = run_ppo(cfg, work, "ppo_no_kl", from_rm(rm_dir, sft_base, tok), tok, 0.0, cfg.no_kl_steps, monitor,
+                           lr=cfg.no_kl_lr)
     e = evaluate(model, tok, heldout, seed=cfg.seed + 1000)
     return {"curve": curve, "eval": e, "wall_seconds": time.perf_counter() - t, "cpu_seconds": time.process_time() - cpu}
 
@@ -704,15 +711,10 @@ def run(cfg: DemoConfig) -> dict:
     ppo_prompts = train_prompts[n_tr + cfg.val_pair_prompts:]
     write_jsonl(os.path.join(work, "data", "prompts.jsonl"), [{"prompt": p} for p in ppo_prompts])
     # The no-KL run and its control start from the very same state: the RM stage's saved adapters on the same base.
-    def from_rm():
-        m = RoleModel.load(rm["out"], base=sft_base)
-        m.tokenizer = tok
-        return m.eval()
-
     no_kl_args = (cfg, work, sft_base, rm["out"], monitor, heldout)
     # with cfg.workers > 1 the no-KL run goes to a second process, beside the stages from here to the report
     no_kl_proc = _start_no_kl_process(no_kl_args) if cfg.workers > 1 else None
-    model_control = from_rm()
+    model_control = from_rm(rm["out"], sft_base, tok)
     model, curve = run_ppo(cfg, work, "ppo", model, tok, cfg.kl_coef, cfg.ppo_steps, monitor)
     ppo_eval = evaluate(model, tok, heldout, seed=cfg.seed + 1000)
     t = lap("ppo", t)

@@ -13,7 +13,9 @@ addmm whose alpha carries the scaling:
 so the scaling and the add ride inside the last GEMM.
 
 The adapter's GEMMs are skinny (r = 1-64 columns) and run far below the base GEMM's efficiency: on SmolLM2-135M
-at r = 16 they add about 5% to the multiply-adds of a forward and about 17% to its time. When a call has many rows
+at r = 16 they add about 5% to the multiply-adds of a forward, and the reward forward (its adapter on) took 4.1 s
+against a plain model's 3.4 s (bench/results/peers-ppo-cpu-2026-12-07-smollm2-critic-from-update.md). When a call
+has many rows
 (N >= MERGE_ROWS_PER_RANK x r) the layer merges the adapter into the weight for that call instead:
 
     no grad:    y = x (W + s B A)^T + b                                   # one GEMM over x; W + s B A: (out, in)
@@ -23,13 +25,16 @@ at r = 16 they add about 5% to the multiply-adds of a forward and about 17% to i
 
 The merged weight is built per call (out x in floats, freed when the call returns; the backward builds it again,
 next to B, rather than holding a second copy of every weight), at out x in x r multiply-adds: 1/16 of the call's
-GEMM at the threshold, where the two paths measured even (CPU, SmolLM2 shapes, r = 16: 256 rows). Decode steps
+GEMM at the threshold, where the two paths measured even in a one-off microbenchmark of one layer's seven
+projections (CPU, SmolLM2 shapes, r = 16: 256 rows; not in bench/results). Decode steps
 (a few rows) keep the addmm path. (The forward could take x A^T from the same GEMM, [W + s B A ; A], but y would
 then be a strided view, which autograd forbids to modify in place.)
 
 Every path computes PEFT's value up to rounding (the sums are associated differently; the tests hold values and
-gradients to 1e-10 - 1e-12 in float64), so a run is not bit for bit the run PEFT's forward would give. Forward +
-backward of whole backbones: bench/results/cpu-lean-lora-*.md.
+gradients to 1e-10 - 1e-12 in float64), so a run is not bit for bit the run PEFT's forward would give. Whole
+backbones (bench/results/cpu-lean-lora-2026-12-07.md): the merge against the addmm path 1.17x forward and 1.04x
+forward + backward on a tiny Llama, 1.00x and 1.01x on SmolLM2-135M (within that run's noise); in the SmolLM2 PPO
+step the reward forward went from 4.1 to 3.7 s (peers-ppo-cpu-2026-12-07-smollm2-merged-lora.md).
 
 Only the plain case takes these paths: one active adapter, vanilla LoRA (no DoRA or other variant), no dropout
 (none configured, or the module in eval mode), an nn.Linear base, no LoRA bias, input, base and adapter in one

@@ -44,3 +44,34 @@ def one_thread():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def onednn_calls(monkeypatch):
+    """ops.cpu_gemm's oneDNN backend on for the test, with a counter of its calls ({"n": calls}); skips where this
+    torch has no oneDNN linear op."""
+    from rlhf_fast.ops import cpu_gemm
+
+    if cpu_gemm._OP is None:
+        pytest.skip("this torch has no oneDNN linear op")
+    monkeypatch.setattr(cpu_gemm, "_backend", "onednn")
+    calls = {"n": 0}
+    op = cpu_gemm._OP
+
+    def counting(*a):
+        calls["n"] += 1
+        return op(*a)
+
+    monkeypatch.setattr(cpu_gemm, "_OP", counting)
+    return calls
+
+
+@pytest.fixture
+def onednn_everywhere(onednn_calls, monkeypatch):
+    """onednn_calls with thresholds of 1: every fp32 CPU call without autograd takes oneDNN, so small test shapes
+    reach it."""
+    from rlhf_fast.ops import cpu_gemm
+
+    monkeypatch.setattr(cpu_gemm, "MIN_ROWS", 1)
+    monkeypatch.setattr(cpu_gemm, "MIN_MACS", 1)
+    return onednn_calls

@@ -36,10 +36,15 @@ backbones (bench/results/cpu-lean-lora-2026-12-07.md): the merge against the add
 forward + backward on a tiny Llama, 1.00x and 1.01x on SmolLM2-135M (within that run's noise); in the SmolLM2 PPO
 step the reward forward went from 4.1 to 3.7 s (peers-ppo-cpu-2026-12-07-smollm2-merged-lora.md).
 
+The GEMMs over the call's rows (x against the merged weight, the backward's [dx | g B], and the base alone when
+the adapters are off or merged by PEFT) go through ops.cpu_gemm: oneDNN's GEMM for large fp32 calls on the CPU,
+torch's linear otherwise.
+
 Only the plain case takes these paths: one active adapter, vanilla LoRA (no DoRA or other variant), no dropout
 (none configured, or the module in eval mode), an nn.Linear base, no LoRA bias, input, base and adapter in one
-dtype, no per-call adapter_names, and for a merged call with gradients a frozen base. Anything else, and the
-adapters-off reference pass (just the base layer), goes through PEFT's own forward unchanged.
+dtype, no per-call adapter_names, and for a merged call with gradients a frozen base. Anything else goes through
+PEFT's own forward unchanged; so does the base alone when the call has extra arguments or the base is not an
+nn.Linear.
 """
 
 from __future__ import annotations
@@ -49,15 +54,23 @@ import torch.nn.functional as F
 from peft.tuners.lora import Linear as PeftLoraLinear
 from torch import nn
 
+from rlhf_fast.ops import cpu_gemm
+
 
 class LeanLoraLinear(PeftLoraLinear):
     """peft.tuners.lora.Linear with the plain single-adapter forward as one addmm, or with the adapter merged into
     the weight for calls with many rows (see the module doc)."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        base = self.base_layer
+        if not (args or kwargs) and self.disable_adapters != self.merged and type(base) is nn.Linear:
+            # the base alone (adapters off: the reference pass; or merged into the weight by PEFT's merge_adapter),
+            # as PEFT's forward computes it, with the GEMM through cpu_gemm
+            y = cpu_gemm.linear(x.reshape(-1, x.shape[-1]), base.weight, base.bias)
+            return y.view(*x.shape[:-1], y.shape[-1])
         if args or kwargs or self.disable_adapters or self.merged or len(self.active_adapters) != 1:
             return super().forward(x, *args, **kwargs)
-        name, base = self.active_adapters[0], self.base_layer
+        name = self.active_adapters[0]
         if name not in self.lora_A or name in self.lora_variant or type(base) is not nn.Linear or self.fan_in_fan_out:
             return super().forward(x)
         drop, lora_b = self.lora_dropout[name], self.lora_B[name]
@@ -69,7 +82,7 @@ class LeanLoraLinear(PeftLoraLinear):
         if x2.shape[0] < MERGE_ROWS_PER_RANK * a.shape[0]:
             y = torch.addmm(F.linear(x2, base.weight, base.bias), F.linear(x2, a), b.t(), alpha=s)
         elif not torch.is_grad_enabled() or not (x2.requires_grad or a.requires_grad or b.requires_grad):
-            y = F.linear(x2, torch.addmm(base.weight, b, a, alpha=s), base.bias)
+            y = cpu_gemm.linear(x2, torch.addmm(base.weight, b, a, alpha=s), base.bias)
         elif base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
             return super().forward(x)  # a trainable base: PEFT's forward gives its gradient
         else:
@@ -86,7 +99,7 @@ class _MergedLora(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, a, b, scaling):
-        y = F.linear(x, torch.addmm(weight, b, a, alpha=scaling), bias)  # (N, out)
+        y = cpu_gemm.linear(x, torch.addmm(weight, b, a, alpha=scaling), bias)  # (N, out)
         ctx.save_for_backward(x, weight, a, b, F.linear(x, a) if ctx.needs_input_grad[4] else None)
         ctx.scaling = scaling
         return y
@@ -101,14 +114,14 @@ class _MergedLora(torch.autograd.Function):
             m = g.new_empty(out, n_in + r)  # [W + s B A | B]
             torch.addmm(weight, b, a, alpha=s, out=m[:, :n_in])
             m[:, n_in:] = b
-            dxg = g @ m  # (N, in + r)
+            dxg = cpu_gemm.matmul(g, m)  # (N, in + r)
             dx, gb = dxg[:, :n_in], dxg[:, n_in:]
         else:
             gb = g @ b
         if need_a:
             da = (gb.t() @ x).mul_(s)
-        if need_b:
-            db = (g.t() @ xa).mul_(s)
+        if need_b:  # (xa^T g)^T: the (r, out) product ran faster than g^T xa on the CPU
+            db = (xa.t() @ g).mul_(s).t()
         return dx, None, None, da, db, None
 
 

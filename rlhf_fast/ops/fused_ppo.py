@@ -35,7 +35,7 @@ import math
 import torch
 from torch import Tensor
 
-from rlhf_fast.ops import _checks, _dispatch, _library
+from rlhf_fast.ops import _checks, _dispatch, _library, cpu_gemm
 from rlhf_fast.ops._estimators import kl_terms_grad
 from rlhf_fast.ops.kl import kl_terms
 from rlhf_fast.ops.logprobs import linear_logprobs_op
@@ -150,7 +150,7 @@ def torch_linear_ppo_loss_fwd(hidden, weight, targets, bias, old, adv, w, ref, *
         h = hidden[r0:r1].to(dtype)
         t = targets[r0:r1]
         valid = t != ignore_index
-        z = h @ wc.T
+        z = cpu_gemm.linear(h, wc)  # (C, V)
         if bc is not None:
             z += bc
         if temperature != 1.0:
@@ -178,7 +178,7 @@ def torch_linear_ppo_loss_fwd(hidden, weight, targets, bias, old, adv, w, ref, *
         g.scatter_add_(1, cols, c_lp[:, None])
         if temperature != 1.0:
             g /= temperature
-        gh[r0:r1] = g @ wc
+        gh[r0:r1] = cpu_gemm.matmul(g, wc)
         if gw is not None:
             gw.addmm_(g.T, h)
         if gb is not None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rlhf_fast.ops import _checks, _dispatch, _library
+from rlhf_fast.ops import _checks, _dispatch, _library, cpu_gemm
 
 # Torch backend block sizes: a (rows x vocab) fp32 block of at most _BLOCK_ELEMS elements (4 MiB) lives at a
 # time, so the extra memory stays small whatever N and V are.
@@ -31,7 +31,7 @@ def _blocks(n: int, v: int) -> tuple[int, int]:
 
 
 def _logits_block(h, weight, bias, v0, v1, temperature, dtype):
-    z = h.to(dtype) @ weight[v0:v1].to(dtype).T  # (bn, bv)
+    z = cpu_gemm.linear(h.to(dtype), weight[v0:v1].to(dtype))  # (bn, bv)
     if bias is not None:
         z = z + bias[v0:v1].to(dtype)
     return z / temperature if temperature != 1.0 else z
@@ -152,7 +152,7 @@ def torch_linear_logprobs_bwd(hidden, weight, targets, bias, lse, entropy, grad_
                 gz -= g_h[r0:r1, None] * p * (z - l_ + entropy[r0:r1, None])
             if temperature != 1.0:
                 gz = gz / temperature
-            grad_hidden[r0:r1] += gz @ weight[v0:v1].to(dtype)
+            grad_hidden[r0:r1] += cpu_gemm.matmul(gz, weight[v0:v1].to(dtype))
             if grad_weight is not None:
                 grad_weight[v0:v1] += gz.T @ h_c
             if grad_bias is not None:

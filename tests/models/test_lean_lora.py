@@ -339,3 +339,39 @@ def test_trainable_base_falls_back_to_peft(monkeypatch):
     y = layer(x)
     torch.testing.assert_close(y, expect, rtol=0, atol=0)
     torch.testing.assert_close(torch.autograd.grad(y.sum(), layer.base_layer.weight)[0], g_ref, rtol=0, atol=0)
+
+
+# -------------------------------------------------------------- the GEMMs through oneDNN (ops/cpu_gemm.py), float32
+@pytest.mark.parametrize("role", ["policy", "reference"])
+def test_onednn_gemms_match_peft_float32(tiny_model_factory, monkeypatch, onednn_everywhere, role):
+    # merged calls (forward, and the backward's dx GEMM) and the base-alone reference pass through oneDNN; PEFT's
+    # forward runs torch's own linear
+    model = _build(tiny_model_factory, dtype=torch.float32, r=4, alpha=8.0)
+    ids, mask = _batch(model.lm_head.weight.shape[0], b=2, t=11)
+    _force_merge(monkeypatch)
+    (h, g), (h_ref, g_ref) = _both_paths(model, role, ids, mask)
+    n_layers = len(_lora_layers(model))
+    # the forward's GEMMs, + for the policy the backward's dx GEMMs: all but layer 0's q, k, v (their input, the
+    # normed embeddings, needs no gradient)
+    assert onednn_everywhere["n"] == n_layers + (n_layers - 3 if role == "policy" else 0)
+    torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-5)
+    assert g.keys() == g_ref.keys()
+    for n in g:
+        torch.testing.assert_close(g[n], g_ref[n], rtol=1e-4, atol=1e-4 * float(g_ref[n].abs().max()), msg=n)
+
+
+def test_onednn_gemms_with_the_adapter_merged_by_peft(tiny_model_factory, onednn_everywhere):
+    # PEFT's merge_adapter (the weights hold W + s B A, the layers flagged merged): the lean layer runs the base
+    # alone, as PEFT's merged forward does
+    model = _build(tiny_model_factory, dtype=torch.float32, r=4, alpha=8.0)
+    ids, mask = _batch(model.lm_head.weight.shape[0], b=2, t=11)
+    with torch.no_grad(), model.role("policy"):
+        live = model.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+        model.peft.merge_adapter()
+        try:
+            onednn_everywhere["n"] = 0
+            merged = model.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+        finally:
+            model.peft.unmerge_adapter()
+    assert onednn_everywhere["n"] == len(_lora_layers(model))
+    torch.testing.assert_close(merged, live, rtol=1e-5, atol=1e-5)

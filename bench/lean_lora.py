@@ -129,34 +129,49 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse(description: str, argv=None) -> tuple[argparse.Namespace, list[str]]:
+    """The command line this script and bench/cpu_gemm.py share: the models (validated), repetitions, torch
+    threads (set here), output folder and date."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--models", default="tiny,smollm2", help=f"comma-separated, of {', '.join(MODELS)}")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     ap.add_argument("--date", default=datetime.date.today().isoformat())
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
     names = [m for m in args.models.split(",") if m]
     unknown = sorted(set(names) - set(MODELS))
     if unknown:
         ap.error(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
+    torch.set_num_threads(args.threads)
+    return args, names
+
+
+def header(args: argparse.Namespace, script: str, argv=None) -> dict:
+    """A report's common fields: date, threads, repetitions, CPU, commit, versions and the command."""
     import peft
     import transformers
 
-    report = {"date": args.date, "threads": args.threads, "reps": args.reps,
-              "cpu": f"{cpu_name()} ({os.cpu_count()} cores)", "commit": git_commit(ROOT),
-              "versions": f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}",
-              "command": "python bench/lean_lora.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "results": [measure(n, args.reps) for n in names]}
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"cpu-lean-lora-{args.date}")
-    with open(stem + ".json", "w") as f:
+    return {"date": args.date, "threads": args.threads, "reps": args.reps,
+            "cpu": f"{cpu_name()} ({os.cpu_count()} cores)", "commit": git_commit(ROOT),
+            "versions": f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}",
+            "command": f"python bench/{script} " + " ".join(argv if argv is not None else sys.argv[1:])}
+
+
+def write(report: dict, out: str, stem: str, text: str) -> None:
+    """report as out/stem.json and text as out/stem.md; the text is also printed."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, stem + ".json"), "w") as f:
         json.dump(report, f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write(markdown(report))
-    print(markdown(report))
+    with open(os.path.join(out, stem + ".md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+def main(argv=None) -> None:
+    args, names = parse(__doc__.splitlines()[0], argv)
+    report = header(args, "lean_lora.py", argv) | {"results": [measure(n, args.reps) for n in names]}
+    write(report, args.out, f"cpu-lean-lora-{args.date}", markdown(report))
 
 
 if __name__ == "__main__":

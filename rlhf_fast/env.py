@@ -10,7 +10,7 @@ def format_report() -> str:
     import torch
 
     from rlhf_fast import __version__
-    from rlhf_fast.ops import _dispatch, _library
+    from rlhf_fast.ops import _dispatch, _library, cpu_gemm
 
     lines = [f"rlhf_fast {__version__}", f"python {platform.python_version()}", f"torch {torch.__version__}"]
     try:
@@ -35,6 +35,8 @@ def format_report() -> str:
     lines.append(f"backend: {_dispatch.requested_backend()} (from {_dispatch.request_source()}; "
                  "an op's backend= > use_backend() > RLHF_FAST_BACKEND > auto)")
     lines.append("float64 inputs: torch only (the triton and native kernels compute in fp32)")
+    lines.append(f"CPU GEMMs (ops.cpu_gemm): {cpu_gemm.backend()} (fp32 calls of >= {cpu_gemm.MIN_ROWS} rows and "
+                 f">= 2^{cpu_gemm.MIN_MACS.bit_length() - 1} multiply-adds; RLHF_FAST_CPU_GEMM=onednn|torch)")
     names = [n.split("::")[1] for n in _library.REGISTERED if not n.endswith("_backward")]
     lines.append(f"torch.compile: custom ops {_library.NAMESPACE}::{{{', '.join(names)}}} (+ _backward)")
     lines.append("")

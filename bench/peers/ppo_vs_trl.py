@@ -439,7 +439,7 @@ def _run_rlhf_fast(folder, out_dir, total, tl: Timeline, peft: bool = False):
     import rlhf_fast.trainers.loop as L
     import rlhf_fast.trainers.ppo as PPO
     from rlhf_fast.models import LoraSettings, RoleModel
-    from rlhf_fast.ops import _dispatch
+    from rlhf_fast.ops import _dispatch, cpu_gemm
     from rlhf_fast.trainers import OptimConfig
 
     S, clock = SETTINGS, tl.clock
@@ -565,6 +565,7 @@ def _run_rlhf_fast(folder, out_dir, total, tl: Timeline, peft: bool = False):
     info = {"backends": {op: _dispatch.select(op, torch.device("cpu"), torch.float32)
                          for op in ("fused_linear_ppo_loss", "fused_linear_logprobs")},
             "attn_implementation": getattr(model.config, "_attn_implementation", None),
+            "cpu_gemm": cpu_gemm.backend(),
             "models": "one base + policy / critic / reward LoRA adapters, value and score heads",
             "optimizer": "torch.optim.AdamW (rlhf_fast.trainers.loop.build_optimizer, torch's default impl)",
             "reward": "RoleModel reward adapter (B = 0) + score head, in RoleModel.experience",
@@ -947,6 +948,7 @@ def markdown(report: dict) -> str:
     for v, r in info.items():
         L.append(f"- {v}: optimizer {r.get('optimizer')}; attention {r.get('attn_implementation')}; reward "
                  f"{r.get('reward')}" + (f"; backends {r['backends']}" if r.get("backends") else "")
+                 + (f"; CPU GEMMs {r['cpu_gemm']} (ops.cpu_gemm)" if r.get("cpu_gemm") else "")
                  + (f"; gradient checkpointing {r['gradient_checkpointing']}" if "gradient_checkpointing" in r else "")
                  + (f"; EOS {r['eos']}" if r.get("eos") else ""))
     L += ["", f"Commit {m['git_commit']}" + (" (working tree with uncommitted changes)" if m.get("git_dirty") else "")

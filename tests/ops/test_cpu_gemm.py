@@ -123,6 +123,13 @@ def test_environment_variable(value, expect):
     assert p.stdout.strip() == expect
 
 
+def test_env_report_names_the_cpu_gemm_backend(monkeypatch):
+    from rlhf_fast import env_report
+
+    monkeypatch.setattr(cpu_gemm, "_backend", "torch")
+    assert "CPU GEMMs (ops.cpu_gemm): torch" in env_report(print_it=False)
+
+
 # ------------------------------------------------------------------- the fused ops' torch backends on oneDNN
 
 

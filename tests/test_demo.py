@@ -248,12 +248,14 @@ def test_demo_report_keys_and_sanity(demo_dir):
     steps = [c["step"] for c in r["curves"]["ppo"]]
     assert steps[0] == 0 and steps[-1] == r["config"]["ppo_steps"]
     assert r["curves"]["ppo_no_kl"][0]["kl"] == 0.0
-    assert c["ppo_keep"] == "best_proxy"
+    assert c["ppo_keep"] == "best_proxy" and c["no_kl_keep"] == "best_proxy_late"
     for run in ("ppo", "ppo_no_kl", "ppo_kl_control"):
         curve = r["curves"][run]
         kept = [p for p in curve if p.get("kept")]
-        later = curve[1:]  # never step 0: the SFT model itself is not a PPO checkpoint
-        assert len(kept) == 1 and kept[0]["step"] == r[run]["kept_step"] > 0, run
+        # never step 0 (the SFT model itself is not a PPO checkpoint); the no-KL run: its last quarter only
+        first = c["no_kl_steps"] - c["no_kl_steps"] // 4 if run == "ppo_no_kl" else 1
+        later = [p for p in curve if p["step"] >= first]
+        assert len(kept) == 1 and kept[0]["step"] == r[run]["kept_step"] >= first, run
         assert kept[0]["proxy_reward"] == max(p["proxy_reward"] for p in later), run
 
 
@@ -367,7 +369,7 @@ def test_demo_seeds_bad_input_exits_2(tmp_path):
     for argv in (["--seeds", "0,x"], ["--seeds", "0,0"], ["--seeds", "0,1", "--seed", "2"], ["--seeds", "0", "--jobs", "0"],
                  ["--ppo_keep", "best"], ["--seeds", "0,1", "--ppo_keep", "first"], ["--labeler_mention_bonus", "-1"],
                  ["--labeler_beta", "0"], ["--kl_controller", "pid"], ["--kl_target", "0"], ["--kl_horizon", "-5"],
-                 ["--workers", "0"]):
+                 ["--workers", "0"], ["--no_kl_keep", "late"]):
         with pytest.raises(SystemExit) as e:
             demo.main(["--tiny", "--out", str(tmp_path / "x"), *argv])
         assert e.value.code == 2, argv
@@ -426,10 +428,11 @@ def test_demo_all_stages_report(tmp_path):
     assert "AI labeler" in md and "| the ensemble |" in md
 
 
-@pytest.mark.parametrize("keep", ["best_proxy", "last"])
+@pytest.mark.parametrize("keep", ["best_proxy", "best_proxy_late", "last"])
 def test_run_ppo_restores_the_kept_checkpoint(demo_dir, tmp_path, keep):
-    """The proxy is scripted (the evaluation is real otherwise) so that step 2 of 4 is the best: with best_proxy the
-    returned policy is the one evaluated at step 2, bit for bit; with last, the one of step 4."""
+    """The proxy is scripted (the evaluation is real otherwise) so that step 2 of 8 is the best, and step 6 the best
+    of the last quarter (steps 6 and 8): the returned policy is, bit for bit, the one evaluated at step 2 with
+    best_proxy, at step 6 with best_proxy_late, at step 8 with last."""
     from rlhf_fast.demo import run as demo
     from rlhf_fast.demo import task
     from rlhf_fast.models import RoleModel
@@ -442,7 +445,7 @@ def test_run_ppo_restores_the_kept_checkpoint(demo_dir, tmp_path, keep):
     demo.write_jsonl(str(tmp_path / "data" / "prompts.jsonl"),
                      [{"prompt": p} for p in task.make_prompts(64, split="train", seed=3)])
     monitor = task.make_prompts(8, split="heldout", seed=4)
-    scripted = {0: 9.0, 2: 5.0, 4: 1.0}  # step 0 is highest but never kept: it is the starting policy
+    scripted = {0: 9.0, 2: 5.0, 4: 1.0, 6: 3.0, 8: 2.0}  # step 0 is highest but never kept: the starting policy
     seen = {}
 
     def evaluate_fn(m, prompts, seed):
@@ -451,20 +454,22 @@ def test_run_ppo_restores_the_kept_checkpoint(demo_dir, tmp_path, keep):
         seen[step] = [p.detach().clone() for p in m.role_parameters("policy")]
         return e | {"proxy_reward": scripted[step]}
 
-    model, curve = demo.run_ppo(cfg, str(tmp_path), "ppo", model.eval(), tok, 0.0, 4, monitor, evaluate_fn,
+    model, curve = demo.run_ppo(cfg, str(tmp_path), "ppo", model.eval(), tok, 0.0, 8, monitor, evaluate_fn,
                                 lr=5e-2)
-    want = 2 if keep == "best_proxy" else 4
-    assert [p["step"] for p in curve] == [0, 2, 4] and demo.kept_step(curve) == want
-    assert any(not torch.equal(a, b) for a, b in zip(seen[2], seen[4]))  # the policy did move after step 2
+    want = {"best_proxy": 2, "best_proxy_late": 6, "last": 8}[keep]
+    assert [p["step"] for p in curve] == [0, 2, 4, 6, 8] and demo.kept_step(curve) == want
+    for a, b in ((2, 6), (6, 8)):  # the policy did move between the candidates
+        assert any(not torch.equal(x, y) for x, y in zip(seen[a], seen[b]))
     for p, saved in zip(model.role_parameters("policy"), seen[want]):
         assert torch.equal(p, saved)
 
 
-def test_run_refuses_an_unknown_ppo_keep_before_any_stage(tmp_path):
+@pytest.mark.parametrize("field", ["ppo_keep", "no_kl_keep"])
+def test_run_refuses_an_unknown_ppo_keep_before_any_stage(tmp_path, field):
     from rlhf_fast.demo import run as demo
 
-    with pytest.raises(ValueError, match="ppo_keep"):
-        demo.run(demo.DemoConfig.tiny(ppo_keep="best", out=str(tmp_path / "x")))
+    with pytest.raises(ValueError, match=field):
+        demo.run(demo.DemoConfig.tiny(**{field: "best"}, out=str(tmp_path / "x")))
     assert not (tmp_path / "x").exists()
 
 

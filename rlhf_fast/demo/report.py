@@ -83,12 +83,21 @@ def _ppo_rows(r: dict) -> list[tuple[str, dict]]:
     return rows
 
 
+_KEEP_WORDS = {"best_proxy": "the checkpoint with the highest proxy reward on the monitor prompts (the eval points "
+                             "after step 0; the choice reads no gold)",
+               "best_proxy_late": "the checkpoint with the highest proxy reward on the monitor prompts among the eval "
+                                  "points of the run's last quarter (the choice reads no gold)",
+               "last": "the run's last checkpoint"}
+
+
 def _kept_sentence(r: dict) -> str:
-    keep = (r.get("config") or {}).get("ppo_keep", "last")
-    if keep == "best_proxy":
-        return ("Each PPO row is the run's checkpoint with the highest proxy reward on the monitor prompts (the eval "
-                "points after step 0; the choice reads no gold), evaluated on the held-out prompts.")
-    return "Each PPO row is the run's last checkpoint."
+    cfg = r.get("config") or {}
+    keep = cfg.get("ppo_keep", "last")
+    no_kl = cfg.get("no_kl_keep", keep)  # reports before no_kl_keep: the no-KL run kept as the others
+    if no_kl == keep:
+        return f"Each PPO row is {_KEEP_WORDS[keep]}, evaluated on the held-out prompts."
+    return (f"Each PPO row is {_KEEP_WORDS[keep]}; the no-KL row {_KEEP_WORDS[no_kl]}: where the unpenalised run "
+            "ends up. Each evaluated on the held-out prompts.")
 
 
 def write_markdown(out: str, report: dict, examples: list[tuple[str, str, str, str]]) -> None:

@@ -64,12 +64,16 @@ set_backend(os.environ.get("RLHF_FAST_CPU_GEMM", "onednn"))
 
 def _takes_onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     # weight (out, in), row-major or a transposed row-major view; x (rows, in) row-major
-    if _backend != "onednn" or x.device.type != "cpu" or x.dim() != 2 or weight.dim() != 2:
+    if _backend != "onednn" or x.device.type != "cpu" or weight.device.type != "cpu" or x.dim() != 2 \
+            or weight.dim() != 2:
         return False
     if x.dtype != torch.float32 or weight.dtype != torch.float32 or (bias is not None and bias.dtype != x.dtype):
         return False
     rows, (out, n_in) = x.shape[0], weight.shape
     if rows < MIN_ROWS or rows * out * n_in < MIN_MACS or x.shape[1] != n_in:
+        return False  # (a mismatch: F.linear raises its error)
+    if bias is not None and (bias.device.type != "cpu" or bias.dim() != 1 or bias.shape[0] != out
+                             or bias.stride(0) != 1):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):

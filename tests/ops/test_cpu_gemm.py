@@ -82,6 +82,22 @@ def test_other_calls_take_torch(onednn_everywhere, case):
         assert_close(gw, torch.ones(80, 48, dtype=torch.float64).t() @ x.double(), torch.float32)
 
 
+def test_strided_bias_takes_torch(onednn_everywhere):
+    x, w, b = torch.randn(80, 64), torch.randn(48, 64), torch.randn(96)[::2]  # a bias with stride 2
+    assert torch.equal(cpu_gemm.linear(x, w, b), F.linear(x, w, b))
+    assert onednn_everywhere["n"] == 0
+
+
+@pytest.mark.parametrize("bad", ["in", "bias"])
+def test_mismatched_shapes_raise_torchs_error(onednn_everywhere, bad):
+    x, w, b = torch.randn(80, 64), torch.randn(48, 64 if bad != "in" else 63), torch.randn(48 if bad != "bias" else 47)
+    with pytest.raises(RuntimeError):
+        F.linear(x, w, b)
+    with pytest.raises(RuntimeError):
+        cpu_gemm.linear(x, w, b)
+    assert onednn_everywhere["n"] == 0
+
+
 def test_requires_grad_under_no_grad_takes_onednn(onednn_everywhere):
     x, w = torch.randn(80, 64, requires_grad=True), torch.randn(48, 64, requires_grad=True)
     with torch.no_grad():

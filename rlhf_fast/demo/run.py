@@ -126,9 +126,10 @@ class DemoConfig:
     # quarter (steps >= 3/4 of no_kl_steps; it reads no gold either): where the unpenalised run ends up, picked as
     # ppo_keep picks. History: with "best_proxy" over the whole run, at the oneDNN GEMMs' rounding (commit f1ef26d)
     # seed 0's no-KL run kept step 30, its proxy peak before it collapsed (held-out gold 3.01 against SFT's 2.32),
-    # and its proxy never came back above that peak while its gold fell to -10.7; in the earlier 3-seed runs (d16,
-    # d18, d19) the last-quarter rule keeps a point with proxy above SFT's and gold below it on every seed, as it
-    # does for that seed 0. The last point alone would not: on two of those runs a seed ends below SFT's proxy.
+    # and its proxy never came back above that peak while its gold fell to -10.7. On the curves of the earlier 3-seed
+    # runs (commits 725f77a, 4156cae, f3e873f) the last-quarter rule keeps a point with proxy above SFT's and gold
+    # below it on every seed, as it does for that seed 0; the last point alone would not (three seeds there end
+    # below SFT's proxy). The 3-seed run at 4815817 is the first with it (docs/demo.md).
     no_kl_keep: str = "best_proxy_late"
     # DPO (sigmoid) on the reward model's own labeled pairs, from the same SFT model; one run per beta. On the bases
     # before the number words (docs/demo.md) beta 0.3 drifted to 9-10 nats at gold win rates 0.49-0.63 on seeds 0-2;

@@ -2,11 +2,13 @@
 
 torch runs `x @ w.T` on the CPU with its BLAS (MKL in the official wheels). The same wheels carry oneDNN, whose
 fp32 GEMM `torch.ops.mkldnn._linear_pointwise` (the op torch.compile's CPU backend emits for linear layers) ran
-the shapes of our forwards and backwards faster on this project's CPU, one thread (AMD EPYC, Zen 4):
-1.03-1.15x on SmolLM2-135M's projections at 1408 rows, 1.14-1.33x on the lm head's 128-row chunks, while for
-small calls (tens of rows, or under 2^24 multiply-adds) its fixed cost per call made it slower, down to 0.42x
-(bench/results/cpu-gemm-2026-12-07.md). So `linear` and `matmul` take oneDNN only for calls with at least
-MIN_ROWS rows and MIN_MACS multiply-adds, and torch's own op otherwise.
+the shapes of our forwards and backwards faster on this project's CPU, one thread (AMD EPYC, Zen 4;
+bench/results/cpu-gemm-2026-12-07.md): 1.08-1.11x on SmolLM2-135M's projections and the backward's dx GEMMs at
+1408 rows, 1.31x and 1.08x on the lm head's 128-row chunks (logits, grad_hidden), 1.06-1.08x over whole
+backbones; small calls (16-64 rows of a 128-256 wide layer) ran at 0.71x, its fixed cost per call outweighing the
+kernel. So `linear` and `matmul` take oneDNN only for calls with at least MIN_ROWS rows and MIN_MACS
+multiply-adds, and torch's own op otherwise (a one-off grid over rows 16-2560 and widths 128-1536 put the
+crossover there; not in bench/results).
 
 Both compute the same product; the sums are associated differently, so the results differ in rounding (1e-6
 relative in fp32), not in value. Nothing else takes this path: another dtype or device, more than 2 dimensions,

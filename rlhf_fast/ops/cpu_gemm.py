@@ -5,8 +5,8 @@ fp32 GEMM `torch.ops.mkldnn._linear_pointwise` (the op torch.compile's CPU backe
 the shapes of our forwards and backwards faster on this project's CPU, one thread (AMD EPYC, Zen 4;
 bench/results/cpu-gemm-2026-12-07.md): 1.08-1.11x on SmolLM2-135M's projections and the backward's dx GEMMs at
 1408 rows, 1.31x and 1.08x on the lm head's 128-row chunks (logits, grad_hidden), 1.06-1.08x over whole
-backbones; small calls (16-64 rows of a 128-256 wide layer) ran at 0.71x, its fixed cost per call outweighing the
-kernel. So `linear` and `matmul` take oneDNN only for calls with at least MIN_ROWS rows and MIN_MACS
+backbones; small calls (16-64 rows of a 128-256 wide layer) ran at 0.71-0.72x, its fixed cost per call
+outweighing the kernel. So `linear` and `matmul` take oneDNN only for calls with at least MIN_ROWS rows and MIN_MACS
 multiply-adds, and torch's own op otherwise (a one-off grid over rows 16-2560 and widths 128-1536 put the
 crossover there; not in bench/results).
 

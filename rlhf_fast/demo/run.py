@@ -356,7 +356,7 @@ def run_ppo(cfg: DemoConfig, work: str, name: str, model, tokenizer, kl_coef: fl
 
     keep = cfg.ppo_keep if keep is None else keep
     _check_ppo_keep(keep)
-    first = steps - steps // 4 if keep == "best_proxy_late" else 1  # the first step a kept point may have
+    first = max(1, steps - steps // 4) if keep == "best_proxy_late" else 1  # the first step a kept point may have
     evaluate_fn = evaluate_fn or (lambda m, prompts, seed: evaluate(m, tokenizer, prompts, seed=seed))
     curve: list[dict] = []
     best: dict = {"proxy": -math.inf, "index": None, "state": None}

@@ -38,7 +38,8 @@ step the reward forward went from 4.1 to 3.7 s (peers-ppo-cpu-2026-12-07-smollm2
 
 The GEMMs over the call's rows (x against the merged weight, the backward's [dx | g B], and the base alone when
 the adapters are off or merged by PEFT) go through ops.cpu_gemm: oneDNN's GEMM for large fp32 calls on the CPU,
-torch's linear otherwise.
+torch's linear otherwise. The base layer's weight and bias are used directly (as on the adapter paths), so forward
+hooks registered on the base nn.Linear itself do not run.
 
 Only the plain case takes these paths: one active adapter, vanilla LoRA (no DoRA or other variant), no dropout
 (none configured, or the module in eval mode), an nn.Linear base, no LoRA bias, input, base and adapter in one

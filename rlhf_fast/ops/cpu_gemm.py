@@ -12,8 +12,9 @@ crossover there; not in bench/results).
 
 Both compute the same product; the sums are associated differently, so the results differ in rounding (1e-6
 relative in fp32), not in value. Nothing else takes this path: another dtype or device, more than 2 dimensions,
-or a call whose result needs autograd (the oneDNN op has no derivative; the callers use it without grad or
-inside their own autograd.Function) run torch's op.
+operands that are not dense (row-major, or a weight's transposed view), a call whose result needs autograd (the
+oneDNN op has no derivative; the callers use it without grad or inside their own autograd.Function), CPU
+autocast, code being compiled by torch.compile, or torch.backends.mkldnn.enabled False: those run torch's op.
 
 The environment variable RLHF_FAST_CPU_GEMM=torch (read at import; `set_backend` at run time) turns the oneDNN
 path off; "onednn" (the default) keeps it on where torch has the op.
@@ -80,8 +81,11 @@ def _takes_onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         return False
-    return (x.stride(1) == 1 and x.stride(0) >= n_in and (weight.stride(1) == 1 and weight.stride(0) >= n_in
-                                                          or weight.stride(0) == 1 and weight.stride(1) >= out))
+    if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling() or not torch.backends.mkldnn.enabled:
+        return False  # autocast's dtype rules and compiled graphs are F.linear's
+    # dense layouts only: x row-major; weight row-major or the transposed view of a row-major (in, out)
+    return (x.stride(1) == 1 and x.stride(0) == n_in and (weight.stride(1) == 1 and weight.stride(0) == n_in
+                                                          or weight.stride(0) == 1 and weight.stride(1) == out))
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -16,7 +16,6 @@ of this process; medians with min - max.
 
 from __future__ import annotations
 
-import statistics
 import sys
 import time
 
@@ -65,10 +64,6 @@ def _per_call(fn, budget: float = 0.05) -> float:
         n *= 4
 
 
-def _stats(v: list[float]) -> dict:
-    return {"median": statistics.median(v), "min": min(v), "max": max(v), "all": v}
-
-
 def measure_calls(reps: int) -> list[dict]:
     op = cpu_gemm._OP
     out = []
@@ -82,7 +77,7 @@ def measure_calls(reps: int) -> list[dict]:
         for rep in range(reps):
             for b in BACKENDS if rep % 2 == 0 else BACKENDS[::-1]:
                 times[b].append(_per_call(fns[b]))
-        s = {b: _stats(v) for b, v in times.items()}
+        s = {b: LL.summary(v) for b, v in times.items()}
         out.append({"label": label, "rows": rows, "in": n_in, "out": n_out, "form": form,
                     "macs": rows * n_in * n_out, "taken": "onednn" if cpu_gemm._takes_onednn(x, w, None) else "torch",
                     "times": s, "speedup": s["torch"]["median"] / s["onednn"]["median"]})
@@ -124,7 +119,7 @@ def measure_backbone(name: str, reps: int) -> dict:
                 fn()
                 times[f"{b}/{kind}"].append(time.process_time() - t)
     cpu_gemm.set_backend("onednn")
-    s = {k: _stats(v) for k, v in times.items()}
+    s = {k: LL.summary(v) for k, v in times.items()}
     return {"model": name, **shape, "times": s,
             "speedup": {k: s[f"torch/{k}"]["median"] / s[f"onednn/{k}"]["median"] for k in passes}}
 

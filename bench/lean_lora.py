@@ -91,7 +91,7 @@ def measure(name: str, reps: int) -> dict:
                 fn()
                 times[f"{path}/{kind}"].append(time.process_time() - t)
     use("lean")
-    stats = {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "all": v} for k, v in times.items()}
+    stats = {k: summary(v) for k, v in times.items()}
     return {"model": name, "tokens": shape["batch"] * shape["seq"], **shape, "lora_layers": len(layers),
             "merge_rows_per_rank": merge_rows, "times": stats,
             "speedup": {k: stats[f"peft/{k}"]["median"] / stats[f"lean/{k}"]["median"]
@@ -101,6 +101,11 @@ def measure(name: str, reps: int) -> dict:
 
 
 PATHS = ("peft", "addmm", "lean")
+
+
+def summary(v: list[float]) -> dict:
+    """Median, min, max and every value of a list of timings (this script's and bench/cpu_gemm.py's reports)."""
+    return {"median": statistics.median(v), "min": min(v), "max": max(v), "all": v}
 
 
 def markdown(report: dict) -> str:

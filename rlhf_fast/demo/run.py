@@ -38,7 +38,7 @@ COUNT_LENGTH = 3  # new tokens of a counting answer: the number word and <eos> (
 
 @dataclass
 class DemoConfig:
-    """Sizes and hyper-parameters of the demo. Defaults: the full demo (559-571 s wall on a 2-core CPU, docs/demo.md)."""
+    """Sizes and hyper-parameters of the demo. Defaults: the full demo (502-520 s wall on a 2-core CPU, docs/demo.md)."""
 
     out: str = "demo_out"
     seed: int = 0
